@@ -1,0 +1,65 @@
+"""tocsin: an alerting daemon for WebSocket push APIs.
+
+This module is the public API for plugin authors; everything else is private.
+"""
+
+from __future__ import annotations
+
+from .action import Action, ActionConfig, Alert, RetryPolicy, Target
+from .errors import (
+    ConfigError,
+    DeliveryError,
+    PermanentDelivery,
+    PluginError,
+    Problem,
+    RetryableDelivery,
+    SourceAuthError,
+    SourceError,
+    TocsinError,
+)
+from .events import DAEMON_EVENT_TYPES, Event, get_path, split_path, stable_id, utc_iso
+from .fields import ConfigModel, Duration, Secret, SecretValue, format_duration, parse_duration
+from .hookspecs import hookimpl, hookspec
+from .rulekind import Firing, RuleConfig, RuleKind
+from .source import Backoff, Source, SourceConfig, SourceContext
+
+__all__ = [
+    "DAEMON_EVENT_TYPES",
+    "Action",
+    "ActionConfig",
+    "Alert",
+    "Backoff",
+    "ConfigError",
+    "ConfigModel",
+    "DeliveryError",
+    "Duration",
+    "Event",
+    "Firing",
+    "PermanentDelivery",
+    "PluginError",
+    "Problem",
+    "RetryPolicy",
+    "RetryableDelivery",
+    "RuleConfig",
+    "RuleKind",
+    "Secret",
+    "SecretValue",
+    "Source",
+    "SourceAuthError",
+    "SourceConfig",
+    "SourceContext",
+    "SourceError",
+    "Target",
+    "TocsinError",
+    "__version__",
+    "format_duration",
+    "get_path",
+    "hookimpl",
+    "hookspec",
+    "parse_duration",
+    "split_path",
+    "stable_id",
+    "utc_iso",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,392 @@
+"""Loading and validating the config file: every problem at once, with file and path.
+
+The file is read with tomllib; ``[daemon] include`` globs add files holding ``[[rules]]``.
+Secret references are resolved first (``fields.resolve_secret_refs``); each source and
+action table is then validated by its plugin's ``Config`` model, each rule by its kind's.
+Cross-references (sources, actions, event types, kinds) are checked last, with a
+did-you-mean for misspelled names. Nothing is half-loaded: ``load_config`` returns a
+complete ``Config`` or raises ``ConfigError`` listing every problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from .action import ActionConfig
+from .errors import ConfigError, Problem
+from .events import DAEMON_EVENT_TYPES
+from .fields import ConfigModel, Duration, resolve_secret_refs
+from .plugins import Registry
+from .rulekind import RuleConfig
+from .source import SourceConfig
+from .templates import TemplateProblem, compile_expression, compile_template, make_environment
+
+DEFAULT_CONFIG = "/etc/tocsin/tocsin.toml"
+TOP_LEVEL_KEYS = ("daemon", "sources", "actions", "rules")
+
+
+class DaemonConfig(ConfigModel):
+    """The ``[daemon]`` table."""
+
+    state_dir: str | None = None
+    http: str | None = None
+    http_allow_remote: bool = False
+    include: list[str] = []
+    dedup_horizon: Duration = Field(default=7 * 86400.0, gt=0)
+    fsync: bool = False
+    queue_size: int = Field(default=10_000, ge=10, le=1_000_000)
+    drain_timeout: Duration = Field(default=20.0, ge=0)
+
+    @field_validator("http")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f'expected "HOST:PORT", e.g. "127.0.0.1:9187", not {value!r}')
+        return value
+
+    def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
+        """``state_dir``, else ``$STATE_DIRECTORY`` (systemd), else ``~/.local/state/tocsin``."""
+        env = os.environ if environ is None else environ
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        if env.get("STATE_DIRECTORY"):
+            return Path(env["STATE_DIRECTORY"].split(":")[0])
+        return Path("~/.local/state/tocsin").expanduser()
+
+
+@dataclass
+class RuleEntry:
+    """A validated rule, where it was written, and its compiled ``when``/``title``/``body``."""
+
+    config: RuleConfig
+    file: str
+    index: int
+    compiled: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f'rules[{self.index}] "{self.config.name}"'
+
+
+@dataclass
+class Config:
+    """A complete, valid config."""
+
+    path: Path
+    daemon: DaemonConfig
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    actions: dict[str, ActionConfig] = field(default_factory=dict)
+    rules: list[RuleEntry] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean "x"?)`` when a candidate is close to ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _loc(parts: Iterable[int | str]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The nested model class that a validation error's location points into."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue
+        info = current.model_fields.get(part)
+        if info is None:
+            return None
+        annotation = info.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    return current
+
+
+def problems_from(
+    err: ValidationError, model: type[BaseModel], file: str, prefix: str, sep: str = "."
+) -> list[Problem]:
+    """Turn a pydantic error into problems with paths; never includes the input value."""
+    out = []
+    for item in err.errors(include_url=False, include_input=False, include_context=False):
+        loc = tuple(item["loc"])
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            known = owner.model_fields if owner else {}
+            key = str(loc[-1])
+            message = f'unknown key "{key}"' + did_you_mean(key, known)
+            loc = loc[:-1]
+        elif kind == "missing":
+            message = f'required key "{loc[-1]}" is missing'
+            loc = loc[:-1]
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        path = _loc(loc)
+        if prefix and path and not path.startswith("["):
+            full = f"{prefix}{sep}{path}"
+        else:
+            full = prefix + path
+        out.append(Problem(file, full, message))
+    return out
+
+
+class _Loader:
+    def __init__(self, registry: Registry, environ: Mapping[str, str] | None) -> None:
+        self.registry = registry
+        self.environ = dict(os.environ if environ is None else environ)
+        self.problems: list[Problem] = []
+        self.source_plugins: dict[str, str | None] = {}  # every [sources.X], valid or not
+        self.action_names: set[str] = set()
+        self.env = make_environment(registry.filter_functions())
+        self._compiled: dict[tuple[str, str], Callable[..., Any]] = {}
+
+    def compile(self, key: str, source: str) -> Callable[..., Any]:
+        """Compile a ``when``/``title``/``body`` once per distinct text (rules share them)."""
+        kind = "when" if key == "when" else "template"
+        found = self._compiled.get((kind, source))
+        if found is None:
+            compiler = compile_expression if kind == "when" else compile_template
+            found = self._compiled[(kind, source)] = compiler(self.env, source)
+        return found
+
+    def problem(self, file: str, path: str, message: str) -> None:
+        self.problems.append(Problem(file, path, message))
+
+    def read(self, path: Path) -> dict[str, Any] | None:
+        name = str(path)
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            self.problem(name, "", "no such file")
+            return None
+        except OSError as err:
+            self.problem(name, "", f"cannot read: {err.strerror}")
+            return None
+        except tomllib.TOMLDecodeError as err:
+            self.problem(name, "", f"invalid TOML: {err}")
+            return None
+        return resolve_secret_refs(  # type: ignore[no-any-return]
+            raw, lambda p, m: self.problem(name, p, m), environ=self.environ
+        )
+
+    def validate(
+        self, model: type[BaseModel], raw: object, file: str, prefix: str, sep: str = "."
+    ) -> BaseModel | None:
+        try:
+            return model.model_validate(raw)
+        except ValidationError as err:
+            self.problems.extend(problems_from(err, model, file, prefix, sep))
+            return None
+
+    def plugin_table(
+        self, what: str, raw: object, file: str, path: str, known: Mapping[str, Any]
+    ) -> BaseModel | None:
+        if not isinstance(raw, dict):
+            self.problem(file, path, f"expected a table ([{path}])")
+            return None
+        plugin = raw.get("plugin")
+        if not isinstance(plugin, str):
+            self.problem(file, path, 'required key "plugin" is missing')
+            return None
+        if plugin not in known:
+            hint = did_you_mean(plugin, known) or (
+                f" (installed: {', '.join(sorted(known))})" if known else " (none installed)"
+            )
+            self.problem(file, f"{path}.plugin", f'unknown {what} plugin "{plugin}"{hint}')
+            return None
+        return self.validate(known[plugin].obj.Config, raw, file, path)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    registry: Registry,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read, resolve and validate the config at ``path`` and its includes.
+
+    Raises ``ConfigError`` with every problem found. Templates are compiled by the rule
+    engine (``rules.compile_rules``), which adds its problems the same way.
+    """
+    loader = _Loader(registry, environ)
+    main = Path(path)
+    name = str(main)
+    raw = loader.read(main)
+    if raw is None:
+        raise ConfigError(loader.problems)
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            loader.problem(name, "", f'unknown table or key "{key}"' + did_you_mean(key, TOP_LEVEL_KEYS))
+
+    daemon = loader.validate(DaemonConfig, raw.get("daemon", {}), name, "daemon")
+    if not isinstance(daemon, DaemonConfig):
+        # Go on with the includes anyway, so their problems are reported in the same run.
+        include = raw.get("daemon", {}).get("include") if isinstance(raw.get("daemon"), dict) else None
+        ok = isinstance(include, list) and all(isinstance(i, str) for i in include)
+        daemon = DaemonConfig.model_construct(include=include if ok else [])
+    config = Config(path=main, daemon=daemon)
+    config.files.append(main)
+
+    for kind, known, into in (
+        ("source", registry.sources, config.sources),
+        ("action", registry.actions, config.actions),
+    ):
+        table = raw.get(kind + "s", {})
+        if not isinstance(table, dict):
+            loader.problem(name, kind + "s", f"expected a table of {kind}s")
+            continue
+        for item_name, item in table.items():
+            if kind == "source":
+                plugin = item.get("plugin") if isinstance(item, dict) else None
+                loader.source_plugins[item_name] = plugin if plugin in known else None
+            else:
+                loader.action_names.add(item_name)
+            model = loader.plugin_table(kind, item, name, f"{kind}s.{item_name}", known)
+            if model is not None:
+                into[item_name] = model  # type: ignore[index]
+
+    rule_tables: list[tuple[str, int, Any]] = []
+    _collect_rules(loader, raw, name, rule_tables)
+    for pattern in config.daemon.include:
+        full = pattern if os.path.isabs(pattern) else str(main.parent / pattern)
+        matches = sorted(glob.glob(os.path.expanduser(full)))
+        if not matches and not glob.has_magic(pattern):
+            loader.problem(name, "daemon.include", f"no such file: {pattern}")
+        for match in matches:
+            included = loader.read(Path(match))
+            if included is None:
+                continue
+            config.files.append(Path(match))
+            for key in included:
+                if key != "rules":
+                    loader.problem(match, "", f'only [[rules]] may appear in an included file, not "{key}"')
+            _collect_rules(loader, included, match, rule_tables)
+
+    _validate_rules(loader, config, rule_tables)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return config
+
+
+def _collect_rules(loader: _Loader, raw: dict[str, Any], file: str, into: list[tuple[str, int, Any]]) -> None:
+    rules = raw.get("rules", [])
+    if not isinstance(rules, list):
+        loader.problem(file, "rules", "expected an array of tables ([[rules]])")
+        return
+    into.extend((file, i, rule) for i, rule in enumerate(rules))
+
+
+def _names(value: list[str] | None) -> list[str]:
+    return list(value or [])
+
+
+def _validate_rules(loader: _Loader, config: Config, tables: list[tuple[str, int, Any]]) -> None:
+    kinds = loader.registry.rule_kinds
+    seen: dict[str, tuple[str, str]] = {}
+    for file, index, raw in tables:
+        if not isinstance(raw, dict):
+            loader.problem(file, f"rules[{index}]", "expected a table")
+            continue
+        label = raw.get("name") if isinstance(raw.get("name"), str) else None
+        where = f'rules[{index}] "{label}"' if label else f"rules[{index}]"
+        kind = raw.get("kind", "match")
+        if kind not in kinds:
+            loader.problem(file, f"{where}: kind", f'unknown rule kind "{kind}"' + did_you_mean(str(kind), kinds))
+            continue
+        if label in seen:
+            first_file, first_where = seen[label]
+            loader.problem(file, where, f"duplicate rule name (first in {first_file}: {first_where})")
+        elif label:
+            seen[label] = (file, where)
+        model = loader.validate(kinds[kind].obj.Config, raw, file, where, ": ")
+        # An invalid rule is still cross-checked, so one run lists every problem.
+        rule = model if isinstance(model, RuleConfig) else _lenient(raw)
+        _check_references(loader, config, rule, file, where)
+        compiled = {}
+        for key in ("when", "title", "body"):
+            text = getattr(rule, key)
+            if isinstance(text, str):
+                try:
+                    compiled[key] = loader.compile(key, text)
+                except TemplateProblem as err:
+                    loader.problem(file, f"{where}: {key}", str(err))
+        if isinstance(model, RuleConfig):
+            config.rules.append(RuleEntry(model, file, index, compiled))
+
+
+def _lenient(raw: dict[str, Any]) -> SimpleNamespace:
+    """The parts of an invalid rule that are well-formed enough to cross-check."""
+
+    def names(key: str) -> list[str] | None:
+        value = raw.get(key)
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        return None
+
+    match = raw.get("match")
+    return SimpleNamespace(
+        when=raw.get("when"),
+        title=raw.get("title"),
+        body=raw.get("body"),
+        source=names("source"),
+        type=names("type"),
+        actions=names("actions"),
+        match=match if isinstance(match, dict) else {},
+        group_by=names("group_by") or [],
+    )
+
+
+def _check_references(loader: _Loader, config: Config, rule: Any, file: str, where: str) -> None:
+    registry = loader.registry
+    all_sources = loader.source_plugins
+    sources = _names(rule.source)
+    for name in sources:
+        if name not in all_sources:
+            loader.problem(file, f"{where}: source", f'unknown source "{name}"' + did_you_mean(name, all_sources))
+    known_types: set[str] = set(DAEMON_EVENT_TYPES)
+    selected = [all_sources[n] for n in (sources or list(all_sources)) if n in all_sources]
+    checkable = bool(selected) and None not in selected
+    for plugin in selected:
+        if plugin is not None:
+            types = registry.source(plugin).event_types
+            checkable = checkable and bool(types)
+            known_types.update(types)
+    if checkable:
+        for name in _names(rule.type):
+            if name not in known_types:
+                loader.problem(file, f"{where}: type", f'unknown event type "{name}"' + did_you_mean(name, known_types))
+    for name in rule.actions or []:
+        if name not in loader.action_names:
+            loader.problem(file, f"{where}: actions", f'unknown action "{name}"' + did_you_mean(name, loader.action_names))
+    for key, value in rule.match.items():
+        if not key or any(not part for part in key.split(".")):
+            loader.problem(file, f"{where}: match", f'"{key}" is not a dotted path like "args.to"')
+        if isinstance(value, list) and not value:
+            loader.problem(file, f"{where}: match.{key}", "an empty list can never match")
+    for key in rule.group_by:
+        if not key or any(not part for part in key.split(".")):
+            loader.problem(file, f"{where}: group_by", f'"{key}" is not a dotted path like "args.from"')

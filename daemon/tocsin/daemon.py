@@ -1,0 +1,404 @@
+"""The running daemon: one supervisor over sources, the rule engine, the outbox workers.
+
+Events flow from sources through one bounded memory stream into the engine loop, which
+evaluates them in batches, commits the alerts (and any source cursors that follow them)
+in one transaction, and wakes the action workers. ``stop()`` stops intake, drains what
+was received, lets in-flight deliveries finish within ``drain_timeout``, and returns;
+what is not delivered stays in the outbox for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .action import Action
+from .config import Config, load_config
+from .dispatcher import Dispatcher
+from .errors import ConfigError, StateError
+from .events import Event, stable_id, utc_iso
+from .notify import Notifier
+from .plugins import Registry
+from .rules import Engine, PendingAlert, compile_rules
+from .source import Backoff, Source, SourceConfig
+from .store import NewAlert, Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 512
+SOURCE_START_WAIT = 5.0
+PURGE_EVERY = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A source cursor to save once every event before it is committed."""
+
+    source: str
+    key: str
+    value: str
+
+
+class _Started:
+    """A TaskStatus that records the source said it is up, without blocking anything."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
+
+
+class SourceRunner:
+    """Runs one source and is its ``SourceContext``: emits, tracks state, counts."""
+
+    def __init__(self, daemon: Daemon, name: str, config: SourceConfig, cls: type[Source]) -> None:
+        self.daemon = daemon
+        self.source = name
+        self.provider = cls.name
+        self.config = config
+        self.cls = cls
+        self.logger = logging.getLogger(f"tocsin.source.{name}")
+        self.state = "starting"
+        self.since = utc_iso()
+        self.last_event: float | None = None
+        self.events = 0
+        self.rejected: Counter[str] = Counter()
+        self.reconnects = 0
+        self.scope: anyio.CancelScope | None = None
+
+    # -- SourceContext -------------------------------------------------------------------
+
+    def event(self, type: str, data: dict[str, Any], *, id: str, time: str = "", removed: bool = False) -> Event:
+        return Event(id=id, source=self.source, provider=self.provider, type=type, data=data, time=time, removed=removed)
+
+    async def emit(self, event: Event) -> None:
+        self.events += 1
+        self.last_event = time.time()
+        await self.daemon.intake(event)
+
+    async def _status(self, state: str, type_: str, reason: str, **extra: str) -> None:
+        since = self.since if state == self.state else utc_iso()
+        self.state, self.since = state, since
+        data = {"source": self.source, "reason": reason, "since": since, **extra}
+        await self.daemon.intake(
+            self.event(type_, data, id=stable_id(self.source, type_, since, *extra.values()))
+        )
+
+    async def up(self) -> None:
+        if self.state != "up":
+            if self.state in ("down", "stale"):
+                self.reconnects += 1
+            await self._status("up", "source.up", "connected")
+
+    async def down(self, reason: str) -> None:
+        if self.state != "down":
+            self.logger.warning("source %r is down: %s", self.source, reason)
+            await self._status("down", "source.down", reason)
+
+    async def stale(self, reason: str) -> None:
+        if self.state != "stale":
+            self.logger.warning("source %r is stale: %s", self.source, reason)
+            await self._status("stale", "source.stale", reason)
+
+    async def gap(self, reason: str, since: str, until: str = "") -> None:
+        data = {"source": self.source, "reason": reason, "since": since, "until": until or utc_iso()}
+        await self.daemon.intake(self.event("source.gap", data, id=stable_id(self.source, "gap", since, data["until"])))
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+        level = logging.WARNING if self.rejected[reason] == 1 else logging.DEBUG
+        self.logger.log(level, "source %r: frame rejected: %s", self.source, reason)
+
+    async def load_cursor(self, key: str) -> str | None:
+        return await self.daemon.store.call(Store.get_cursor, self.source, key)
+
+    async def save_cursor(self, key: str, value: str) -> None:
+        await self.daemon.intake(Checkpoint(self.source, key, value))
+
+    # -- supervision ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the source until cancelled; a crash is logged and restarted with backoff."""
+        backoff = Backoff(maximum=self.config.max_backoff)
+        with anyio.CancelScope() as self.scope:
+            async with anyio.create_task_group() as tg:
+                first = _Started()
+                tg.start_soon(self._keep_running, backoff, first)
+                with anyio.move_on_after(SOURCE_START_WAIT):
+                    await first.event.wait()
+                task_status.started()
+
+    async def _keep_running(self, backoff: Backoff, first: _Started) -> None:
+        while True:
+            try:
+                await self.cls(self.config, self).run(task_status=first)  # type: ignore[arg-type]
+                reason = "the source stopped"
+            except Exception as err:
+                self.logger.exception("source %r crashed", self.source)
+                reason = f"crashed: {type(err).__name__}"
+            first.started()
+            await self.down(reason)
+            await anyio.sleep(backoff.delay())
+
+
+class Daemon:
+    """The daemon for one config file. ``await run()`` until ``stop()``."""
+
+    def __init__(
+        self,
+        config_path: str,
+        registry: Registry,
+        *,
+        environ: Mapping[str, str] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.registry = registry
+        self.environ = environ
+        self.notifier = notifier or Notifier("")
+        self.config: Config = load_config(config_path, registry, environ)
+        self.engine = Engine(compile_rules(self.config, registry))
+        self.store: Store = None  # type: ignore[assignment]  # opened by run()
+        self.dispatcher: Dispatcher = None  # type: ignore[assignment]
+        self.sources: dict[str, SourceRunner] = {}
+        self.actions: dict[str, Action] = {}
+        self._action_scopes: dict[str, anyio.CancelScope] = {}
+        self.ready = anyio.Event()
+        self.stopped = anyio.Event()
+        self._stop = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._send: MemoryObjectSendStream[Event | Checkpoint] | None = None
+        self.commit_failures = 0
+        self.paused = ""
+
+    # -- intake --------------------------------------------------------------------------
+
+    async def intake(self, item: Event | Checkpoint) -> None:
+        if self._send is None:
+            return
+        try:
+            await self._send.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # stopping: intake is closed
+
+    async def _engine_loop(self, receive: MemoryObjectReceiveStream[Event | Checkpoint]) -> None:
+        async with receive:
+            while True:
+                try:
+                    batch = [await receive.receive()]
+                except anyio.EndOfStream:
+                    return
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._process(batch)
+
+    async def _process(self, batch: list[Event | Checkpoint]) -> None:
+        alerts: list[PendingAlert] = []
+        cursors: list[tuple[str, str, str]] = []
+        for item in batch:
+            if isinstance(item, Checkpoint):
+                cursors.append((item.source, item.key, item.value))
+            elif item.removed:
+                await self._commit(alerts, cursors)  # a retraction must see what came before
+                alerts, cursors = [], []
+                await self._commit(await self._retractions(item), [])
+            else:
+                alerts.extend(self.engine.process(item))
+        await self._commit(alerts, cursors)
+
+    async def _retractions(self, event: Event) -> list[PendingAlert]:
+        fired = await self.store.call(Store.firing_alerts_for, event.id)
+        out = []
+        for alert_id, rule, group in fired:
+            pending = self.engine.retraction(rule, alert_id, group, event)
+            if pending is not None:
+                out.append(pending)
+        return out
+
+    async def _commit(self, alerts: list[PendingAlert], cursors: list[tuple[str, str, str]]) -> None:
+        if not alerts and not cursors:
+            return
+        rows = [self._new_alert(p) for p in alerts]
+        delay = 0.1
+        while True:
+            try:
+                woken = await self.store.call(Store.commit_alerts, rows, cursors)
+                break
+            except StateError as err:
+                # Intake pauses (the stream fills and sources wait) until the disk takes it.
+                self.commit_failures += 1
+                self.paused = str(err)
+                log.error("cannot commit %d alert(s), intake paused: %s", len(rows), err)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self.paused = ""
+        self.dispatcher.wake(woken)
+
+    def _new_alert(self, pending: PendingAlert) -> NewAlert:
+        deliveries = tuple(
+            (name, target.key, target.label)
+            for name in pending.actions
+            if name in self.actions
+            for target in self.actions[name].targets()
+        )
+        alert = pending.alert
+        return NewAlert(
+            id=alert.id,
+            rule=alert.rule,
+            event_id=pending.event_id,
+            status=alert.status,
+            group=pending.group,
+            payload=alert.payload(),
+            deliveries=deliveries,
+            retracts=pending.retracts,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Open the state, start everything, run until ``stop()``, then drain and return."""
+        state_dir = self.config.daemon.resolved_state_dir(self.environ)
+        self.store = Store.open(state_dir, fsync=self.config.daemon.fsync)
+        try:
+            self.engine.generations = await self.store.call(Store.load_generations)
+            self.dispatcher = Dispatcher(self.store)
+            send, receive = anyio.create_memory_object_stream[Event | Checkpoint](self.config.daemon.queue_size)
+            self._send = send
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._engine_loop, receive)
+                for name in self.config.actions:
+                    await self._start_action(name)
+                for name in self.config.sources:
+                    await self._start_source(name)
+                tg.start_soon(self._ticker)
+                tg.start_soon(self._purger)
+                self.ready.set()
+                self.notifier.send("READY=1", self.status_line())
+                log.info(
+                    "tocsin running: %d source(s), %d rule(s), %d action(s); state in %s",
+                    len(self.sources), len(self.engine.rules), len(self.actions), state_dir,
+                )
+                task_status.started()
+                await self._stop.wait()
+                self.notifier.send("STOPPING=1")
+                await self._shutdown(tg)
+        finally:
+            for action in self.actions.values():
+                with anyio.CancelScope(shield=True):
+                    await action.aclose()
+            self.store.close()
+            self.stopped.set()
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (safe to call more than once)."""
+        self._stop.set()
+
+    async def _shutdown(self, tg: TaskGroup) -> None:
+        for runner in self.sources.values():
+            if runner.scope is not None:
+                runner.scope.cancel()
+        if self._send is not None:
+            await self._send.aclose()  # the engine loop drains what is buffered, then ends
+        self.dispatcher.stopping = True
+        self.dispatcher.wake(list(self.actions))
+        with anyio.move_on_after(self.config.daemon.drain_timeout):
+            await self.dispatcher.idle()
+        tg.cancel_scope.cancel()
+
+    async def _start_source(self, name: str) -> None:
+        assert self._tg is not None
+        config = self.config.sources[name]
+        if not config.enabled:
+            return
+        runner = SourceRunner(self, name, config, self.registry.source(config.plugin))
+        self.sources[name] = runner
+        await self._tg.start(runner.run)
+
+    async def _start_action(self, name: str) -> None:
+        assert self._tg is not None
+        config = self.config.actions[name]
+        action = self.registry.action(config.plugin)(name, config)
+        await action.start()
+        self.actions[name] = action
+        scope = self._action_scopes[name] = anyio.CancelScope()
+
+        async def worker() -> None:
+            with scope:
+                await self.dispatcher.run_action(name, action)
+
+        self._tg.start_soon(worker)
+
+    async def _ticker(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            if self.engine.ticking:
+                await self._commit(self.engine.tick(), [])
+            self.notifier.send("WATCHDOG=1")
+
+    async def _purger(self) -> None:
+        while True:
+            try:
+                removed = await self.store.call(Store.purge, self.config.daemon.dedup_horizon)
+                if removed:
+                    log.info("forgot %d alert(s) older than the dedup horizon", removed)
+            except StateError as err:
+                log.warning("purge failed: %s", err)
+            await anyio.sleep(PURGE_EVERY)
+
+    # -- reload --------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config; on any problem keep the running one and return False."""
+        self.notifier.send("RELOADING=1")
+        try:
+            try:
+                config = load_config(self.config_path, self.registry, self.environ)
+                engine = Engine(compile_rules(config, self.registry))
+            except ConfigError as err:
+                log.error("reload refused, the running config stays:\n%s", err)
+                return False
+            await self._apply(config, engine)
+            log.info("config reloaded: %d rule(s)", len(engine.rules))
+            return True
+        finally:
+            self.notifier.send("READY=1", self.status_line())
+
+    async def _apply(self, config: Config, engine: Engine) -> None:
+        old = self.config
+        self.config = config
+        for name, action in list(self.actions.items()):
+            if config.actions.get(name) != old.actions.get(name):
+                self._action_scopes.pop(name).cancel()
+                await action.aclose()
+                del self.actions[name]
+        for name in config.actions:
+            if name not in self.actions:
+                await self._start_action(name)
+        for name, runner in list(self.sources.items()):
+            if config.sources.get(name) != old.sources.get(name):
+                if runner.scope is not None:
+                    runner.scope.cancel()
+                del self.sources[name]
+        for name in config.sources:
+            if name not in self.sources:
+                await self._start_source(name)
+        engine.generations = self.engine.generations
+        engine.adopt(self.engine)
+        self.engine = engine
+
+    def status_line(self) -> str:
+        up = sum(1 for r in self.sources.values() if r.state == "up")
+        return f"STATUS={up}/{len(self.sources)} sources up, {self.engine.stats.alerts} alerts"

@@ -1,0 +1,109 @@
+"""The event envelope (SPEC section 4) and helpers to build and read events."""
+
+from __future__ import annotations
+
+import hashlib
+import time as _time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+DAEMON_EVENT_TYPES = ("source.up", "source.down", "source.stale", "source.gap")
+"""Event types the daemon itself emits for every source."""
+
+_MISSING = object()
+
+
+def utc_iso(ts: float | None = None) -> str:
+    """ISO-8601 UTC with a ``Z``, to the millisecond (``2026-11-22T10:00:00.000Z``)."""
+    moment = datetime.fromtimestamp(_time.time() if ts is None else ts, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def stable_id(*parts: object) -> str:
+    """A stable hex id from ``parts``: the same parts always give the same id."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(str(part).encode())
+        digest.update(b"\x1f")
+    return digest.hexdigest()
+
+
+@dataclass(slots=True)
+class Event:
+    """One normalized fact from a provider (or from the daemon about a source).
+
+    ``id`` is stable: the same provider fact always gets the same id, after a reconnect,
+    a duplicate push or a restart. ``received`` is the local receipt time (unix seconds),
+    not part of the envelope that alerts carry.
+    """
+
+    id: str
+    source: str
+    provider: str
+    type: str
+    data: dict[str, Any]
+    time: str = ""
+    removed: bool = False
+    received: float = field(default_factory=_time.time)
+
+    def __post_init__(self) -> None:
+        if not self.time:
+            self.time = utc_iso(self.received)
+
+    def envelope(self) -> dict[str, Any]:
+        """The envelope as it appears in webhooks and JSONL files."""
+        return {
+            "id": self.id,
+            "source": self.source,
+            "provider": self.provider,
+            "type": self.type,
+            "time": self.time,
+            "removed": self.removed,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_envelope(cls, raw: Mapping[str, Any]) -> Event:
+        """An event from an envelope dict; raises ``ValueError`` naming what is wrong."""
+        if not isinstance(raw, Mapping):
+            raise ValueError("an event is a JSON object")
+        missing = [k for k in ("id", "source", "type") if not isinstance(raw.get(k), str)]
+        if missing:
+            raise ValueError(f"missing or non-string field(s): {', '.join(missing)}")
+        data = raw.get("data", {})
+        if not isinstance(data, dict):
+            raise ValueError("data must be a JSON object")
+        return cls(
+            id=raw["id"],
+            source=raw["source"],
+            provider=str(raw.get("provider", "")),
+            type=raw["type"],
+            data=data,
+            time=str(raw.get("time") or ""),
+            removed=bool(raw.get("removed", False)),
+        )
+
+
+def split_path(path: str) -> tuple[str, ...]:
+    """``"args.to"`` -> ``("args", "to")``."""
+    return tuple(path.split("."))
+
+
+def get_path(data: Any, parts: tuple[str, ...], default: Any = None) -> Any:
+    """The value at dotted ``parts`` in nested dicts/lists, or ``default``.
+
+    A digit part indexes a list (``authorization.0.actor``).
+    """
+    value = data
+    for part in parts:
+        if isinstance(value, dict):
+            value = value.get(part, _MISSING)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return default
+        if value is _MISSING:
+            return default
+    return value

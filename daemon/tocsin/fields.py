@@ -1,0 +1,191 @@
+"""Value types for config tables: durations, secrets, and the base of every config model.
+
+Plugins declare their config as a ``ConfigModel`` subclass (pydantic, unknown keys
+forbidden) using ``Duration`` and ``Secret`` where they fit. Secret references
+(``{ env = "NAME" }``, ``{ file = "PATH" }``, ``{ credential = "NAME" }``) are resolved
+before validation, anywhere in the file, by ``resolve_secret_refs``; a field typed
+``Secret`` keeps the value masked (``str()`` and ``repr()`` are ``***``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``, ``"7d"`` or a number."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like \"30s\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        pos, total = 0, 0.0
+        for part in _DURATION_PART.finditer(text):
+            if part.start() != pos:
+                break
+            total += float(part.group(1)) * _UNITS[part.group(2)]
+            pos = part.end()
+        if text and pos == len(text):
+            return total
+    raise ValueError(
+        f"{value!r} is not a duration: use a number of seconds or units ms, s, m, h, d"
+        ' (e.g. "500ms", "30s", "5m", "1h30m")'
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact duration string for ``seconds`` (``90`` -> ``"1m30s"``)."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    out, rest = [], round(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            out.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(out) or "0s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration in seconds (float) that accepts ``"30s"``-style strings in config files."""
+
+
+class _SecretRegistry:
+    """Every secret value seen by this process, so log output can be scrubbed of them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: frozenset[str] = frozenset()
+
+    def add(self, value: str) -> None:
+        if len(value) >= 4:  # shorter strings would scrub ordinary words
+            with self._lock:
+                self._values = self._values | {value}
+
+    def scrub(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, "***")
+        return text
+
+
+secret_registry = _SecretRegistry()
+
+
+class SecretValue:
+    """A secret string: ``str()``, ``repr()`` and formatting show ``***``; ``get()`` reveals."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        secret_registry.add(value)
+
+    def get(self) -> str:
+        """The real value, for the one place that sends it to the provider."""
+        return self._value
+
+    def __str__(self) -> str:
+        return "***"
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretValue) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("secret", self._value))
+
+
+def _to_secret(value: object) -> SecretValue:
+    if isinstance(value, SecretValue):
+        return value
+    if isinstance(value, str):
+        return SecretValue(value)
+    raise ValueError('expected a string or { env = "NAME" }, { file = "PATH" }, { credential = "NAME" }')
+
+
+Secret = Annotated[
+    SecretValue,
+    BeforeValidator(_to_secret),
+    PlainSerializer(lambda s: "***", return_type=str),
+]
+"""A config string that never prints; read it with ``.get()``."""
+
+
+class ConfigModel(BaseModel):
+    """Base of every config table: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+SECRET_KINDS = ("env", "file", "credential")
+
+
+def _read_secret(kind: str, name: object, environ: dict[str, str]) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{kind}: expected a non-empty string")
+    if kind == "env":
+        if name not in environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return environ[name]
+    if kind == "credential":
+        directory = environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ValueError(
+                f"credential {name}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"
+            )
+        path = Path(directory) / name
+    else:
+        path = Path(name).expanduser()
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as err:
+        raise ValueError(f"cannot read secret file {str(path)!r}: {err.strerror}") from None
+
+
+def resolve_secret_refs(
+    value: Any,
+    on_error: Callable[[str, str], None],
+    path: str = "",
+    environ: dict[str, str] | None = None,
+) -> Any:
+    """Replace every secret reference table in ``value`` by the secret's text.
+
+    ``on_error(path, message)`` is called for each reference that cannot be resolved
+    (the reference stays, so validation goes on and reports the rest).
+    """
+    env = dict(os.environ) if environ is None else environ
+    if isinstance(value, dict):
+        if len(value) == 1:
+            ((kind, name),) = value.items()
+            if kind in SECRET_KINDS:
+                try:
+                    text = _read_secret(kind, name, env)
+                except ValueError as err:
+                    on_error(path, str(err))
+                    return ""
+                secret_registry.add(text)
+                return text
+        return {
+            k: resolve_secret_refs(v, on_error, f"{path}.{k}" if path else str(k), env)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [resolve_secret_refs(v, on_error, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value

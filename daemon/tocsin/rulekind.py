@@ -1,0 +1,96 @@
+"""The base class of rule kinds, the keys every rule takes, and what a kind returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BeforeValidator, Field, field_validator
+
+from .events import Event
+from .fields import ConfigModel, Duration
+
+Scalar = str | int | float | bool
+
+
+def _one_or_many(value: object) -> object:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a name or a list of names")
+    if isinstance(value, list) and not value:
+        raise ValueError("an empty list selects nothing; leave the key out to select all")
+    return value
+
+
+Names = Annotated[list[str] | None, BeforeValidator(_one_or_many)]
+
+
+class RuleConfig(ConfigModel):
+    """Keys of every ``[[rules]]`` entry (SPEC section 3); kinds subclass it with their own."""
+
+    name: str = Field(min_length=1)
+    kind: str = "match"
+    source: Names = None
+    type: Names = None
+    match: dict[str, Any] = {}
+    when: str | None = None
+    actions: list[str] | None = None
+    title: str | None = None
+    body: str | None = None
+    throttle: Duration | None = None
+    group_by: list[str] = []
+    enabled: bool = True
+    on_removed: Literal["retract", "ignore"] = "retract"
+
+    @field_validator("match")
+    @classmethod
+    def _scalars(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, item in value.items():
+            items = item if isinstance(item, list) else [item]
+            if not all(isinstance(v, str | int | float | bool) for v in items):
+                raise ValueError(f"{key}: expected a value or a list of values (strings, numbers, booleans)")
+        return value
+
+    @field_validator("throttle")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("throttle must be longer than 0s")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Firing:
+    """An alert a kind wants to send: the engine renders, throttles, commits and delivers it.
+
+    ``id_parts`` make the alert id together with the rule name (a stable hash): the same
+    parts always give the same id, so a repeated fact never alerts twice.
+    """
+
+    status: str
+    event: Event
+    id_parts: tuple[Any, ...]
+
+
+class RuleKind:
+    """How a rule turns matching events into alerts.
+
+    The engine has already checked ``source``, ``type``, every ``match`` key and ``when``
+    before ``on_event`` is called; ``group_key`` is the rule's ``group_by`` values.
+    A kind holding state over time overrides ``on_tick``, called about once a second.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[RuleConfig]] = RuleConfig
+
+    def __init__(self, config: RuleConfig) -> None:
+        self.config = config
+
+    def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
+        """Alerts caused by one matching event (``now`` is the engine's clock, seconds)."""
+        raise NotImplementedError
+
+    def on_tick(self, now: float) -> list[Firing]:
+        """Alerts caused by time passing (a window closing, silence); none by default."""
+        return []

@@ -1,0 +1,348 @@
+"""Compiled rules, the index that finds them, and the engine that turns events into alerts.
+
+``RuleIndex`` finds candidate rules by hash lookups on ``match`` values (one per indexed
+path), and by ``(source, type)`` for rules without ``match``: an event never scans every
+rule. For each rule the index key is its ``match`` key whose value is rarest among all
+rules, so 10,000 rules that share ``contract = "eosio.token"`` but differ in ``args.to``
+are indexed by ``args.to``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .action import Alert
+from .config import Config, RuleEntry
+from .events import Event, get_path, split_path, stable_id, utc_iso
+from .plugins import Registry
+from .rulekind import Firing, RuleConfig, RuleKind
+
+log = logging.getLogger(__name__)
+
+Path = tuple[str, ...]
+_RECENT_ALERTS = 65_536
+
+
+def _hashable(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
+
+
+@dataclass(eq=False)
+class Rule:
+    """A rule ready to evaluate: names resolved, paths split, templates compiled."""
+
+    config: RuleConfig
+    kind: RuleKind
+    position: int
+    actions: tuple[str, ...]
+    sources: frozenset[str] | None
+    types: frozenset[str] | None
+    match: tuple[tuple[Path, frozenset[Any]], ...]
+    group_by: tuple[Path, ...]
+    when: Callable[..., Any] | None = None
+    title: Callable[[Mapping[str, Any]], str] | None = None
+    body: Callable[[Mapping[str, Any]], str] | None = None
+    fingerprint: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def selects(self, event: Event) -> bool:
+        """Source, type and every ``match`` key hold (``when`` is checked apart)."""
+        if self.sources is not None and event.source not in self.sources:
+            return False
+        if self.types is not None and event.type not in self.types:
+            return False
+        data = event.data
+        for path, values in self.match:
+            value = get_path(data, path)
+            if not _hashable(value) or value not in values:
+                return False
+        return True
+
+    def group_key(self, event: Event) -> str:
+        if not self.group_by:
+            return ""
+        values = [get_path(event.data, path) for path in self.group_by]
+        return orjson.dumps(values, default=str).decode()
+
+
+def compile_rules(config: Config, registry: Registry) -> list[Rule]:
+    """The enabled rules of a loaded ``config``, ready for the engine."""
+    all_actions = tuple(config.actions)
+    return [
+        _compile(entry, position, registry, all_actions)
+        for position, entry in enumerate(config.rules)
+        if entry.config.enabled
+    ]
+
+
+def _compile(entry: RuleEntry, position: int, registry: Registry, all_actions: tuple[str, ...]) -> Rule:
+    cfg = entry.config
+    match = tuple(
+        (split_path(key), frozenset(value if isinstance(value, list) else [value]))
+        for key, value in sorted(cfg.match.items())
+    )
+    return Rule(
+        config=cfg,
+        kind=registry.rule_kind(cfg.kind)(cfg),
+        position=position,
+        actions=tuple(cfg.actions) if cfg.actions is not None else all_actions,
+        sources=frozenset(cfg.source) if cfg.source else None,
+        types=frozenset(cfg.type) if cfg.type else None,
+        match=match,
+        group_by=tuple(split_path(p) for p in cfg.group_by),
+        fingerprint=stable_id(cfg.model_dump_json()),
+        **entry.compiled,
+    )
+
+
+class RuleIndex:
+    """Finds the rules an event may fire, by hash lookups only."""
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        rules = list(rules)
+        self.rules = rules
+        popularity = Counter((path, v) for r in rules for path, values in r.match for v in values)
+        self._by_path: dict[Path, dict[Any, list[Rule]]] = {}
+        self._plain: dict[tuple[str | None, str | None], list[Rule]] = {}
+        for rule in rules:
+            if rule.match:
+                path, values = min(rule.match, key=lambda m: max(popularity[(m[0], v)] for v in m[1]))
+                bucket = self._by_path.setdefault(path, {})
+                for value in values:
+                    bucket.setdefault(value, []).append(rule)
+            else:
+                for source in rule.sources or (None,):
+                    for type_ in rule.types or (None,):
+                        self._plain.setdefault((source, type_), []).append(rule)
+        self._paths = list(self._by_path.items())
+
+    def candidates(self, event: Event) -> list[Rule]:
+        """Rules that may fire for ``event``, in config order (not yet checked in full)."""
+        found: list[Rule] = []
+        plain = self._plain
+        if plain:
+            for key in ((event.source, event.type), (event.source, None), (None, event.type), (None, None)):
+                found.extend(plain.get(key, ()))
+        data = event.data
+        for path, bucket in self._paths:
+            value = get_path(data, path)
+            if _hashable(value):
+                found.extend(bucket.get(value, ()))
+        if len(found) > 1:
+            found.sort(key=lambda r: r.position)
+        return found
+
+
+@dataclass
+class PendingAlert:
+    """An alert the engine made, to be committed with its deliveries."""
+
+    alert: Alert
+    event_id: str
+    group: str
+    actions: tuple[str, ...]
+    retracts: str | None = None  # the firing alert id a retraction answers
+
+
+@dataclass
+class EngineStats:
+    events: int = 0
+    examined: int = 0
+    matched: int = 0
+    alerts: int = 0
+    throttled: int = 0
+    duplicates: int = 0
+    when_errors: int = 0
+    template_errors: int = 0
+    per_rule: Counter[str] = field(default_factory=Counter)
+
+
+def summary(event: Event, limit: int = 300) -> str:
+    """A one-line summary of an event, the default alert body."""
+    text = f"{event.type} from {event.source}: " + orjson.dumps(event.data, default=str).decode()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Engine:
+    """Evaluates events against the rules and makes alerts; pure CPU, no I/O.
+
+    ``clock`` is monotonic seconds (throttles, kinds), ``wall`` is unix seconds (timestamps).
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.index = RuleIndex(rules)
+        self.rules = {r.name: r for r in self.index.rules}
+        self.clock = clock
+        self.wall = wall
+        self.stats = EngineStats()
+        self.generations: dict[tuple[str, str], int] = {}
+        self._throttle: dict[tuple[str, str], float] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._warned: set[tuple[str, str]] = set()
+        self.ticking = [r for r in self.index.rules if type(r.kind).on_tick is not RuleKind.on_tick]
+
+    def adopt(self, old: Engine) -> None:
+        """Keep the state of rules unchanged since ``old`` (a reload)."""
+        same = {n for n, r in self.rules.items() if n in old.rules and old.rules[n].fingerprint == r.fingerprint}
+        self._throttle = {k: v for k, v in old._throttle.items() if k[0] in same}
+        self.generations = dict(old.generations)
+        self._recent = old._recent
+        for name in same:
+            self.rules[name].kind = old.rules[name].kind
+
+    def process(self, event: Event) -> list[PendingAlert]:
+        """Alerts fired by one (non-removed) event."""
+        self.stats.events += 1
+        candidates = self.index.candidates(event)
+        self.stats.examined += len(candidates)
+        if not candidates:
+            return []
+        out: list[PendingAlert] = []
+        context: dict[str, Any] | None = None
+        for rule in candidates:
+            if not rule.selects(event):
+                continue
+            if rule.when is not None:
+                if context is None:
+                    context = self.context(event)
+                try:
+                    passed = bool(rule.when(context))
+                except Exception as err:
+                    self._error("when", rule, err)
+                    continue
+                if not passed:
+                    continue
+            self.stats.matched += 1
+            self.stats.per_rule[rule.name] += 1
+            group_key = rule.group_key(event)
+            for firing in rule.kind.on_event(event, group_key, self.clock()):
+                pending = self.make_alert(rule, firing, group_key)
+                if pending is not None:
+                    out.append(pending)
+        return out
+
+    def tick(self) -> list[PendingAlert]:
+        """Alerts caused by time passing (stateful kinds)."""
+        now = self.clock()
+        out = []
+        for rule in self.ticking:
+            for firing in rule.kind.on_tick(now):
+                pending = self.make_alert(rule, firing, rule.group_key(firing.event))
+                if pending is not None:
+                    out.append(pending)
+        return out
+
+    def context(self, event: Event) -> dict[str, Any]:
+        """Names a rule's ``when``, ``title`` and ``body`` see: the data, and ``event``."""
+        context = dict(event.data)
+        context["event"] = event.envelope()
+        return context
+
+    def make_alert(self, rule: Rule, firing: Firing, group_key: str) -> PendingAlert | None:
+        """Render, dedup and throttle one firing; None when it is not to be sent."""
+        event = firing.event
+        parts: tuple[Any, ...] = firing.id_parts
+        generation = self.generations.get((rule.name, event.id), 0)
+        if generation:
+            parts = (*parts, generation)
+        alert_id = stable_id(rule.name, *parts)
+        if alert_id in self._recent:
+            self.stats.duplicates += 1
+            return None
+        if rule.config.throttle is not None and firing.status == "firing":
+            now = self.clock()
+            last = self._throttle.get((rule.name, group_key))
+            if last is not None and now - last < rule.config.throttle:
+                self.stats.throttled += 1
+                return None
+            self._throttle[(rule.name, group_key)] = now
+            if len(self._throttle) > _RECENT_ALERTS:
+                self._expire_throttles(now)
+        self._remember(alert_id)
+        self.stats.alerts += 1
+        return PendingAlert(
+            alert=self.render(rule, firing.status, event, alert_id),
+            event_id=event.id,
+            group=f"{rule.name}\x1f{group_key}",
+            actions=rule.actions,
+        )
+
+    def retraction(self, rule_name: str, firing_id: str, group: str, event: Event) -> PendingAlert | None:
+        """The ``retracted`` alert answering a sent firing whose fact the provider took back."""
+        rule = self.rules.get(rule_name)
+        if rule is None or rule.config.on_removed != "retract":
+            return None
+        key = (rule_name, event.id)
+        self.generations[key] = self.generations.get(key, 0) + 1
+        alert_id = stable_id(rule_name, firing_id, "retracted")
+        self._remember(alert_id)
+        self.stats.alerts += 1
+        return PendingAlert(
+            alert=self.render(rule, "retracted", event, alert_id),
+            event_id=event.id,
+            group=group,
+            actions=rule.actions,
+            retracts=firing_id,
+        )
+
+    def render(self, rule: Rule, status: str, event: Event, alert_id: str) -> Alert:
+        context = self.context(event)
+        context["status"] = status
+        context["rule"] = rule.name
+        title = self._render(rule, "title", context) or rule.name
+        body = self._render(rule, "body", context) or summary(event)
+        if status != "firing":
+            title = f"[{status}] {title}"
+        return Alert(
+            id=alert_id,
+            status=status,
+            rule=rule.name,
+            title=title,
+            body=body,
+            fired_at=utc_iso(self.wall()),
+            event=event.envelope(),
+        )
+
+    def _render(self, rule: Rule, key: str, context: dict[str, Any]) -> str:
+        template = getattr(rule, key)
+        if template is None:
+            return ""
+        try:
+            return str(template(context)).strip()
+        except Exception as err:
+            self.stats.template_errors += 1
+            self._error(key, rule, err)
+            return f"({key} could not be rendered: {type(err).__name__})"
+
+    def _error(self, what: str, rule: Rule, err: Exception) -> None:
+        if what == "when":
+            self.stats.when_errors += 1
+        level = logging.DEBUG if (rule.name, what) in self._warned else logging.WARNING
+        self._warned.add((rule.name, what))
+        log.log(level, "rule %r: %s failed: %s: %s", rule.name, what, type(err).__name__, err)
+
+    def _remember(self, alert_id: str) -> None:
+        self._recent[alert_id] = None
+        if len(self._recent) > _RECENT_ALERTS:
+            self._recent.popitem(last=False)
+
+    def _expire_throttles(self, now: float) -> None:
+        for key, last in list(self._throttle.items()):
+            rule = self.rules.get(key[0])
+            if rule is None or rule.config.throttle is None or now - last >= rule.config.throttle:
+                del self._throttle[key]

@@ -1,0 +1,141 @@
+"""The base class of every source, its config, the context the daemon gives it, and Backoff."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, ClassVar, Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+from pydantic import Field
+
+from .events import Event
+from .fields import ConfigModel, Duration
+
+
+class SourceConfig(ConfigModel):
+    """Keys every source takes (SPEC section 3); plugins subclass it with their own."""
+
+    plugin: str
+    enabled: bool = True
+    stale_after: Duration = Field(default=60.0, ge=1.0)
+    max_backoff: Duration = Field(default=300.0, ge=1.0)
+
+
+class SourceContext(Protocol):
+    """What the daemon gives a running source. Every method is safe to call from ``run``."""
+
+    source: str
+    """The configured source name (``[sources.NAME]``)."""
+    provider: str
+    """The plugin name."""
+    logger: logging.Logger
+
+    def event(
+        self,
+        type: str,
+        data: dict[str, Any],
+        *,
+        id: str,
+        time: str = "",
+        removed: bool = False,
+    ) -> Event:
+        """An ``Event`` of this source with ``source`` and ``provider`` filled in."""
+        ...
+
+    async def emit(self, event: Event) -> None:
+        """Hand an event to the rule engine; waits when the engine is behind (bounded)."""
+        ...
+
+    async def up(self) -> None:
+        """The connection is established and subscribed: emits ``source.up``."""
+        ...
+
+    async def down(self, reason: str) -> None:
+        """The connection is lost or refused: emits ``source.down`` (once per outage)."""
+        ...
+
+    async def stale(self, reason: str) -> None:
+        """Nothing arrived for ``stale_after``: emits ``source.stale``."""
+        ...
+
+    async def gap(self, reason: str, since: str, until: str = "") -> None:
+        """Events may have been missed between ``since`` and ``until``: emits ``source.gap``."""
+        ...
+
+    def reject(self, reason: str) -> None:
+        """Count a frame that could not be parsed (malformed, oversized...) and go on."""
+        ...
+
+    async def load_cursor(self, key: str) -> str | None:
+        """The cursor saved under ``key`` for this source, or None on first start."""
+        ...
+
+    async def save_cursor(self, key: str, value: str) -> None:
+        """Save a cursor; committed only after the alerts of every event emitted before it."""
+        ...
+
+
+class Source:
+    """A live connection (or set of connections) to one provider.
+
+    Subclasses set ``name`` (the ``plugin = "..."`` value), ``Config`` (a ``SourceConfig``
+    subclass validating the plugin's own keys) and ``event_types`` (the ``type`` values it
+    emits, used to check rules), and implement ``run``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[SourceConfig]] = SourceConfig
+    event_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+        self.config = config
+        self.ctx = ctx
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, subscribe, keep alive, reconnect with ``Backoff``, emit events; never return.
+
+        Call ``task_status.started()`` once the first connection is up (the daemon does not
+        wait for it forever). Raise nothing but cancellation: failures are reconnected here.
+        """
+        raise NotImplementedError
+
+
+class Backoff:
+    """Exponential backoff with full jitter, from ``initial`` up to ``maximum`` seconds.
+
+    ``delay()`` gives the next wait; ``healthy()`` should be called while a connection is up:
+    once it has stayed up for ``reset_after`` seconds the backoff starts again from ``initial``.
+    """
+
+    def __init__(
+        self, initial: float = 1.0, maximum: float = 300.0, reset_after: float = 60.0
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.reset_after = reset_after
+        self.failures = 0
+        self._up_since: float | None = None
+
+    def delay(self) -> float:
+        """The wait before the next try: up to ``initial * 2**failures``, capped, jittered."""
+        self._up_since = None
+        ceiling = min(self.maximum, self.initial * (2 ** min(self.failures, 32)))
+        self.failures += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def connected(self) -> None:
+        """A connection just came up."""
+        self._up_since = time.monotonic()
+
+    def healthy(self) -> None:
+        """The connection is still up: reset once it has lasted ``reset_after``."""
+        if self._up_since is not None and time.monotonic() - self._up_since >= self.reset_after:
+            self.failures = 0
+
+    def give_up_delay(self) -> float:
+        """For failures only the user can fix (a bad key): wait ``maximum`` at once."""
+        self.failures = 64
+        return self.maximum

@@ -1,0 +1,419 @@
+"""The state database: alerts (the dedup log), the outbox, cursors, rule state.
+
+One SQLite file in WAL mode. Every write goes through one writer thread that commits
+whatever has queued up in a single transaction (group commit); each operation runs in
+its own savepoint, so one failing operation never takes the others down with it.
+
+Outbox ordering: deliveries of one action and one group (rule + ``group_by`` key) go
+out in order. Exactly one pending delivery per (action, group) is the ``head``; only
+heads are fetched, and finishing a head promotes the next one. So a failing group
+waits on its own while the others flow, and a fetch is one indexed range scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from .errors import StateError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PENDING, DONE, DEAD = 0, 1, 2
+STATE_NAMES = {PENDING: "pending", DONE: "done", DEAD: "dead"}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    payload BLOB NOT NULL,
+    retracted INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS alerts_event ON alerts (event_id);
+CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    alert_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    label TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    head INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    UNIQUE (alert_id, action, target)
+);
+CREATE INDEX IF NOT EXISTS outbox_ready ON outbox (action, head, state, due_at);
+CREATE INDEX IF NOT EXISTS outbox_group ON outbox (action, grp, state, seq);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox (state, action);
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (source, key)
+);
+CREATE TABLE IF NOT EXISTS rule_state (
+    rule TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (rule, key)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    rule TEXT NOT NULL, event_id TEXT NOT NULL, gen INTEGER NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (rule, event_id)
+);
+"""
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True, slots=True)
+class NewAlert:
+    """An alert to commit, with the (action, target, label) deliveries it fans out to."""
+
+    id: str
+    rule: str
+    event_id: str
+    status: str
+    group: str
+    payload: dict[str, Any]
+    deliveries: tuple[tuple[str, str, str], ...]
+    retracts: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One (alert, action, target) entry of the outbox."""
+
+    seq: int
+    alert_id: str
+    action: str
+    target: str
+    label: str
+    group: str
+    state: int
+    attempts: int
+    created_at: float
+    due_at: float
+    last_error: str
+    payload: bytes
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+
+_DELIVERY_COLUMNS = (
+    "o.seq, o.alert_id, o.action, o.target, o.label, o.grp, o.state, o.attempts,"
+    " o.created_at, o.due_at, o.last_error, a.payload"
+)
+
+
+def _delivery(row: tuple[Any, ...]) -> Delivery:
+    return Delivery(*row)
+
+
+class Store:
+    """The state database; open with ``Store.open(state_dir)``, close with ``close()``."""
+
+    FILE = "tocsin.sqlite3"
+
+    def __init__(self, path: Path, *, fsync: bool = False, batch: int = 512) -> None:
+        self.path = path
+        self._batch = batch
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]] | None] = queue.SimpleQueue()
+        self._conn = self._connect(fsync)
+        self.commits = 0
+        self.failures = 0
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._writer, name="tocsin-store", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, state_dir: Path, *, fsync: bool = False) -> Store:
+        """Create the state dir (mode 0700) if needed and open the database in it."""
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return cls(state_dir / cls.FILE, fsync=fsync)
+        except (OSError, sqlite3.Error) as err:
+            raise StateError(f"cannot open the state database in {state_dir}: {err}") from err
+
+    def _connect(self, fsync: bool) -> sqlite3.Connection:
+        old_umask = os.umask(0o077)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        finally:
+            os.umask(old_umask)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        return conn
+
+    # -- running operations ------------------------------------------------------------
+
+    def _writer(self) -> None:
+        conn = self._conn
+        while True:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            stop = False
+            while len(batch) < self._batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+            if stop:
+                break
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, args, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((future, fn(conn, *args), None))
+                    conn.execute("RELEASE op")
+                except Exception as err:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, None, err))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as err:
+            # The whole transaction is lost (disk full, I/O error): every caller is told.
+            self.failures += 1
+            self.last_error = str(err)
+            log.error("state database write failed: %s", err)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            failure = StateError(f"state database write failed: {err}")
+            results = [(future, None, failure) for _, _, future in batch]
+        for future, value, error in results:
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Queue ``fn(conn, *args)`` for the writer; the future resolves after the commit."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if not self._thread.is_alive():
+            future.set_exception(StateError("the state database is closed"))
+        else:
+            self._queue.put((fn, args, future))
+        return future
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in the writer thread and wait for its commit."""
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """The same, for code that has no event loop (the CLI)."""
+        return self.submit(fn, *args).result()
+
+    def close(self) -> None:
+        """Finish what is queued, then close the database."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    # -- operations (run in the writer thread, take the connection first) ---------------
+
+    @staticmethod
+    def commit_alerts(conn: sqlite3.Connection, alerts: Iterable[NewAlert], cursors: Iterable[tuple[str, str, str]] = ()) -> list[str]:
+        """Insert new alerts and their deliveries; an alert id seen before is skipped.
+
+        Returns the actions that got new deliveries. ``cursors`` (source, key, value) are
+        saved in the same transaction, after the alerts.
+        """
+        now = time.time()
+        woken: set[str] = set()
+        for alert in alerts:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO alerts (id, rule, event_id, status, grp, created_at, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (alert.id, alert.rule, alert.event_id, alert.status, alert.group, now, orjson.dumps(alert.payload)),
+            ).rowcount
+            if not inserted:
+                continue
+            if alert.retracts:
+                conn.execute("UPDATE alerts SET retracted = 1 WHERE id = ?", (alert.retracts,))
+                conn.execute(
+                    "INSERT INTO generations VALUES (?, ?, 1, ?) ON CONFLICT (rule, event_id)"
+                    " DO UPDATE SET gen = gen + 1, updated_at = excluded.updated_at",
+                    (alert.rule, alert.event_id, now),
+                )
+            for action, target, label in alert.deliveries:
+                busy = conn.execute(
+                    "SELECT 1 FROM outbox WHERE action = ? AND grp = ? AND state = 0 AND head = 1 LIMIT 1",
+                    (action, alert.group),
+                ).fetchone()
+                conn.execute(
+                    "INSERT OR IGNORE INTO outbox (alert_id, action, target, label, grp, head,"
+                    " created_at, due_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (alert.id, action, target, label, alert.group, 0 if busy else 1, now, now, now),
+                )
+                woken.add(action)
+        for source, key, value in cursors:
+            conn.execute(
+                "INSERT INTO cursors VALUES (?, ?, ?, ?) ON CONFLICT (source, key)"
+                " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (source, key, value, now),
+            )
+        return sorted(woken)
+
+    @staticmethod
+    def fetch_ready(conn: sqlite3.Connection, action: str, now: float, limit: int) -> tuple[list[Delivery], float | None]:
+        """Due heads of ``action`` (at most ``limit``), and when the next one falls due."""
+        rows = conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM outbox o JOIN alerts a ON a.id = o.alert_id"
+            " WHERE o.action = ? AND o.head = 1 AND o.state = 0 AND o.due_at <= ?"
+            " ORDER BY o.due_at, o.seq LIMIT ?",
+            (action, now, limit),
+        ).fetchall()
+        (next_due,) = conn.execute(
+            "SELECT MIN(due_at) FROM outbox WHERE action = ? AND head = 1 AND state = 0 AND due_at > ?",
+            (action, now),
+        ).fetchone()
+        return [_delivery(r) for r in rows], next_due
+
+    @staticmethod
+    def finish(conn: sqlite3.Connection, seq: int, state: int, error: str = "") -> None:
+        """Mark a delivery done or dead, and promote the next of its group to head."""
+        row = conn.execute("SELECT action, grp FROM outbox WHERE seq = ?", (seq,)).fetchone()
+        if row is None:
+            return
+        conn.execute(
+            "UPDATE outbox SET state = ?, head = 0, attempts = attempts + 1, updated_at = ?,"
+            " last_error = ? WHERE seq = ?",
+            (state, time.time(), error[:1000], seq),
+        )
+        Store._promote(conn, row[0], row[1])
+
+    @staticmethod
+    def _promote(conn: sqlite3.Connection, action: str, group: str) -> None:
+        if conn.execute(
+            "SELECT 1 FROM outbox WHERE action = ? AND grp = ? AND state = 0 AND head = 1 LIMIT 1",
+            (action, group),
+        ).fetchone():
+            return
+        conn.execute(
+            "UPDATE outbox SET head = 1 WHERE seq = (SELECT seq FROM outbox"
+            " WHERE action = ? AND grp = ? AND state = 0 ORDER BY seq LIMIT 1)",
+            (action, group),
+        )
+
+    @staticmethod
+    def reschedule(conn: sqlite3.Connection, seq: int, due_at: float, error: str) -> None:
+        """A failed try that will be retried at ``due_at``."""
+        conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, due_at = ?, updated_at = ?, last_error = ?"
+            " WHERE seq = ?",
+            (due_at, time.time(), error[:1000], seq),
+        )
+
+    @staticmethod
+    def list_deliveries(conn: sqlite3.Connection, states: Iterable[int], limit: int = 1000) -> list[Delivery]:
+        marks = ",".join("?" * len(list(states)))
+        return [
+            _delivery(r)
+            for r in conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM outbox o JOIN alerts a ON a.id = o.alert_id"
+                f" WHERE o.state IN ({marks}) ORDER BY o.seq LIMIT ?",
+                (*states, limit),
+            )
+        ]
+
+    @staticmethod
+    def counts(conn: sqlite3.Connection) -> dict[str, int]:
+        """Deliveries per state name, and alerts."""
+        out = {name: 0 for name in STATE_NAMES.values()}
+        for state, n in conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"):
+            out[STATE_NAMES[state]] = n
+        (out["alerts"],) = conn.execute("SELECT COUNT(*) FROM alerts").fetchone()
+        return out
+
+    @staticmethod
+    def retry(conn: sqlite3.Connection, seqs: Iterable[int] | None) -> int:
+        """Send dead-lettered deliveries again (all when ``seqs`` is None)."""
+        now = time.time()
+        where = "state = 2" if seqs is None else f"state = 2 AND seq IN ({','.join(str(int(s)) for s in seqs) or 'NULL'})"
+        rows = conn.execute(f"SELECT seq, action, grp FROM outbox WHERE {where} ORDER BY seq").fetchall()
+        for seq, action, group in rows:
+            conn.execute(
+                "UPDATE outbox SET state = 0, head = 0, attempts = 0, created_at = ?, due_at = ?,"
+                " updated_at = ? WHERE seq = ?",
+                (now, now, now, seq),
+            )
+            Store._promote(conn, action, group)
+        return len(rows)
+
+    @staticmethod
+    def drop(conn: sqlite3.Connection, seqs: Iterable[int] | None, dead_only: bool = True) -> int:
+        """Forget deliveries (dead-lettered ones, or any with ``dead_only=False``)."""
+        clauses = ["state = 2"] if dead_only else ["state IN (0, 2)"]
+        if seqs is not None:
+            clauses.append(f"seq IN ({','.join(str(int(s)) for s in seqs) or 'NULL'})")
+        rows = conn.execute(f"SELECT seq, action, grp FROM outbox WHERE {' AND '.join(clauses)}").fetchall()
+        for seq, action, group in rows:
+            conn.execute("UPDATE outbox SET state = 1, head = 0, last_error = 'dropped' WHERE seq = ?", (seq,))
+            Store._promote(conn, action, group)
+        return len(rows)
+
+    @staticmethod
+    def firing_alerts_for(conn: sqlite3.Connection, event_id: str) -> list[tuple[str, str, str]]:
+        """(alert id, rule, group) of sent, unretracted firing alerts of ``event_id``."""
+        return conn.execute(
+            "SELECT id, rule, grp FROM alerts WHERE event_id = ? AND status = 'firing' AND retracted = 0",
+            (event_id,),
+        ).fetchall()
+
+    @staticmethod
+    def load_generations(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+        return {(r, e): g for r, e, g in conn.execute("SELECT rule, event_id, gen FROM generations")}
+
+    @staticmethod
+    def get_cursor(conn: sqlite3.Connection, source: str, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM cursors WHERE source = ? AND key = ?", (source, key)).fetchone()
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    def purge(conn: sqlite3.Connection, horizon: float) -> int:
+        """Forget alerts older than the dedup horizon whose deliveries are all done."""
+        cutoff = time.time() - horizon
+        old = "SELECT id FROM alerts a WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.alert_id = a.id AND o.state != 1)"
+        conn.execute(f"DELETE FROM outbox WHERE alert_id IN ({old})", (cutoff,))
+        removed = conn.execute(f"DELETE FROM alerts WHERE id IN ({old})", (cutoff,)).rowcount
+        conn.execute("DELETE FROM generations WHERE updated_at < ?", (cutoff,))
+        return removed

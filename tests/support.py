@@ -1,0 +1,195 @@
+"""Test helpers: a real WebSocket test source plugin, a real webhook receiver, waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import websockets
+from aiohttp import web
+from anyio.abc import TaskStatus
+from websockets.asyncio.server import ServerConnection, serve
+
+import tocsin_builtin
+from tocsin import Backoff, Secret, Source, SourceConfig, hookimpl
+from tocsin.plugins import Registry, build_registry, make_plugin_manager
+
+
+async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await anyio.sleep(0.01)
+
+
+# -- a tiny push server and its source plugin ------------------------------------------
+
+
+class PushServer:
+    """A WebSocket server on 127.0.0.1 that pushes JSON frames to every connected client."""
+
+    def __init__(self, token: str = "s3cret-token") -> None:
+        self.token = token
+        self.clients: set[ServerConnection] = set()
+        self.connections = 0
+        self.port = 0
+        self._server: Any = None
+
+    async def __aenter__(self) -> PushServer:
+        self._server = await serve(self._handler, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/feed"
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        if ws.request is None or ws.request.headers.get("Authorization") != f"Bearer {self.token}":
+            await ws.close(4003, "forbidden")
+            return
+        self.connections += 1
+        self.clients.add(ws)
+        try:
+            await ws.wait_closed()
+        finally:
+            self.clients.discard(ws)
+
+    async def push(self, frame: dict[str, Any] | str) -> None:
+        text = frame if isinstance(frame, str) else json.dumps(frame)
+        for ws in list(self.clients):
+            await ws.send(text)
+
+    async def drop_all(self) -> None:
+        for ws in list(self.clients):
+            await ws.close(1011, "dropped by test")
+
+
+class PushConfig(SourceConfig):
+    url: str
+    token: Secret
+
+
+class PushSource(Source):
+    """Test source: each frame is {"id", "type", "data", "removed"?}; reconnects with Backoff."""
+
+    name = "testpush"
+    Config = PushConfig
+    event_types = ("thing", "transfer")
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        assert isinstance(config, PushConfig)
+        backoff = Backoff(initial=0.05, maximum=0.5)
+        while True:
+            try:
+                async with websockets.connect(
+                    config.url, additional_headers={"Authorization": f"Bearer {config.token.get()}"}
+                ) as ws:
+                    backoff.connected()
+                    await self.ctx.up()
+                    task_status.started()
+                    async for raw in ws:
+                        try:
+                            frame = json.loads(raw)
+                            event = self.ctx.event(
+                                frame["type"], frame["data"], id=frame["id"], removed=frame.get("removed", False)
+                            )
+                        except (ValueError, KeyError, TypeError) as err:
+                            self.ctx.reject(f"malformed frame: {err}")
+                            continue
+                        await self.ctx.emit(event)
+            except (OSError, websockets.WebSocketException) as err:
+                await self.ctx.down(f"connection lost: {type(err).__name__}")
+            else:
+                await self.ctx.down("closed by server")
+            await anyio.sleep(backoff.delay())
+
+
+class TestPushPlugin:
+    @staticmethod
+    @hookimpl
+    def register_sources(register: Callable[[type[Source]], None]) -> None:
+        register(PushSource)
+
+
+def test_registry(*extra: object) -> Registry:
+    """A registry with the built-in plugin, the test source and ``extra`` plugins only."""
+    pm = make_plugin_manager([tocsin_builtin, TestPushPlugin(), *extra], load_entry_points=False)
+    return build_registry(pm)
+
+
+# -- a real HTTP receiver --------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """An aiohttp server on 127.0.0.1 that records requests; ``script`` sets the answers."""
+
+    requests: list[Received] = field(default_factory=list)
+    script: list[int] = field(default_factory=list)  # statuses to answer, then 200
+    hang: asyncio.Event | None = None
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.hang is not None:
+            await self.hang.wait()
+        status = self.script.pop(0) if self.script else 200
+        self.requests.append(Received(request.path, dict(request.headers), body))
+        headers = {"Retry-After": "0"} if status == 429 else {}
+        return web.Response(status=status, text="ok" if status < 400 else "nope", headers=headers)
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_route("POST", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.hang is not None:
+            self.hang.set()
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ok(self) -> list[Received]:
+        """Requests answered 2xx... (every request recorded after its status was chosen)."""
+        return self.requests
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
