@@ -128,7 +128,7 @@ class TestPushPlugin:
         register(PushSource)
 
 
-def test_registry(*extra: object) -> Registry:
+def make_registry(*extra: object) -> Registry:
     """A registry with the built-in plugin, the test source and ``extra`` plugins only."""
     pm = make_plugin_manager([tocsin_builtin, TestPushPlugin(), *extra], load_entry_points=False)
     return build_registry(pm)

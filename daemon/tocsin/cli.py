@@ -134,6 +134,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     print(
         f"{events} event(s), {fired} alert(s) would be sent"
         + (f", {stats.throttled} throttled" if stats.throttled else "")
+        + (f", {stats.duplicates} duplicate(s) skipped" if stats.duplicates else "")
         + (f", {bad} line(s) skipped" if bad else "")
     )
     return 0

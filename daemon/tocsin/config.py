@@ -246,6 +246,8 @@ def load_config(
         include = raw.get("daemon", {}).get("include") if isinstance(raw.get("daemon"), dict) else None
         ok = isinstance(include, list) and all(isinstance(i, str) for i in include)
         daemon = DaemonConfig.model_construct(include=include if ok else [])
+    if daemon.state_dir and not os.path.isabs(os.path.expanduser(daemon.state_dir)):
+        daemon = daemon.model_copy(update={"state_dir": str(main.parent / daemon.state_dir)})
     config = Config(path=main, daemon=daemon)
     config.files.append(main)
 

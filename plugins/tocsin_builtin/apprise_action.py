@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import anyio
 import apprise
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from tocsin import (
     Action,
     ActionConfig,
@@ -208,6 +208,9 @@ def _from_config_file(path: str, tag: str | list[str] | None) -> tuple[list[_Cha
 
 class AppriseActionConfig(ActionConfig):
     """``[actions.NAME]`` with ``plugin = "apprise"``: ``urls`` or ``config``, not both."""
+
+    # A validation error would otherwise quote the raw input: the URL with its token.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     urls: list[Secret] = []
     config: str | None = None

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from tocsin import (
     Action,
     ActionConfig,
@@ -126,6 +126,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 class WebhookConfig(ActionConfig):
     """``[actions.NAME]`` with ``plugin = "webhook"``."""
+
+    # A validation error would otherwise quote the raw input: the URL with its token.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     url: Secret
     secret: Secret | None = None

@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import make_registry, write_config
+
+from tocsin.config import load_config
+from tocsin.errors import ConfigError
+from tocsin.fields import SecretValue, format_duration, parse_duration
+
+GOOD = """
+[daemon]
+state_dir = "state"
+include = ["rules.d/*.toml"]
+
+[sources.eos]
+plugin = "testpush"
+url = "ws://127.0.0.1:1/feed"
+token = { env = "PUSH_TOKEN" }
+stale_after = "45s"
+
+[actions.hook]
+plugin = "webhook"
+url = "http://127.0.0.1:1/hook"
+secret = { file = "hook.secret" }
+
+[[rules]]
+name = "incoming transfer"
+source = "eos"
+type = "transfer"
+match = { "args.to" = "me" }
+actions = ["hook"]
+"""
+
+BAD = """
+[daemon]
+state_dir = "state"
+include = ["rules.d/*.toml"]
+bogus = 1
+
+[sources.eos]
+plugin = "testpush"
+url = "ws://127.0.0.1:1/feed"
+token = { env = "MISSING_TOKEN_VAR" }
+stale_after = "soon"
+
+[sources.other]
+plugin = "testpsuh"
+
+[actions.hook]
+plugin = "webhook"
+url = "http://127.0.0.1:1/hook"
+secret = "hunter2-very-secret"
+timout = "5s"
+
+[[rules]]
+name = "incoming transfer"
+source = "eso"
+match = { "args.to" = "me" }
+actoins = ["hook"]
+
+[[rules]]
+name = "incoming transfer"
+throttle = "0s"
+title = "{{ oops"
+actions = ["hoook"]
+"""
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("PUSH_TOKEN", "tok-123456")
+    return dict(os.environ)
+
+
+def test_good_config_loads_with_secrets_and_includes(tmp_path: Path, env: dict[str, str]) -> None:
+    (tmp_path / "hook.secret").write_text("s3cret-from-file\n")
+    (tmp_path / "rules.d").mkdir()
+    (tmp_path / "rules.d" / "more.toml").write_text('[[rules]]\nname = "more"\nmatch = { x = 1 }\n')
+    os.chdir(tmp_path)  # the secret file path is relative to the working directory
+    config = load_config(write_config(tmp_path / "tocsin.toml", GOOD), make_registry(), env)
+    assert [r.config.name for r in config.rules] == ["incoming transfer", "more"]
+    assert config.rules[1].file.endswith("more.toml")
+    source = config.sources["eos"]
+    assert source.stale_after == 45.0
+    token = source.token  # type: ignore[attr-defined]
+    assert isinstance(token, SecretValue) and token.get() == "tok-123456"
+    assert str(token) == repr(token) == f"{token}" == "***"
+    assert "tok-123456" not in repr(source)
+    secret = config.actions["hook"].secret  # type: ignore[attr-defined]
+    assert secret.get() == "s3cret-from-file"
+    assert config.daemon.resolved_state_dir() == tmp_path / "state"
+
+
+def test_credential_secret(tmp_path: Path, env: dict[str, str]) -> None:
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "hook").write_text("from-systemd")
+    text = GOOD.replace('{ file = "hook.secret" }', '{ credential = "hook" }').replace('include = ["rules.d/*.toml"]', "")
+    config = load_config(write_config(tmp_path / "t.toml", text), make_registry(), {**env, "CREDENTIALS_DIRECTORY": str(tmp_path / "creds")})
+    assert config.actions["hook"].secret.get() == "from-systemd"  # type: ignore[attr-defined]
+
+
+def test_every_problem_is_listed_with_file_and_path(tmp_path: Path, env: dict[str, str]) -> None:
+    (tmp_path / "rules.d").mkdir()
+    (tmp_path / "rules.d" / "x.toml").write_text('[[rules]]\nname = "x"\nkind = "treshold"\n[sources.no]\nplugin = "a"\n')
+    path = write_config(tmp_path / "tocsin.toml", BAD)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, make_registry(), env)
+    lines = [str(p) for p in caught.value.problems]
+    main, inc = str(path), str(tmp_path / "rules.d" / "x.toml")
+    expected = [
+        f'{main}: daemon: unknown key "bogus"',
+        f"{main}: sources.eos.token: environment variable MISSING_TOKEN_VAR is not set",
+        f"{main}: sources.eos.stale_after: 'soon' is not a duration",
+        f'{main}: sources.other.plugin: unknown source plugin "testpsuh" (did you mean "testpush"?)',
+        f'{main}: actions.hook: unknown key "timout" (did you mean "timeout"?)',
+        f'{main}: rules[0] "incoming transfer": unknown key "actoins" (did you mean "actions"?)',
+        f'{main}: rules[0] "incoming transfer": source: unknown source "eso" (did you mean "eos"?)',
+        f'{main}: rules[1] "incoming transfer": duplicate rule name',
+        f'{main}: rules[1] "incoming transfer": throttle: throttle must be longer than 0s',
+        f'{main}: rules[1] "incoming transfer": title: invalid template',
+        f'{main}: rules[1] "incoming transfer": actions: unknown action "hoook" (did you mean "hook"?)',
+        f'{inc}: rules[0] "x": kind: unknown rule kind "treshold"',
+        f'{inc}: only [[rules]] may appear in an included file, not "sources"',
+    ]
+    for want in expected:
+        assert any(line.startswith(want) for line in lines), f"missing: {want}\ngot:\n" + "\n".join(lines)
+    assert len(lines) == len(expected), "\n".join(lines)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_invalid_toml_names_the_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "t.toml", "[daemon\nx = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, make_registry())
+    assert "invalid TOML" in str(caught.value) and "line 1" in str(caught.value)
+
+
+def test_unknown_top_level_table(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "t.toml", "[rule]\nname = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, make_registry())
+    assert 'unknown table or key "rule" (did you mean "rules"?)' in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("1h", 3600), ("7d", 604800), ("1h30m", 5400), (12, 12), (1.5, 1.5)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "-1s", -3, True, "1h 3"])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration|negative"):
+        parse_duration(bad)
+
+
+def test_format_duration_round_trips() -> None:
+    for seconds in (0.25, 1, 59, 61, 3600, 86400 + 61):
+        assert parse_duration(format_duration(seconds)) == seconds
+
+
+def test_check_command_lists_all_and_exits_2(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "tocsin.toml", BAD.replace('include = ["rules.d/*.toml"]', ""))
+    env = {**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin"}
+    env.pop("MISSING_TOKEN_VAR", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "tocsin.cli", "check", "-c", str(path)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert "hunter2" not in run.stderr + run.stdout
+    # The test source plugin is not installed for the CLI, so its source is unknown too.
+    assert 'actions.hook: unknown key "timout" (did you mean "timeout"?)' in run.stderr
+    assert 'rules[1] "incoming transfer": actions: unknown action "hoook" (did you mean "hook"?)' in run.stderr
+    assert run.stderr.strip().splitlines()[-1].endswith("problems; nothing was started")
+
+
+def test_check_command_ok(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "t.toml",
+        '[actions.console]\nplugin = "log"\n[[rules]]\nname = "a"\nmatch = { x = 1 }\n[[rules]]\nname = "b"\nenabled = false\n',
+    )
+    run = subprocess.run([sys.executable, "-m", "tocsin.cli", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "ok: 0 source(s), 1 action(s), 1 rule(s) (1 disabled)" in run.stdout

@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import make_registry, write_config
+
+from tocsin import Event
+from tocsin.config import load_config
+from tocsin.errors import ConfigError
+from tocsin.rules import Engine, Rule, RuleIndex, compile_rules
+
+HEADER = """
+[daemon]
+state_dir = "state"
+[actions.console]
+plugin = "log"
+"""
+
+
+def engine_for(tmp_path: Path, rules: str, **kw: Any) -> Engine:
+    path = write_config(tmp_path / "tocsin.toml", HEADER + rules)
+    registry = make_registry()
+    return Engine(compile_rules(load_config(path, registry), registry), **kw)
+
+
+def transfer(to: str, qty: str = "150.0000 EOS", id: str = "", frm: str = "alice", source: str = "eos") -> Event:
+    data = {
+        "contract": "eosio.token",
+        "action": "transfer",
+        "args": {"from": frm, "to": to, "quantity": qty, "memo": "m"},
+        "trx_id": "t" + to,
+    }
+    return Event(id=id or f"{to}-{frm}-{qty}", source=source, provider="eospark", type="action", data=data)
+
+
+def test_ten_thousand_rules_examine_few_candidates(tmp_path: Path) -> None:
+    rules = "".join(
+        f'[[rules]]\nname = "r{i}"\nmatch = {{ contract = "eosio.token", "args.to" = "acct{i}" }}\n'
+        for i in range(10_000)
+    )
+    engine = engine_for(tmp_path, rules)
+    for i in range(0, 10_000, 97):
+        alerts = engine.process(transfer(f"acct{i}"))
+        assert [a.alert.rule for a in alerts] == [f"r{i}"]
+    engine.process(transfer("nobody"))
+    events = engine.stats.events
+    # The index works: about one candidate per event, not 10,000.
+    assert engine.stats.examined <= events
+    assert engine.stats.examined >= events - 1
+
+
+def test_match_lists_paths_and_when(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        """
+[[rules]]
+name = "big to us"
+type = "action"
+match = { "args.to" = ["me", "you"], action = "transfer" }
+when = "args.quantity | asset_amount >= 100"
+title = "{{ args.quantity }} from {{ args.from }}"
+""",
+    )
+    assert [a.alert.title for a in engine.process(transfer("me"))] == ["150.0000 EOS from alice"]
+    assert [a.alert.title for a in engine.process(transfer("you", id="2"))] == ["150.0000 EOS from alice"]
+    assert engine.process(transfer("them")) == []
+    assert engine.process(transfer("me", qty="99.0000 EOS")) == []
+
+
+def test_rules_without_match_are_found_by_source_and_type(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        """
+[[rules]]
+name = "down"
+type = ["source.down", "source.stale"]
+title = "{{ source }} {{ event.type }}"
+""",
+    )
+    down = Event(id="d1", source="eos", provider="eospark", type="source.down", data={"source": "eos", "reason": "x"})
+    assert [a.alert.title for a in engine.process(down)] == ["eos source.down"]
+    assert engine.process(transfer("me")) == []
+
+
+def test_throttle_per_group_key(tmp_path: Path) -> None:
+    now = [1000.0]
+    engine = engine_for(
+        tmp_path,
+        """
+[[rules]]
+name = "t"
+match = { action = "transfer" }
+throttle = "1m"
+group_by = ["args.from"]
+""",
+        clock=lambda: now[0],
+    )
+    assert len(engine.process(transfer("me", id="1", frm="alice"))) == 1
+    assert len(engine.process(transfer("me", id="2", frm="bob"))) == 1
+    assert engine.process(transfer("me", id="3", frm="alice")) == []
+    now[0] += 61
+    assert len(engine.process(transfer("me", id="4", frm="alice"))) == 1
+    assert engine.stats.throttled == 1
+
+
+def test_same_event_id_fires_once(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, '[[rules]]\nname = "a"\nmatch = { action = "transfer" }\n')
+    first = engine.process(transfer("me", id="same"))
+    assert len(first) == 1
+    assert engine.process(transfer("me", id="same")) == []
+    assert engine.stats.duplicates == 1
+
+
+def test_alert_ids_are_stable_and_distinct(tmp_path: Path) -> None:
+    rules = '[[rules]]\nname = "a"\nmatch = { action = "transfer" }\n[[rules]]\nname = "b"\nmatch = { action = "transfer" }\n'
+    one = engine_for(tmp_path, rules).process(transfer("me", id="x"))
+    two = engine_for(tmp_path, rules).process(transfer("me", id="x"))
+    assert [a.alert.id for a in one] == [a.alert.id for a in two]
+    assert len({a.alert.id for a in one}) == 2
+
+
+def test_default_title_and_body(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, '[[rules]]\nname = "plain"\nmatch = { action = "transfer" }\n')
+    (alert,) = engine.process(transfer("me"))
+    assert alert.alert.title == "plain"
+    assert alert.alert.body.startswith("action from eos: ")
+    assert alert.alert.payload()["event"]["data"]["args"]["to"] == "me"
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("when", "args.__class__"),
+        ("when", "args|attr('__class__')"),
+        ("when", "''.format_map(args)"),
+        ("title", "{{ args.__class__.__mro__ }}"),
+        ("title", "{{ args['__class__'] }}"),
+        ("title", "{{ (args|attr('items'))() }}"),
+        ("body", "{{ ''.__class__.__base__.__subclasses__() }}"),
+        ("body", "{{ '{0.__class__}'.format_map(args) }}"),
+    ],
+)
+def test_template_escapes_are_refused_at_load(tmp_path: Path, key: str, text: str) -> None:
+    rule = f'[[rules]]\nname = "evil"\n{key} = """{text}"""\n'
+    with pytest.raises(ConfigError) as err:
+        engine_for(tmp_path, rule)
+    assert f'rules[0] "evil": {key}' in str(err.value)
+
+
+def test_computed_escapes_are_stopped_by_the_sandbox(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        """
+[[rules]]
+name = "sneaky"
+match = { action = "transfer" }
+title = "{{ args[('__cla' ~ 'ss')][('__na' ~ 'me')] }}"
+body = "{{ '{0.__class__}'.format(args) }}"
+""",
+    )
+    (alert,) = engine.process(transfer("me"))
+    # Nothing of Python's internals comes out: the sandbox renders the escapes as empty,
+    # so the rule's defaults (its name, the event summary) stand in.
+    assert alert.alert.title == "sneaky"
+    assert alert.alert.body.startswith("action from eos: ")
+    assert "dict" not in alert.alert.body and "<class" not in alert.alert.body
+
+
+def test_when_error_does_not_fire_and_is_counted(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, '[[rules]]\nname = "w"\nwhen = "args.quantity > 5"\n')
+    assert engine.process(transfer("me")) == []  # str > int raises inside the sandbox
+    assert engine.stats.when_errors == 1
+
+
+# -- property: the index finds exactly the rules a full scan finds ----------------------
+
+values = st.sampled_from(["a", "b", "c", 1, 2, True])
+paths = st.sampled_from(["x", "y", "n.z"])
+rule_match = st.dictionaries(paths, st.one_of(values, st.lists(values, min_size=1, max_size=3)), max_size=3)
+event_data = st.fixed_dictionaries(
+    {"x": values, "y": st.one_of(values, st.lists(values)), "n": st.fixed_dictionaries({"z": values})}
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    matches=st.lists(rule_match, min_size=1, max_size=12),
+    sources=st.lists(st.sampled_from([None, "s1", "s2"]), min_size=12, max_size=12),
+    data=st.lists(event_data, min_size=1, max_size=5),
+)
+def test_index_equals_brute_force(matches: list[dict[str, Any]], sources: list[str | None], data: list[dict[str, Any]]) -> None:
+    from tocsin.events import split_path
+    from tocsin.rulekind import RuleConfig
+
+    rules = []
+    for i, match in enumerate(matches):
+        cfg = RuleConfig(name=f"r{i}", match=match, source=sources[i])
+        rules.append(
+            Rule(
+                config=cfg,
+                kind=None,  # type: ignore[arg-type]
+                position=i,
+                actions=(),
+                sources=frozenset([sources[i]]) if sources[i] else None,
+                types=None,
+                match=tuple(
+                    (split_path(k), frozenset(v if isinstance(v, list) else [v])) for k, v in sorted(match.items())
+                ),
+                group_by=(),
+            )
+        )
+    index = RuleIndex(rules)
+    for item in data:
+        for source in ("s1", "s2"):
+            event = Event(id="e", source=source, provider="p", type="t", data=item)
+            found = [r.name for r in index.candidates(event) if r.selects(event)]
+            brute = [r.name for r in rules if r.selects(event)]
+            assert found == brute

@@ -1,0 +1,274 @@
+"""The Apprise action, through Apprise's ``json://`` service against a local HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+import pytest
+from pydantic import ValidationError
+from tocsin import Alert, PermanentDelivery, RetryableDelivery
+from tocsin_builtin.apprise_action import AppriseAction, AppriseActionConfig
+
+if TYPE_CHECKING:
+    from conftest import Receiver
+
+PASSWORD = "pw-5ecret-7a1c"
+TOKEN = "BOTTOKEN-31337"
+
+
+def config(**keys: Any) -> AppriseActionConfig:
+    return AppriseActionConfig.model_validate({"plugin": "apprise", **keys})
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Callable[..., Any]]:
+    """Build and start Apprise actions; all are closed at the end of the test."""
+    actions: list[AppriseAction] = []
+
+    async def build(**keys: Any) -> AppriseAction:
+        action = AppriseAction("ops", config(**keys))
+        await action.start()
+        actions.append(action)
+        return action
+
+    yield build
+    for action in actions:
+        await action.aclose()
+
+
+def json_url(receiver: Receiver, path: str, userinfo: str = "") -> str:
+    return f"json://{userinfo}{receiver.base}{path}"
+
+
+# --- targets ----------------------------------------------------------------------------
+
+
+async def test_each_url_is_a_target_with_a_hashed_key_and_a_private_label(
+    receiver: Receiver, make: Callable[..., Any]
+) -> None:
+    urls = [
+        json_url(receiver, "/one", f"user:{PASSWORD}@"),
+        json_url(receiver, "/two", f"user:{PASSWORD}@"),
+    ]
+    action = await make(urls=urls)
+    one, two = action.targets()
+    assert one.key != two.key
+    for target in (one, two):
+        assert re.fullmatch(r"[0-9a-f]{16}", target.key)
+        assert target.label.startswith(f"json://user:****@{receiver.base}/")
+        assert PASSWORD not in target.label
+    assert "/one" in one.label and "/two" in two.label
+    # Keys are stable: the outbox finds its targets again after a restart.
+    again = AppriseAction("ops", config(urls=urls))
+    assert [t.key for t in again.targets()] == [one.key, two.key]
+
+
+def test_the_same_url_twice_is_one_target() -> None:
+    action = AppriseAction("ops", config(urls=["json://127.0.0.1:9/a", "json://127.0.0.1:9/a"]))
+    assert len(action.targets()) == 1
+
+
+# --- delivery ---------------------------------------------------------------------------
+
+
+async def test_delivery_reaches_only_its_target_with_title_and_body(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    action = await make(urls=[json_url(receiver, "/one"), json_url(receiver, "/two")])
+    one, _ = action.targets()
+    await action.deliver(alert, one.key)
+    (req,) = await receiver.wait_for_requests(1)
+    assert req.path == "/one"
+    sent = orjson.loads(req.body)
+    assert (sent["title"], sent["message"], sent["type"]) == (alert.title, alert.body, "warning")
+
+
+async def test_a_title_only_alert_is_sent_as_the_body(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    action = await make(urls=[json_url(receiver, "/one")])
+    resolved = Alert(alert.id, "resolved", alert.rule, "all clear", "", alert.fired_at, {})
+    await action.deliver(resolved, action.targets()[0].key)
+    (req,) = await receiver.wait_for_requests(1)
+    sent = orjson.loads(req.body)
+    assert (sent["title"], sent["message"], sent["type"]) == ("", "all clear", "success")
+
+
+async def test_closed_port_is_retryable(
+    closed_port: int, make: Callable[..., Any], alert: Alert
+) -> None:
+    action = await make(urls=[f"json://user:{PASSWORD}@127.0.0.1:{closed_port}/x"])
+    with pytest.raises(RetryableDelivery) as caught:
+        await action.deliver(alert, action.targets()[0].key)
+    assert "A Connection error occurred" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+async def test_an_error_status_is_retryable_and_apprise_does_not_retry_itself(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    receiver.respond(500, b"boom")
+    action = await make(urls=[json_url(receiver, "/one?retry=3&wait=0")])
+    with pytest.raises(RetryableDelivery, match="error=500"):
+        await action.deliver(alert, action.targets()[0].key)
+    assert len(receiver.requests) == 1
+
+
+async def test_a_send_past_the_deadline_is_retryable(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    receiver.respond(hang=True)
+    action = await make(urls=[json_url(receiver, "/slow")], deadline=0.5)
+    started = anyio.current_time()
+    with pytest.raises(RetryableDelivery, match=r"did not finish sending .* within 0\.5s"):
+        await action.deliver(alert, action.targets()[0].key)
+    assert 0.5 <= anyio.current_time() - started < 1.5
+    await receiver.wait_for_requests(1)
+    receiver.release()
+
+
+async def test_stuck_sends_never_outnumber_the_workers(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    receiver.respond(hang=True, path="/slow")
+    action = await make(
+        urls=[json_url(receiver, "/slow"), json_url(receiver, "/fast")], workers=1, deadline=0.5
+    )
+    slow, fast = (t.key for t in action.targets())
+    with pytest.raises(RetryableDelivery, match="did not finish"):
+        await action.deliver(alert, slow)
+    # The abandoned send still holds the only worker: the next one is not even started.
+    with pytest.raises(RetryableDelivery, match=r"all 1 Apprise worker\(s\) .* still busy"):
+        await action.deliver(alert, fast)
+    assert [r.path for r in receiver.requests] == ["/slow"]
+    # Once the stuck send ends, its worker serves again.
+    receiver.release()
+    await action.deliver(alert, fast)
+    assert [r.path for r in receiver.requests] == ["/slow", "/fast"]
+
+
+async def test_a_target_no_longer_configured_is_permanent(
+    make: Callable[..., Any], alert: Alert
+) -> None:
+    action = await make(urls=["json://127.0.0.1:9/a"])
+    with pytest.raises(PermanentDelivery, match="target no longer configured"):
+        await action.deliver(alert, "0123456789abcdef")
+
+
+async def test_deliver_before_start_is_a_programming_error(alert: Alert) -> None:
+    action = AppriseAction("ops", config(urls=["json://127.0.0.1:9/a"]))
+    with pytest.raises(RuntimeError, match="start"):
+        await action.deliver(alert, action.targets()[0].key)
+    await action.aclose()
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def test_an_invalid_url_is_refused_by_index_without_quoting_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ValidationError) as caught:
+        config(urls=["json://127.0.0.1/a", f"tgram://{TOKEN}/", f"nosuchscheme://{TOKEN}"])
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("urls",)
+    assert "urls[1], urls[2] are not URLs Apprise understands" in error["msg"]
+    assert TOKEN not in str(caught.value)
+    # Apprise's own complaint quotes the URL: it must not reach our log handlers.
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({}, "give either urls"),
+        ({"urls": []}, "give either urls"),
+        ({"urls": ["json://127.0.0.1/a"], "config": "x.txt"}, "not both"),
+        ({"urls": ["json://127.0.0.1/a"], "tag": "ops"}, "use it with config"),
+        ({"config": "https://example.com/apprise.yml"}, "local Apprise config file"),
+        ({"config": "/nonexistent/apprise.txt"}, "does not exist"),
+        ({"urls": ["json://127.0.0.1/a"], "workers": 0}, "greater than or equal to 1"),
+        ({"urls": ["json://127.0.0.1/a"], "workers": 33}, "less than or equal to 32"),
+        ({"urls": ["json://127.0.0.1/a"], "deadline": "0s"}, "greater than 0"),
+        ({"urls": ["json://127.0.0.1/a"], "url": "x"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_configs_are_refused(keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        config(**keys)
+
+
+def test_secrets_never_print() -> None:
+    cfg = config(urls=[f"json://user:{PASSWORD}@127.0.0.1/{TOKEN}"], deadline="45s")
+    assert cfg.deadline == 45.0
+    for text in (str(cfg), repr(cfg), cfg.model_dump_json()):
+        assert PASSWORD not in text
+        assert TOKEN not in text
+
+
+# --- config files -----------------------------------------------------------------------
+
+
+async def test_a_config_file_and_its_tags(
+    tmp_path: Path, receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    path = tmp_path / "apprise.txt"
+    path.write_text(
+        f"ops={json_url(receiver, '/ops', f'u:{PASSWORD}@')}\n"
+        f"ops,dev={json_url(receiver, '/both')}\n"
+        f"dev={json_url(receiver, '/dev')}\n"
+    )
+    everything = AppriseAction("all", config(config=str(path)))
+    assert len(everything.targets()) == 3
+    action = await make(config=str(path), tag="ops")
+    labels = [t.label for t in action.targets()]
+    assert len(labels) == 2
+    assert any("/ops" in label and "u:****@" in label for label in labels)
+    assert not any(PASSWORD in label for label in labels)
+    for target in action.targets():
+        await action.deliver(alert, target.key)
+    assert sorted(r.path for r in await receiver.wait_for_requests(2)) == ["/both", "/ops"]
+
+
+def test_a_config_file_with_a_bad_entry_is_refused_without_quoting_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    path = tmp_path / "apprise.txt"
+    path.write_text(f"json://127.0.0.1/a\ntgram://{TOKEN}/\n")
+    with pytest.raises(ValidationError, match=r"1 problem\(s\) reading") as caught:
+        config(config=str(path))
+    assert TOKEN not in str(caught.value)
+    assert TOKEN not in caplog.text
+
+
+def test_a_config_file_without_a_matching_url_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "apprise.txt"
+    path.write_text("dev=json://127.0.0.1/a\n")
+    with pytest.raises(ValidationError, match="holds no Apprise URL tagged 'ops'"):
+        config(config=str(path), tag="ops")
+
+
+# --- Apprise's log output ---------------------------------------------------------------
+
+
+async def test_apprise_log_records_are_masked(
+    closed_port: int, make: Callable[..., Any], alert: Alert, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = f"json://user:{PASSWORD}@127.0.0.1:{closed_port}/x"
+    action = await make(urls=[url])
+    with pytest.raises(RetryableDelivery):
+        await action.deliver(alert, action.targets()[0].key)
+    # Whatever a service plugin prints (here, straight through Apprise's logger).
+    logging.getLogger("apprise").warning("posting to %s failed", url)
+    assert "posting to *** failed" in caplog.text
+    assert PASSWORD not in caplog.text
+    assert any(r.name == "apprise" and r.levelno == logging.WARNING for r in caplog.records)
