@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 import tocsin_builtin
 from tocsin import Backoff, Secret, Source, SourceConfig, hookimpl
+from tocsin.daemon import Daemon
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
 
 
@@ -142,6 +144,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    status: int = 200
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -162,7 +165,7 @@ class Receiver:
         if self.hang is not None:
             await self.hang.wait()
         status = self.script.pop(0) if self.script else 200
-        self.requests.append(Received(request.path, dict(request.headers), body))
+        self.requests.append(Received(request.path, dict(request.headers), body, status))
         headers = {"Retry-After": "0"} if status == 429 else {}
         return web.Response(status=status, text="ok" if status < 400 else "nope", headers=headers)
 
@@ -186,8 +189,20 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def ok(self) -> list[Received]:
-        """Requests answered 2xx... (every request recorded after its status was chosen)."""
-        return self.requests
+        """The requests that were answered with a 2xx."""
+        return [r for r in self.requests if 200 <= r.status < 300]
+
+
+@asynccontextmanager
+async def running(config: Path, registry: Registry | None = None) -> AsyncIterator[Daemon]:
+    """A daemon on ``config`` running in this event loop; stopped cleanly on exit."""
+    daemon = Daemon(str(config), registry or make_registry())
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -190,7 +190,7 @@ def test_an_invalid_url_is_refused_by_index_without_quoting_it(
     [
         ({}, "give either urls"),
         ({"urls": []}, "give either urls"),
-        ({"urls": ["json://127.0.0.1/a"], "config": "x.txt"}, "not both"),
+        ({"urls": ["json://127.0.0.1/a"], "config": __file__}, "not both"),
         ({"urls": ["json://127.0.0.1/a"], "tag": "ops"}, "use it with config"),
         ({"config": "https://example.com/apprise.yml"}, "local Apprise config file"),
         ({"config": "/nonexistent/apprise.txt"}, "does not exist"),

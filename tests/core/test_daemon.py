@@ -1,0 +1,250 @@
+"""End to end: a WebSocket source -> rules -> outbox -> a real webhook receiver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from support import PushServer, Receiver, make_registry, running, wait_for, write_config
+from tocsin_builtin.webhook import verify
+
+from tocsin.store import Store
+
+SECRET = "hook-secret-123"
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUSH_TOKEN", TOKEN)
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+
+
+def config_text(server: PushServer, hook_url: str, extra_rules: str = "", retry: str = "") -> str:
+    return f"""
+[daemon]
+state_dir = "state"
+drain_timeout = "2s"
+
+[sources.feed]
+plugin = "testpush"
+url = "{server.url}"
+token = {{ env = "PUSH_TOKEN" }}
+
+[actions.hook]
+plugin = "webhook"
+url = "{hook_url}"
+secret = {{ env = "HOOK_SECRET" }}
+timeout = "2s"
+retry = {{ attempts = 20, backoff = "20ms", max_backoff = "100ms" {retry} }}
+
+[[rules]]
+name = "incoming transfer"
+source = "feed"
+type = "transfer"
+match = {{ "args.to" = "me" }}
+actions = ["hook"]
+title = "{{{{ args.amount }}}} from {{{{ args.from }}}}"
+group_by = ["args.from"]
+{extra_rules}
+"""
+
+
+def transfer(id: str, to: str = "me", frm: str = "alice", amount: int = 5, removed: bool = False) -> dict[str, object]:
+    return {"id": id, "type": "transfer", "data": {"args": {"to": to, "from": frm, "amount": amount}}, "removed": removed}
+
+
+async def test_match_to_signed_webhook(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients, what="the source to connect")
+            await server.push(transfer("t1"))
+            await server.push(transfer("t2", to="someone else"))
+            await server.push("this is not json")
+            await wait_for(lambda: receiver.ok(), what="the webhook")
+            await wait_for(lambda: daemon.sources["feed"].rejected, what="the malformed frame to be counted")
+        (request,) = receiver.requests
+        body = request.json()
+        assert body["status"] == "firing"
+        assert body["rule"] == "incoming transfer"
+        assert body["title"] == "5 from alice"
+        assert body["event"]["id"] == "t1"
+        assert body["event"]["source"] == "feed"
+        assert body["event"]["provider"] == "testpush"
+        assert body["event"]["data"]["args"]["to"] == "me"
+        assert set(body) == {"id", "status", "rule", "title", "body", "fired_at", "event"}
+        assert request.headers["Idempotency-Key"] == body["id"]
+        assert request.headers["Content-Type"] == "application/json"
+        timestamp = request.headers["X-Tocsin-Timestamp"]
+        assert timestamp.isdigit()
+        assert verify(SECRET.encode(), timestamp, request.body, request.headers["X-Tocsin-Signature"])
+        assert daemon.sources["feed"].rejected
+
+
+async def test_apprise_json_to_local_server(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).replace(
+            'actions = ["hook"]', 'actions = ["phone"]'
+        ) + f"""
+[actions.phone]
+plugin = "apprise"
+urls = ["json://127.0.0.1:{receiver.port}/notify", "json://127.0.0.1:{receiver.port}/second"]
+"""
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path):
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("a1", amount=42))
+            await wait_for(lambda: len(receiver.ok()) == 2, what="both Apprise URLs")
+        paths = sorted(r.path for r in receiver.requests)
+        assert paths == ["/notify", "/second"]
+        for request in receiver.requests:
+            message = request.json()
+            assert message["title"] == "42 from alice"
+            assert "transfer from feed" in message["message"]
+
+
+async def test_duplicates_alert_once_also_across_restart(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path):
+            await wait_for(lambda: server.clients)
+            for _ in range(3):
+                await server.push(transfer("dup"))
+            await server.push(transfer("marker", frm="zed"))
+            await wait_for(lambda: len(receiver.ok()) == 2)
+        assert sorted(r.json()["event"]["id"] for r in receiver.ok()) == ["dup", "marker"]
+        async with running(path) as daemon:  # a restart on the same state
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("dup"))
+            await server.push(transfer("after", frm="yan"))
+            await wait_for(lambda: len(receiver.ok()) == 3)
+            await wait_for(lambda: daemon.engine.stats.events >= 3)
+        assert [r.json()["event"]["id"] for r in receiver.ok()][2] == "after"
+        assert len(receiver.requests) == 3
+
+
+async def test_failing_webhook_gets_everything_in_order_per_group(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver(script=[500, 503, 500, 429]) as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            for i in range(5):
+                await server.push(transfer(f"a{i}", frm="alice", amount=i))
+            for i in range(3):
+                await server.push(transfer(f"b{i}", frm="bob", amount=i))
+            await wait_for(lambda: len(receiver.ok()) == 8, what="all 8 alerts")
+            counts = await daemon.store.call(Store.counts)
+        delivered = [r.json()["event"]["id"] for r in receiver.ok()]
+        assert [i for i in delivered if i.startswith("a")] == [f"a{i}" for i in range(5)]
+        assert [i for i in delivered if i.startswith("b")] == [f"b{i}" for i in range(3)]
+        assert [r.status for r in receiver.requests[:4]] == [500, 503, 500, 429]
+        assert counts["done"] == 8 and counts["pending"] == 0 and counts["dead"] == 0
+
+
+async def test_rejected_delivery_is_dead_lettered_listed_and_resent(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver(script=[400]) as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        # The CLI reads the same state; it needs no source plugin of the tests.
+        cli_config = write_config(
+            tmp_path / "cli.toml",
+            f'[daemon]\nstate_dir = "state"\n[actions.hook]\nplugin = "webhook"\nurl = "{receiver.url()}"\n',
+        )
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("bad-one"))
+
+            async def dead() -> int:
+                return (await daemon.store.call(Store.counts))["dead"]
+
+            deadline = anyio.current_time() + 10
+            while await dead() != 1:
+                assert anyio.current_time() < deadline, "the 400 was not dead-lettered"
+                await anyio.sleep(0.02)
+            assert len(receiver.requests) == 1  # a 400 is not retried
+
+            listing = await anyio.to_thread.run_sync(cli, "outbox", "-c", str(cli_config))
+            assert listing.returncode == 0, listing.stderr
+            assert "0 pending, 1 dead-lettered, 0 delivered" in listing.stdout
+            assert "incoming transfer" in listing.stdout
+            assert "HTTP 400" in listing.stdout
+            seq = listing.stdout.splitlines()[2].split()[0]
+
+            again = await anyio.to_thread.run_sync(cli, "outbox", "-c", str(cli_config), "retry", seq)
+            assert again.returncode == 0 and "1 dead-lettered delivery queued again" in again.stdout
+            daemon.dispatcher.wake(["hook"])  # a running daemon would find it within 5 s anyway
+            await wait_for(lambda: receiver.ok(), what="the re-sent delivery")
+        assert receiver.ok()[0].json()["event"]["id"] == "bad-one"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin"}
+    return subprocess.run([sys.executable, "-m", "tocsin.cli", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+async def test_retraction_and_re_add(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path):
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("fact"))
+            await wait_for(lambda: len(receiver.ok()) == 1)
+            await server.push(transfer("fact", removed=True))
+            await wait_for(lambda: len(receiver.ok()) == 2)
+            await server.push(transfer("fact"))  # the chain switched back
+            await wait_for(lambda: len(receiver.ok()) == 3)
+            await server.push(transfer("fact"))  # pushed again, no retraction: nothing
+            await server.push(transfer("never-fired", to="other", removed=True))  # fired nothing: nothing
+            await server.push(transfer("marker", frm="zed"))
+            await wait_for(lambda: len(receiver.ok()) == 4)
+        bodies = [r.json() for r in receiver.ok()]
+        assert [(b["status"], b["event"]["id"], b["event"]["removed"]) for b in bodies] == [
+            ("firing", "fact", False),
+            ("retracted", "fact", True),
+            ("firing", "fact", False),
+            ("firing", "marker", False),
+        ]
+        assert len({b["id"] for b in bodies}) == 4
+        assert bodies[1]["title"].startswith("[retracted]")
+
+
+async def test_source_down_and_reconnect(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        rules = '[[rules]]\nname = "feed down"\ntype = "source.down"\nactions = ["hook"]\ntitle = "{{ source }}: {{ reason }}"\n'
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url(), rules))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            await server.drop_all()
+            await wait_for(lambda: server.connections == 2, what="the reconnect")
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("after-reconnect"))
+            await wait_for(lambda: len(receiver.ok()) == 2)
+            assert daemon.sources["feed"].reconnects == 1
+            assert daemon.sources["feed"].state == "up"
+        kinds = sorted(r.json()["event"]["type"] for r in receiver.ok())
+        assert kinds == ["source.down", "transfer"]
+        down = next(r.json() for r in receiver.ok() if r.json()["event"]["type"] == "source.down")
+        assert down["title"].startswith("feed: connection lost")
+
+
+async def test_reload_keeps_unchanged_source_and_refuses_bad_file(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            path.write_text(config_text(server, receiver.url()).replace('"args.to" = "me"', '"args.to" = "you"'))
+            assert await daemon.reload()
+            await server.push(transfer("to-me"))
+            await server.push(transfer("to-you", to="you"))
+            await wait_for(lambda: len(receiver.ok()) == 1)
+            assert server.connections == 1, "an unchanged source keeps its connection"
+            path.write_text("[[rules]]\nname = 1\n")
+            assert not await daemon.reload()
+            await server.push(transfer("to-you-2", to="you", frm="bo"))
+            await wait_for(lambda: len(receiver.ok()) == 2)
+        assert [r.json()["event"]["id"] for r in receiver.ok()] == ["to-you", "to-you-2"]
+        assert server.connections == 1
