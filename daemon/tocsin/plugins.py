@@ -48,7 +48,13 @@ def make_plugin_manager(
                 raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {err}") from err
             pm.register(plugin, name=ep.name)
     for plugin in plugins:
-        pm.register(plugin)
+        # Readable names for error messages: a module's name, else the object's class name.
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        base, n = name, 1
+        while pm.has_plugin(name):
+            n += 1
+            name = f"{base}#{n}"
+        pm.register(plugin, name=name)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as err:

@@ -220,10 +220,17 @@ class Store:
             failure = StateError(f"state database write failed: {err}")
             results = [(future, None, failure) for _, _, future in batch]
         for future, value, error in results:
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(error)
+            # A caller cancelled while waiting has cancelled its future; the operation
+            # ran all the same, there is just nobody to tell.
+            if future.cancelled():
+                continue
+            try:
+                if error is None:
+                    future.set_result(value)
+                else:
+                    future.set_exception(error)
+            except concurrent.futures.InvalidStateError:
+                pass
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Queue ``fn(conn, *args)`` for the writer; the future resolves after the commit."""

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tocsin.store import DEAD, DONE, PENDING, NewAlert, Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path / "state")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def alert(id: str, group: str = "g", actions: tuple[str, ...] = ("hook",), event: str = "") -> NewAlert:
+    return NewAlert(
+        id=id, rule="r", event_id=event or id, status="firing", group=group,
+        payload={"id": id, "status": "firing", "rule": "r", "title": id, "body": "", "fired_at": "", "event": {}},
+        deliveries=tuple((a, "", a) for a in actions),
+    )
+
+
+def ready(store: Store, action: str = "hook") -> list[str]:
+    rows, _ = store.call_sync(Store.fetch_ready, action, time.time() + 1, 100)
+    return [r.alert_id for r in rows]
+
+
+def test_state_dir_is_private_and_wal(tmp_path: Path) -> None:
+    s = Store.open(tmp_path / "new" / "state")
+    s.close()
+    assert (tmp_path / "new" / "state").stat().st_mode & 0o777 == 0o700
+    assert (s.path.stat().st_mode & 0o077) == 0
+    (mode,) = sqlite3.connect(s.path).execute("PRAGMA journal_mode").fetchone()
+    assert mode == "wal"
+
+
+def test_an_alert_id_is_committed_once(store: Store) -> None:
+    assert store.call_sync(Store.commit_alerts, [alert("a")]) == ["hook"]
+    assert store.call_sync(Store.commit_alerts, [alert("a")]) == []
+    assert store.call_sync(Store.counts)["pending"] == 1
+
+
+def test_one_head_per_group_in_order(store: Store) -> None:
+    store.call_sync(Store.commit_alerts, [alert("a1", "A"), alert("b1", "B"), alert("a2", "A"), alert("a3", "A")])
+    assert ready(store) == ["a1", "b1"]
+    rows, _ = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
+    seq = {r.alert_id: r.seq for r in rows}
+    store.call_sync(Store.finish, seq["a1"], DONE)
+    assert ready(store) == ["b1", "a2"]
+    # a failing head holds its group back but not the others
+    rows, _ = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
+    a2 = next(r for r in rows if r.alert_id == "a2")
+    store.call_sync(Store.reschedule, a2.seq, time.time() + 3600, "HTTP 500")
+    assert ready(store) == ["b1"]
+    _, next_due = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
+    assert next_due is not None and next_due > time.time() + 3000
+    store.call_sync(Store.finish, a2.seq, DEAD, "gave up")
+    assert ready(store) == ["b1", "a3"]
+
+
+def test_retry_and_drop_dead_letters(store: Store) -> None:
+    store.call_sync(Store.commit_alerts, [alert("x", "G"), alert("y", "G")])
+    (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)[0]
+    store.call_sync(Store.finish, x.seq, DEAD, "HTTP 400")
+    dead = store.call_sync(Store.list_deliveries, [DEAD])
+    assert [(d.alert_id, d.last_error, d.state_name) for d in dead] == [("x", "HTTP 400", "dead")]
+    assert store.call_sync(Store.retry, None) == 1
+    # y is the head now; x waits behind it (a manual retry does not jump the queue)
+    assert ready(store) == ["y"]
+    assert store.call_sync(Store.counts)["dead"] == 0
+    (y,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)[0]
+    store.call_sync(Store.finish, y.seq, DONE)
+    assert ready(store) == ["x"]
+    (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)[0]
+    store.call_sync(Store.finish, x.seq, DEAD, "again")
+    assert store.call_sync(Store.drop, [x.seq]) == 1
+    assert store.call_sync(Store.counts) == {"pending": 0, "done": 2, "dead": 0, "alerts": 2}
+
+
+def test_purge_forgets_only_finished_alerts_past_the_horizon(store: Store) -> None:
+    store.call_sync(Store.commit_alerts, [alert("old-done", "A"), alert("old-pending", "B")])
+    rows, _ = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)
+    store.call_sync(Store.finish, next(r.seq for r in rows if r.alert_id == "old-done"), DONE)
+    assert store.call_sync(Store.purge, 3600) == 0
+    assert store.call_sync(Store.purge, -1) == 1  # a horizon in the future: everything is "old"
+    assert store.call_sync(Store.counts)["alerts"] == 1
+    # forgotten: the same id is new again
+    assert store.call_sync(Store.commit_alerts, [alert("old-done", "A")]) == ["hook"]
+
+
+def test_cursors_commit_with_alerts(store: Store) -> None:
+    store.call_sync(Store.commit_alerts, [alert("c")], [("vite", "height", "42")])
+    assert store.call_sync(Store.get_cursor, "vite", "height") == "42"
+    store.call_sync(Store.commit_alerts, [], [("vite", "height", "43")])
+    assert store.call_sync(Store.get_cursor, "vite", "height") == "43"
+    assert store.call_sync(Store.get_cursor, "vite", "nope") is None
+
+
+def test_a_failing_operation_does_not_take_the_batch_down(store: Store) -> None:
+    def bad(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO alerts (id) VALUES ('incomplete')")  # NOT NULL violations
+
+    futures = [store.submit(Store.commit_alerts, [alert("ok1")]), store.submit(bad), store.submit(Store.commit_alerts, [alert("ok2")])]
+    assert futures[0].result() == ["hook"] and futures[2].result() == ["hook"]
+    with pytest.raises(sqlite3.IntegrityError):
+        futures[1].result()
+    assert store.call_sync(Store.counts)["alerts"] == 2
+
+
+def test_closed_store_refuses(tmp_path: Path) -> None:
+    s = Store.open(tmp_path)
+    s.close()
+    from tocsin.errors import StateError
+
+    with pytest.raises(StateError):
+        s.call_sync(Store.counts)
+
+
+def test_pending_constant_matches_schema_default() -> None:
+    assert PENDING == 0
