@@ -129,7 +129,7 @@ async def bench_aiohttp(url: str, n: int, rounds: int) -> Result:
 
 async def bench_httpx(url: str, n: int, rounds: int) -> Result | None:
     try:
-        import httpx
+        import httpx  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         print("httpx is not importable: skipped (pip install httpx in a scratch venv)")
         return None

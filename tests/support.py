@@ -12,26 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import tocsin_builtin
 import websockets
 from aiohttp import web
 from anyio.abc import TaskStatus
-from websockets.asyncio.server import ServerConnection, serve
-
-import tocsin_builtin
 from tocsin import Backoff, Secret, Source, SourceConfig, hookimpl
 from tocsin.daemon import Daemon
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
+from websockets.asyncio.server import ServerConnection, serve
 
 
-async def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_for(
+    condition: Callable[[], Any], within: float = 10.0, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
         await anyio.sleep(0.01)
 
 
@@ -110,7 +111,10 @@ class PushSource(Source):
                         try:
                             frame = json.loads(raw)
                             event = self.ctx.event(
-                                frame["type"], frame["data"], id=frame["id"], removed=frame.get("removed", False)
+                                frame["type"],
+                                frame["data"],
+                                id=frame["id"],
+                                removed=frame.get("removed", False),
                             )
                         except (ValueError, KeyError, TypeError) as err:
                             self.ctx.reject(f"malformed frame: {err}")

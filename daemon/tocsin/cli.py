@@ -35,7 +35,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--config", metavar="FILE",
+        "-c",
+        "--config",
+        metavar="FILE",
         help=f"config file (default: $TOCSIN_CONFIG, else {DEFAULT_CONFIG})",
     )
 
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
     _config_arg(run)
-    run.add_argument("--log-level", choices=LEVELS, default=os.environ.get("TOCSIN_LOG_LEVEL", "info"))
+    run.add_argument(
+        "--log-level", choices=LEVELS, default=os.environ.get("TOCSIN_LOG_LEVEL", "info")
+    )
     run.add_argument("--log-format", choices=("text", "json"), default="text")
 
     check = sub.add_parser("check", help="validate the config and every rule")
@@ -60,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list plugins, versions and what each registers")
 
     init = sub.add_parser("init", help="write a starter config")
-    init.add_argument("path", nargs="?", default="tocsin.toml", help="where (default: ./tocsin.toml)")
+    init.add_argument(
+        "path", nargs="?", default="tocsin.toml", help="where (default: ./tocsin.toml)"
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     outbox = sub.add_parser("outbox", help="pending and dead-lettered deliveries")
@@ -126,7 +132,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         for pending in engine.process(event):
             fired += 1
             alert = pending.alert
-            print(f"{path}:{number}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}")
+            print(
+                f"{path}:{number}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}"
+            )
             print(f"    title: {alert.title}")
             for body_line in alert.body.splitlines() or [""]:
                 print(f"    body:  {body_line}")
@@ -218,13 +226,19 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             states = [DEAD] if args.dead else [PENDING, DEAD]
             rows = store.call_sync(Store.list_deliveries, states)
             counts = store.call_sync(Store.counts)
-            print(f"{counts['pending']} pending, {counts['dead']} dead-lettered, {counts['done']} delivered")
+            print(
+                f"{counts['pending']} pending, {counts['dead']} dead-lettered, {counts['done']} delivered"
+            )
             if rows:
-                print(f"{'#':>6}  {'state':<7} {'tries':>5}  {'next/last':<19}  {'action':<12} {'rule':<24} target / last error")
+                print(
+                    f"{'#':>6}  {'state':<7} {'tries':>5}  {'next/last':<19}  {'action':<12} {'rule':<24} target / last error"
+                )
             for d in rows:
                 payload = orjson.loads(d.payload)
                 when = _when(d.due_at if d.state == PENDING else d.created_at)
-                print(f"{d.seq:>6}  {d.state_name:<7} {d.attempts:>5}  {when:<19}  {d.action:<12} {payload['rule'][:24]:<24} {d.label}")
+                print(
+                    f"{d.seq:>6}  {d.state_name:<7} {d.attempts:>5}  {when:<19}  {d.action:<12} {payload['rule'][:24]:<24} {d.label}"
+                )
                 if d.last_error:
                     print(f"{'':>42}last error: {d.last_error[:200]}")
             return 0
@@ -234,7 +248,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         op = Store.retry if args.verb == "retry" else Store.drop
         n = store.call_sync(op, seqs)
         done = "queued again" if args.verb == "retry" else "dropped"
-        print(f"{n} dead-lettered deliver{'y' if n == 1 else 'ies'} {done}" + ("; a running daemon picks them up within 5 s" if args.verb == "retry" else ""))
+        print(
+            f"{n} dead-lettered deliver{'y' if n == 1 else 'ies'} {done}"
+            + ("; a running daemon picks them up within 5 s" if args.verb == "retry" else "")
+        )
         return 0
     finally:
         store.close()
@@ -248,8 +265,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
+
             async def signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+                with anyio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                ) as received:
                     async for signum in received:
                         if signum == signal.SIGHUP:
                             await daemon.reload()

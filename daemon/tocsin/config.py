@@ -142,7 +142,9 @@ def problems_from(
             message = f'required key "{loc[-1]}" is missing'
             loc = loc[:-1]
         else:
-            message = str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            message = (
+                str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            )
         path = _loc(loc)
         if prefix and path and not path.startswith("["):
             full = f"{prefix}{sep}{path}"
@@ -238,12 +240,16 @@ def load_config(
         raise ConfigError(loader.problems)
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            loader.problem(name, "", f'unknown table or key "{key}"' + did_you_mean(key, TOP_LEVEL_KEYS))
+            loader.problem(
+                name, "", f'unknown table or key "{key}"' + did_you_mean(key, TOP_LEVEL_KEYS)
+            )
 
     daemon = loader.validate(DaemonConfig, raw.get("daemon", {}), name, "daemon")
     if not isinstance(daemon, DaemonConfig):
         # Go on with the includes anyway, so their problems are reported in the same run.
-        include = raw.get("daemon", {}).get("include") if isinstance(raw.get("daemon"), dict) else None
+        include = (
+            raw.get("daemon", {}).get("include") if isinstance(raw.get("daemon"), dict) else None
+        )
         ok = isinstance(include, list) and all(isinstance(i, str) for i in include)
         daemon = DaemonConfig.model_construct(include=include if ok else [])
     if daemon.state_dir and not os.path.isabs(os.path.expanduser(daemon.state_dir)):
@@ -267,7 +273,7 @@ def load_config(
                 loader.action_names.add(item_name)
             model = loader.plugin_table(kind, item, name, f"{kind}s.{item_name}", known)
             if model is not None:
-                into[item_name] = model  # type: ignore[index]
+                into[item_name] = model  # type: ignore[assignment]
 
     rule_tables: list[tuple[str, int, Any]] = []
     _collect_rules(loader, raw, name, rule_tables)
@@ -283,7 +289,9 @@ def load_config(
             config.files.append(Path(match))
             for key in included:
                 if key != "rules":
-                    loader.problem(match, "", f'only [[rules]] may appear in an included file, not "{key}"')
+                    loader.problem(
+                        match, "", f'only [[rules]] may appear in an included file, not "{key}"'
+                    )
             _collect_rules(loader, included, match, rule_tables)
 
     _validate_rules(loader, config, rule_tables)
@@ -292,7 +300,9 @@ def load_config(
     return config
 
 
-def _collect_rules(loader: _Loader, raw: dict[str, Any], file: str, into: list[tuple[str, int, Any]]) -> None:
+def _collect_rules(
+    loader: _Loader, raw: dict[str, Any], file: str, into: list[tuple[str, int, Any]]
+) -> None:
     rules = raw.get("rules", [])
     if not isinstance(rules, list):
         loader.problem(file, "rules", "expected an array of tables ([[rules]])")
@@ -315,11 +325,17 @@ def _validate_rules(loader: _Loader, config: Config, tables: list[tuple[str, int
         where = f'rules[{index}] "{label}"' if label else f"rules[{index}]"
         kind = raw.get("kind", "match")
         if kind not in kinds:
-            loader.problem(file, f"{where}: kind", f'unknown rule kind "{kind}"' + did_you_mean(str(kind), kinds))
+            loader.problem(
+                file,
+                f"{where}: kind",
+                f'unknown rule kind "{kind}"' + did_you_mean(str(kind), kinds),
+            )
             continue
         if label in seen:
             first_file, first_where = seen[label]
-            loader.problem(file, where, f"duplicate rule name (first in {first_file}: {first_where})")
+            loader.problem(
+                file, where, f"duplicate rule name (first in {first_file}: {first_where})"
+            )
         elif label:
             seen[label] = (file, where)
         model = loader.validate(kinds[kind].obj.Config, raw, file, where, ": ")
@@ -368,7 +384,11 @@ def _check_references(loader: _Loader, config: Config, rule: Any, file: str, whe
     sources = _names(rule.source)
     for name in sources:
         if name not in all_sources:
-            loader.problem(file, f"{where}: source", f'unknown source "{name}"' + did_you_mean(name, all_sources))
+            loader.problem(
+                file,
+                f"{where}: source",
+                f'unknown source "{name}"' + did_you_mean(name, all_sources),
+            )
     known_types: set[str] = set(DAEMON_EVENT_TYPES)
     selected = [all_sources[n] for n in (sources or list(all_sources)) if n in all_sources]
     checkable = bool(selected) and None not in selected
@@ -380,10 +400,18 @@ def _check_references(loader: _Loader, config: Config, rule: Any, file: str, whe
     if checkable:
         for name in _names(rule.type):
             if name not in known_types:
-                loader.problem(file, f"{where}: type", f'unknown event type "{name}"' + did_you_mean(name, known_types))
+                loader.problem(
+                    file,
+                    f"{where}: type",
+                    f'unknown event type "{name}"' + did_you_mean(name, known_types),
+                )
     for name in rule.actions or []:
         if name not in loader.action_names:
-            loader.problem(file, f"{where}: actions", f'unknown action "{name}"' + did_you_mean(name, loader.action_names))
+            loader.problem(
+                file,
+                f"{where}: actions",
+                f'unknown action "{name}"' + did_you_mean(name, loader.action_names),
+            )
     for key, value in rule.match.items():
         if not key or any(not part for part in key.split(".")):
             loader.problem(file, f"{where}: match", f'"{key}" is not a dotted path like "args.to"')
@@ -391,4 +419,6 @@ def _check_references(loader: _Loader, config: Config, rule: Any, file: str, whe
             loader.problem(file, f"{where}: match.{key}", "an empty list can never match")
     for key in rule.group_by:
         if not key or any(not part for part in key.split(".")):
-            loader.problem(file, f"{where}: group_by", f'"{key}" is not a dotted path like "args.from"')
+            loader.problem(
+                file, f"{where}: group_by", f'"{key}" is not a dotted path like "args.from"'
+            )

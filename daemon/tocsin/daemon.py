@@ -9,6 +9,7 @@ what is not delivered stays in the outbox for the next start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -77,8 +78,18 @@ class SourceRunner:
 
     # -- SourceContext -------------------------------------------------------------------
 
-    def event(self, type: str, data: dict[str, Any], *, id: str, time: str = "", removed: bool = False) -> Event:
-        return Event(id=id, source=self.source, provider=self.provider, type=type, data=data, time=time, removed=removed)
+    def event(
+        self, type: str, data: dict[str, Any], *, id: str, time: str = "", removed: bool = False
+    ) -> Event:
+        return Event(
+            id=id,
+            source=self.source,
+            provider=self.provider,
+            type=type,
+            data=data,
+            time=time,
+            removed=removed,
+        )
 
     async def emit(self, event: Event) -> None:
         self.events += 1
@@ -110,8 +121,15 @@ class SourceRunner:
             await self._status("stale", "source.stale", reason)
 
     async def gap(self, reason: str, since: str, until: str = "") -> None:
-        data = {"source": self.source, "reason": reason, "since": since, "until": until or utc_iso()}
-        await self.daemon.intake(self.event("source.gap", data, id=stable_id(self.source, "gap", since, data["until"])))
+        data = {
+            "source": self.source,
+            "reason": reason,
+            "since": since,
+            "until": until or utc_iso(),
+        }
+        await self.daemon.intake(
+            self.event("source.gap", data, id=stable_id(self.source, "gap", since, data["until"]))
+        )
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -140,7 +158,7 @@ class SourceRunner:
     async def _keep_running(self, backoff: Backoff, first: _Started) -> None:
         while True:
             try:
-                await self.cls(self.config, self).run(task_status=first)  # type: ignore[arg-type]
+                await self.cls(self.config, self).run(task_status=first)
                 reason = "the source stopped"
             except Exception as err:
                 self.logger.exception("source %r crashed", self.source)
@@ -185,10 +203,8 @@ class Daemon:
     async def intake(self, item: Event | Checkpoint) -> None:
         if self._send is None:
             return
-        try:
-            await self._send.send(item)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # stopping: intake is closed
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await self._send.send(item)  # closed while stopping: intake is over
 
     async def _engine_loop(self, receive: MemoryObjectReceiveStream[Event | Checkpoint]) -> None:
         async with receive:
@@ -227,7 +243,9 @@ class Daemon:
                 out.append(pending)
         return out
 
-    async def _commit(self, alerts: list[PendingAlert], cursors: list[tuple[str, str, str]]) -> None:
+    async def _commit(
+        self, alerts: list[PendingAlert], cursors: list[tuple[str, str, str]]
+    ) -> None:
         if not alerts and not cursors:
             return
         rows = [self._new_alert(p) for p in alerts]
@@ -274,7 +292,9 @@ class Daemon:
         try:
             self.engine.generations = await self.store.call(Store.load_generations)
             self.dispatcher = Dispatcher(self.store)
-            send, receive = anyio.create_memory_object_stream[Event | Checkpoint](self.config.daemon.queue_size)
+            send, receive = anyio.create_memory_object_stream[Event | Checkpoint](
+                self.config.daemon.queue_size
+            )
             self._send = send
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -289,7 +309,10 @@ class Daemon:
                 self.notifier.send("READY=1", self.status_line())
                 log.info(
                     "tocsin running: %d source(s), %d rule(s), %d action(s); state in %s",
-                    len(self.sources), len(self.engine.rules), len(self.actions), state_dir,
+                    len(self.sources),
+                    len(self.engine.rules),
+                    len(self.actions),
+                    state_dir,
                 )
                 task_status.started()
                 await self._stop.wait()

@@ -103,7 +103,9 @@ class Dispatcher:
                 with anyio.move_on_after(timeout):
                     await wake.wait()
 
-    async def _deliver(self, name: str, action: Action, delivery: Delivery, inflight: set[int]) -> None:
+    async def _deliver(
+        self, name: str, action: Action, delivery: Delivery, inflight: set[int]
+    ) -> None:
         try:
             await self._attempt(name, action, delivery)
         finally:
@@ -134,11 +136,25 @@ class Dispatcher:
         due = next_step(policy, attempts, delivery.created_at, self.wall(), retry_after)
         if due is None:
             await self._finish(name, delivery, DEAD, error)
-            log.error("action %r: %s dead-lettered after %d tries: %s", name, _label(delivery), attempts, error)
+            log.error(
+                "action %r: %s dead-lettered after %d tries: %s",
+                name,
+                _label(delivery),
+                attempts,
+                error,
+            )
             return
         self.outcomes[(name, "retry")] += 1
         level = logging.WARNING if attempts == 1 else logging.INFO
-        log.log(level, "action %r: %s failed (try %d), retrying in %.1fs: %s", name, _label(delivery), attempts, due - self.wall(), error)
+        log.log(
+            level,
+            "action %r: %s failed (try %d), retrying in %.1fs: %s",
+            name,
+            _label(delivery),
+            attempts,
+            due - self.wall(),
+            error,
+        )
         await self._write(Store.reschedule, delivery.seq, due, error)
 
     async def _finish(self, name: str, delivery: Delivery, state: int, error: str = "") -> None:

@@ -25,7 +25,7 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 def parse_duration(value: object) -> float:
     """Seconds from ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``, ``"7d"`` or a number."""
     if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like \"30s\"")
+        raise ValueError('a duration is a number of seconds or a string like "30s"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
@@ -117,7 +117,9 @@ def _to_secret(value: object) -> SecretValue:
         return value
     if isinstance(value, str):
         return SecretValue(value)
-    raise ValueError('expected a string or { env = "NAME" }, { file = "PATH" }, { credential = "NAME" }')
+    raise ValueError(
+        'expected a string or { env = "NAME" }, { file = "PATH" }, { credential = "NAME" }'
+    )
 
 
 Secret = Annotated[

@@ -104,7 +104,9 @@ def _collect(
 
         def register(*args: Any, _plugin: str = impl.plugin_name) -> None:
             if len(args) != arity:
-                raise PluginError(f"plugin {_plugin!r}: {hook_name} register() takes {arity} argument(s)")
+                raise PluginError(
+                    f"plugin {_plugin!r}: {hook_name} register() takes {arity} argument(s)"
+                )
             obj = args[-1]
             name = named(args)
             if not isinstance(name, str) or not name:
@@ -121,7 +123,9 @@ def _collect(
         except PluginError:
             raise
         except Exception as err:
-            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {err!r}") from err
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {err!r}"
+            ) from err
 
 
 def build_registry(pm: pluggy.PluginManager) -> Registry:

@@ -49,7 +49,9 @@ class RuleConfig(ConfigModel):
         for key, item in value.items():
             items = item if isinstance(item, list) else [item]
             if not all(isinstance(v, str | int | float | bool) for v in items):
-                raise ValueError(f"{key}: expected a value or a list of values (strings, numbers, booleans)")
+                raise ValueError(
+                    f"{key}: expected a value or a list of values (strings, numbers, booleans)"
+                )
         return value
 
     @field_validator("throttle")

@@ -85,7 +85,9 @@ def compile_rules(config: Config, registry: Registry) -> list[Rule]:
     ]
 
 
-def _compile(entry: RuleEntry, position: int, registry: Registry, all_actions: tuple[str, ...]) -> Rule:
+def _compile(
+    entry: RuleEntry, position: int, registry: Registry, all_actions: tuple[str, ...]
+) -> Rule:
     cfg = entry.config
     match = tuple(
         (split_path(key), frozenset(value if isinstance(value, list) else [value]))
@@ -116,7 +118,9 @@ class RuleIndex:
         self._plain: dict[tuple[str | None, str | None], list[Rule]] = {}
         for rule in rules:
             if rule.match:
-                path, values = min(rule.match, key=lambda m: max(popularity[(m[0], v)] for v in m[1]))
+                path, values = min(
+                    rule.match, key=lambda m: max(popularity[(m[0], v)] for v in m[1])
+                )
                 bucket = self._by_path.setdefault(path, {})
                 for value in values:
                     bucket.setdefault(value, []).append(rule)
@@ -131,7 +135,12 @@ class RuleIndex:
         found: list[Rule] = []
         plain = self._plain
         if plain:
-            for key in ((event.source, event.type), (event.source, None), (None, event.type), (None, None)):
+            for key in (
+                (event.source, event.type),
+                (event.source, None),
+                (None, event.type),
+                (None, None),
+            ):
                 found.extend(plain.get(key, ()))
         data = event.data
         for path, bucket in self._paths:
@@ -198,7 +207,11 @@ class Engine:
 
     def adopt(self, old: Engine) -> None:
         """Keep the state of rules unchanged since ``old`` (a reload)."""
-        same = {n for n, r in self.rules.items() if n in old.rules and old.rules[n].fingerprint == r.fingerprint}
+        same = {
+            n
+            for n, r in self.rules.items()
+            if n in old.rules and old.rules[n].fingerprint == r.fingerprint
+        }
         self._throttle = {k: v for k, v in old._throttle.items() if k[0] in same}
         self.generations = dict(old.generations)
         self._recent = old._recent
@@ -282,7 +295,9 @@ class Engine:
             actions=rule.actions,
         )
 
-    def retraction(self, rule_name: str, firing_id: str, group: str, event: Event) -> PendingAlert | None:
+    def retraction(
+        self, rule_name: str, firing_id: str, group: str, event: Event
+    ) -> PendingAlert | None:
         """The ``retracted`` alert answering a sent firing whose fact the provider took back."""
         rule = self.rules.get(rule_name)
         if rule is None or rule.config.on_removed != "retract":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
@@ -139,7 +140,9 @@ class Store:
     def __init__(self, path: Path, *, fsync: bool = False, batch: int = 512) -> None:
         self.path = path
         self._batch = batch
-        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]] | None
+        ] = queue.SimpleQueue()
         self._conn = self._connect(fsync)
         self.commits = 0
         self.failures = 0
@@ -213,10 +216,8 @@ class Store:
             self.failures += 1
             self.last_error = str(err)
             log.error("state database write failed: %s", err)
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             failure = StateError(f"state database write failed: {err}")
             results = [(future, None, failure) for _, _, future in batch]
         for future, value, error in results:
@@ -258,7 +259,11 @@ class Store:
     # -- operations (run in the writer thread, take the connection first) ---------------
 
     @staticmethod
-    def commit_alerts(conn: sqlite3.Connection, alerts: Iterable[NewAlert], cursors: Iterable[tuple[str, str, str]] = ()) -> list[str]:
+    def commit_alerts(
+        conn: sqlite3.Connection,
+        alerts: Iterable[NewAlert],
+        cursors: Iterable[tuple[str, str, str]] = (),
+    ) -> list[str]:
         """Insert new alerts and their deliveries; an alert id seen before is skipped.
 
         Returns the actions that got new deliveries. ``cursors`` (source, key, value) are
@@ -270,7 +275,15 @@ class Store:
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO alerts (id, rule, event_id, status, grp, created_at, payload)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (alert.id, alert.rule, alert.event_id, alert.status, alert.group, now, orjson.dumps(alert.payload)),
+                (
+                    alert.id,
+                    alert.rule,
+                    alert.event_id,
+                    alert.status,
+                    alert.group,
+                    now,
+                    orjson.dumps(alert.payload),
+                ),
             ).rowcount
             if not inserted:
                 continue
@@ -301,7 +314,9 @@ class Store:
         return sorted(woken)
 
     @staticmethod
-    def fetch_ready(conn: sqlite3.Connection, action: str, now: float, limit: int) -> tuple[list[Delivery], float | None]:
+    def fetch_ready(
+        conn: sqlite3.Connection, action: str, now: float, limit: int
+    ) -> tuple[list[Delivery], float | None]:
         """Due heads of ``action`` (at most ``limit``), and when the next one falls due."""
         rows = conn.execute(
             f"SELECT {_DELIVERY_COLUMNS} FROM outbox o JOIN alerts a ON a.id = o.alert_id"
@@ -351,7 +366,9 @@ class Store:
         )
 
     @staticmethod
-    def list_deliveries(conn: sqlite3.Connection, states: Iterable[int], limit: int = 1000) -> list[Delivery]:
+    def list_deliveries(
+        conn: sqlite3.Connection, states: Iterable[int], limit: int = 1000
+    ) -> list[Delivery]:
         marks = ",".join("?" * len(list(states)))
         return [
             _delivery(r)
@@ -375,8 +392,14 @@ class Store:
     def retry(conn: sqlite3.Connection, seqs: Iterable[int] | None) -> int:
         """Send dead-lettered deliveries again (all when ``seqs`` is None)."""
         now = time.time()
-        where = "state = 2" if seqs is None else f"state = 2 AND seq IN ({','.join(str(int(s)) for s in seqs) or 'NULL'})"
-        rows = conn.execute(f"SELECT seq, action, grp FROM outbox WHERE {where} ORDER BY seq").fetchall()
+        where = (
+            "state = 2"
+            if seqs is None
+            else f"state = 2 AND seq IN ({','.join(str(int(s)) for s in seqs) or 'NULL'})"
+        )
+        rows = conn.execute(
+            f"SELECT seq, action, grp FROM outbox WHERE {where} ORDER BY seq"
+        ).fetchall()
         for seq, action, group in rows:
             conn.execute(
                 "UPDATE outbox SET state = 0, head = 0, attempts = 0, created_at = ?, due_at = ?,"
@@ -392,9 +415,14 @@ class Store:
         clauses = ["state = 2"] if dead_only else ["state IN (0, 2)"]
         if seqs is not None:
             clauses.append(f"seq IN ({','.join(str(int(s)) for s in seqs) or 'NULL'})")
-        rows = conn.execute(f"SELECT seq, action, grp FROM outbox WHERE {' AND '.join(clauses)}").fetchall()
+        rows = conn.execute(
+            f"SELECT seq, action, grp FROM outbox WHERE {' AND '.join(clauses)}"
+        ).fetchall()
         for seq, action, group in rows:
-            conn.execute("UPDATE outbox SET state = 1, head = 0, last_error = 'dropped' WHERE seq = ?", (seq,))
+            conn.execute(
+                "UPDATE outbox SET state = 1, head = 0, last_error = 'dropped' WHERE seq = ?",
+                (seq,),
+            )
             Store._promote(conn, action, group)
         return len(rows)
 
@@ -408,11 +436,15 @@ class Store:
 
     @staticmethod
     def load_generations(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
-        return {(r, e): g for r, e, g in conn.execute("SELECT rule, event_id, gen FROM generations")}
+        return {
+            (r, e): g for r, e, g in conn.execute("SELECT rule, event_id, gen FROM generations")
+        }
 
     @staticmethod
     def get_cursor(conn: sqlite3.Connection, source: str, key: str) -> str | None:
-        row = conn.execute("SELECT value FROM cursors WHERE source = ? AND key = ?", (source, key)).fetchone()
+        row = conn.execute(
+            "SELECT value FROM cursors WHERE source = ? AND key = ?", (source, key)
+        ).fetchone()
         return None if row is None else str(row[0])
 
     @staticmethod

@@ -24,10 +24,12 @@ class TemplateProblem(ValueError):
     """A ``when``, ``title`` or ``body`` that cannot be compiled or is refused."""
 
 
-def make_environment(filters: Mapping[str, Callable[..., Any]] = ()) -> ImmutableSandboxedEnvironment:  # type: ignore[assignment]
+def make_environment(
+    filters: Mapping[str, Callable[..., Any]] | None = None,
+) -> ImmutableSandboxedEnvironment:
     """A sandbox with the plugins' filters; undefined names are empty, never errors."""
     env = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
-    env.filters.update(dict(filters))
+    env.filters.update(dict(filters or {}))
     return env
 
 
@@ -42,7 +44,7 @@ def _refuse_escapes(tree: nodes.Node) -> None:
                 raise TemplateProblem(f"the {node.name!r} filter is not allowed")
             continue
         else:
-            name = node.name
+            name = getattr(node, "name", None)
         if isinstance(name, str) and (name.startswith("_") or name in _FORBIDDEN_NAMES):
             raise TemplateProblem(f"{name!r} is not allowed: rules see event data only")
 
@@ -56,7 +58,9 @@ def compile_expression(env: ImmutableSandboxedEnvironment, source: str) -> Expre
         raise TemplateProblem(f"invalid expression: {err.message}") from None
 
 
-def compile_template(env: ImmutableSandboxedEnvironment, source: str) -> Callable[[Mapping[str, Any]], str]:
+def compile_template(
+    env: ImmutableSandboxedEnvironment, source: str
+) -> Callable[[Mapping[str, Any]], str]:
     """Compile a ``title`` or ``body`` template; raises ``TemplateProblem``."""
     try:
         _refuse_escapes(env.parse(source))

@@ -18,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def tocsin(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin", **env}
     return subprocess.run(
-        [sys.executable, "-m", "tocsin.cli", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60
+        [sys.executable, "-m", "tocsin.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=60,
     )
 
 
@@ -51,7 +56,13 @@ def test_init_writes_a_config_that_checks(tmp_path: Path) -> None:
 
 
 def test_test_command_on_the_example(tmp_path: Path) -> None:
-    run = tocsin("test", "-c", str(ROOT / "rules.example.toml"), str(ROOT / "examples/events.jsonl"), TOCSIN_HOOK_SECRET="s")
+    run = tocsin(
+        "test",
+        "-c",
+        str(ROOT / "rules.example.toml"),
+        str(ROOT / "examples/events.jsonl"),
+        TOCSIN_HOOK_SECRET="s",
+    )
     assert run.returncode == 0, run.stderr
     assert "[firing] incoming transfer -> console, hook" in run.stdout
     assert "title: 250.0000 EOS from alice" in run.stdout
@@ -67,7 +78,9 @@ def test_test_command_skips_bad_lines(tmp_path: Path) -> None:
     config = tmp_path / "t.toml"
     config.write_text('[[rules]]\nname = "any"\nmatch = { x = 1 }\n')
     events = tmp_path / "e.jsonl"
-    events.write_text('{"id": "1", "source": "s", "type": "t", "data": {"x": 1}}\nnot json\n{"id": 2}\n')
+    events.write_text(
+        '{"id": "1", "source": "s", "type": "t", "data": {"x": 1}}\nnot json\n{"id": 2}\n'
+    )
     run = tocsin("test", "-c", str(config), str(events))
     assert run.returncode == 0
     assert "e.jsonl:2: skipped" in run.stderr and "e.jsonl:3: skipped" in run.stderr
@@ -85,10 +98,15 @@ def test_plugins_lists_what_each_registers() -> None:
 
 def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "t.toml"
-    config.write_text('[daemon]\nstate_dir = "state"\n[actions.console]\nplugin = "log"\n[[rules]]\nname = "a"\n')
+    config.write_text(
+        '[daemon]\nstate_dir = "state"\n[actions.console]\nplugin = "log"\n[[rules]]\nname = "a"\n'
+    )
     env = {**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin", "TOCSIN_LOG_LEVEL": "info"}
     with subprocess.Popen(
-        [sys.executable, "-m", "tocsin.cli", "run", "-c", str(config)], stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-m", "tocsin.cli", "run", "-c", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     ) as proc:
         assert proc.stderr is not None
         deadline = time.monotonic() + 30

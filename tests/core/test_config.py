@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from support import make_registry, write_config
-
 from tocsin.config import load_config
 from tocsin.errors import ConfigError
 from tocsin.fields import SecretValue, format_duration, parse_duration
@@ -99,14 +98,22 @@ def test_good_config_loads_with_secrets_and_includes(tmp_path: Path, env: dict[s
 def test_credential_secret(tmp_path: Path, env: dict[str, str]) -> None:
     (tmp_path / "creds").mkdir()
     (tmp_path / "creds" / "hook").write_text("from-systemd")
-    text = GOOD.replace('{ file = "hook.secret" }', '{ credential = "hook" }').replace('include = ["rules.d/*.toml"]', "")
-    config = load_config(write_config(tmp_path / "t.toml", text), make_registry(), {**env, "CREDENTIALS_DIRECTORY": str(tmp_path / "creds")})
+    text = GOOD.replace('{ file = "hook.secret" }', '{ credential = "hook" }').replace(
+        'include = ["rules.d/*.toml"]', ""
+    )
+    config = load_config(
+        write_config(tmp_path / "t.toml", text),
+        make_registry(),
+        {**env, "CREDENTIALS_DIRECTORY": str(tmp_path / "creds")},
+    )
     assert config.actions["hook"].secret.get() == "from-systemd"  # type: ignore[attr-defined]
 
 
 def test_every_problem_is_listed_with_file_and_path(tmp_path: Path, env: dict[str, str]) -> None:
     (tmp_path / "rules.d").mkdir()
-    (tmp_path / "rules.d" / "x.toml").write_text('[[rules]]\nname = "x"\nkind = "treshold"\n[sources.no]\nplugin = "a"\n')
+    (tmp_path / "rules.d" / "x.toml").write_text(
+        '[[rules]]\nname = "x"\nkind = "treshold"\n[sources.no]\nplugin = "a"\n'
+    )
     path = write_config(tmp_path / "tocsin.toml", BAD)
     with pytest.raises(ConfigError) as caught:
         load_config(path, make_registry(), env)
@@ -128,7 +135,9 @@ def test_every_problem_is_listed_with_file_and_path(tmp_path: Path, env: dict[st
         f'{inc}: only [[rules]] may appear in an included file, not "sources"',
     ]
     for want in expected:
-        assert any(line.startswith(want) for line in lines), f"missing: {want}\ngot:\n" + "\n".join(lines)
+        assert any(line.startswith(want) for line in lines), f"missing: {want}\ngot:\n" + "\n".join(
+            lines
+        )
     assert len(lines) == len(expected), "\n".join(lines)
     assert "hunter2" not in str(caught.value)
 
@@ -149,7 +158,16 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("1h", 3600), ("7d", 604800), ("1h30m", 5400), (12, 12), (1.5, 1.5)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("7d", 604800),
+        ("1h30m", 5400),
+        (12, 12),
+        (1.5, 1.5),
+    ],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -157,7 +175,7 @@ def test_durations(text: object, seconds: float) -> None:
 
 @pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "-1s", -3, True, "1h 3"])
 def test_bad_durations(bad: object) -> None:
-    with pytest.raises(ValueError, match="duration|negative"):
+    with pytest.raises(ValueError, match=r"duration|negative"):
         parse_duration(bad)
 
 
@@ -171,14 +189,21 @@ def test_check_command_lists_all_and_exits_2(tmp_path: Path) -> None:
     env = {**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin"}
     env.pop("MISSING_TOKEN_VAR", None)
     run = subprocess.run(
-        [sys.executable, "-m", "tocsin.cli", "check", "-c", str(path)], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-m", "tocsin.cli", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert "hunter2" not in run.stderr + run.stdout
     # The test source plugin is not installed for the CLI, so its source is unknown too.
     assert 'actions.hook: unknown key "timout" (did you mean "timeout"?)' in run.stderr
-    assert 'rules[1] "incoming transfer": actions: unknown action "hoook" (did you mean "hook"?)' in run.stderr
+    assert (
+        'rules[1] "incoming transfer": actions: unknown action "hoook" (did you mean "hook"?)'
+        in run.stderr
+    )
     assert run.stderr.strip().splitlines()[-1].endswith("problems; nothing was started")
 
 
@@ -187,6 +212,11 @@ def test_check_command_ok(tmp_path: Path) -> None:
         tmp_path / "t.toml",
         '[actions.console]\nplugin = "log"\n[[rules]]\nname = "a"\nmatch = { x = 1 }\n[[rules]]\nname = "b"\nenabled = false\n',
     )
-    run = subprocess.run([sys.executable, "-m", "tocsin.cli", "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "tocsin.cli", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert "ok: 0 source(s), 1 action(s), 1 rule(s) (1 disabled)" in run.stdout

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from support import PushServer, Receiver, make_registry, running, wait_for, write_config
-from tocsin_builtin.webhook import verify
-
+from support import PushServer, Receiver, running, wait_for, write_config
 from tocsin.store import Store
+from tocsin_builtin.webhook import verify
 
 SECRET = "hook-secret-123"
 TOKEN = "s3cret-token"
@@ -54,8 +53,15 @@ group_by = ["args.from"]
 """
 
 
-def transfer(id: str, to: str = "me", frm: str = "alice", amount: int = 5, removed: bool = False) -> dict[str, object]:
-    return {"id": id, "type": "transfer", "data": {"args": {"to": to, "from": frm, "amount": amount}}, "removed": removed}
+def transfer(
+    id: str, to: str = "me", frm: str = "alice", amount: int = 5, removed: bool = False
+) -> dict[str, object]:
+    return {
+        "id": id,
+        "type": "transfer",
+        "data": {"args": {"to": to, "from": frm, "amount": amount}},
+        "removed": removed,
+    }
 
 
 async def test_match_to_signed_webhook(tmp_path: Path) -> None:
@@ -67,7 +73,9 @@ async def test_match_to_signed_webhook(tmp_path: Path) -> None:
             await server.push(transfer("t2", to="someone else"))
             await server.push("this is not json")
             await wait_for(lambda: receiver.ok(), what="the webhook")
-            await wait_for(lambda: daemon.sources["feed"].rejected, what="the malformed frame to be counted")
+            await wait_for(
+                lambda: daemon.sources["feed"].rejected, what="the malformed frame to be counted"
+            )
         (request,) = receiver.requests
         body = request.json()
         assert body["status"] == "firing"
@@ -82,19 +90,22 @@ async def test_match_to_signed_webhook(tmp_path: Path) -> None:
         assert request.headers["Content-Type"] == "application/json"
         timestamp = request.headers["X-Tocsin-Timestamp"]
         assert timestamp.isdigit()
-        assert verify(SECRET.encode(), timestamp, request.body, request.headers["X-Tocsin-Signature"])
+        assert verify(
+            SECRET.encode(), timestamp, request.body, request.headers["X-Tocsin-Signature"]
+        )
         assert daemon.sources["feed"].rejected
 
 
 async def test_apprise_json_to_local_server(tmp_path: Path) -> None:
     async with PushServer(TOKEN) as server, Receiver() as receiver:
-        text = config_text(server, receiver.url()).replace(
-            'actions = ["hook"]', 'actions = ["phone"]'
-        ) + f"""
+        text = (
+            config_text(server, receiver.url()).replace('actions = ["hook"]', 'actions = ["phone"]')
+            + f"""
 [actions.phone]
 plugin = "apprise"
 urls = ["json://127.0.0.1:{receiver.port}/notify", "json://127.0.0.1:{receiver.port}/second"]
 """
+        )
         path = write_config(tmp_path / "t.toml", text)
         async with running(path):
             await wait_for(lambda: server.clients)
@@ -174,7 +185,9 @@ async def test_rejected_delivery_is_dead_lettered_listed_and_resent(tmp_path: Pa
             assert "HTTP 400" in listing.stdout
             seq = listing.stdout.splitlines()[2].split()[0]
 
-            again = await anyio.to_thread.run_sync(cli, "outbox", "-c", str(cli_config), "retry", seq)
+            again = await anyio.to_thread.run_sync(
+                cli, "outbox", "-c", str(cli_config), "retry", seq
+            )
             assert again.returncode == 0 and "1 dead-lettered delivery queued again" in again.stdout
             daemon.dispatcher.wake(["hook"])  # a running daemon would find it within 5 s anyway
             await wait_for(lambda: receiver.ok(), what="the re-sent delivery")
@@ -183,7 +196,13 @@ async def test_rejected_delivery_is_dead_lettered_listed_and_resent(tmp_path: Pa
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin"}
-    return subprocess.run([sys.executable, "-m", "tocsin.cli", *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "tocsin.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 async def test_retraction_and_re_add(tmp_path: Path) -> None:
@@ -198,7 +217,9 @@ async def test_retraction_and_re_add(tmp_path: Path) -> None:
             await server.push(transfer("fact"))  # the chain switched back
             await wait_for(lambda: len(receiver.ok()) == 3)
             await server.push(transfer("fact"))  # pushed again, no retraction: nothing
-            await server.push(transfer("never-fired", to="other", removed=True))  # fired nothing: nothing
+            await server.push(
+                transfer("never-fired", to="other", removed=True)
+            )  # fired nothing: nothing
             await server.push(transfer("marker", frm="zed"))
             await wait_for(lambda: len(receiver.ok()) == 4)
         bodies = [r.json() for r in receiver.ok()]
@@ -236,7 +257,9 @@ async def test_reload_keeps_unchanged_source_and_refuses_bad_file(tmp_path: Path
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients)
-            path.write_text(config_text(server, receiver.url()).replace('"args.to" = "me"', '"args.to" = "you"'))
+            path.write_text(
+                config_text(server, receiver.url()).replace('"args.to" = "me"', '"args.to" = "you"')
+            )
             assert await daemon.reload()
             await server.push(transfer("to-me"))
             await server.push(transfer("to-you", to="you"))

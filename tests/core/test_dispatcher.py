@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from support import PushServer, Receiver, running, wait_for, write_config
-
 from tocsin import RetryPolicy
 from tocsin.dispatcher import backoff_delay, next_step
 
@@ -64,9 +63,13 @@ group_by = ["n"]
             await wait_for(lambda: server.clients)
             for n in range(50):
                 await server.push({"id": f"e{n}", "type": "transfer", "data": {"n": n}})
-            await wait_for(lambda: len(fine.ok()) == 50, what="the healthy action to get everything")
+            await wait_for(
+                lambda: len(fine.ok()) == 50, what="the healthy action to get everything"
+            )
             # the hanging action holds exactly its concurrency in flight; the rest waits on disk
-            await wait_for(lambda: daemon.dispatcher.inflight == 3, what="only the stuck deliveries in flight")
+            await wait_for(
+                lambda: daemon.dispatcher.inflight == 3, what="only the stuck deliveries in flight"
+            )
             assert stuck.requests == []
             hang.set()
             await wait_for(lambda: len(stuck.ok()) == 50, what="the stuck action to catch up")

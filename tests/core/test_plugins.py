@@ -5,11 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tocsin_builtin
-
 import tocsin
+import tocsin_builtin
 from support import make_registry, write_config
-
 from tocsin import Action, Event, Firing, RuleConfig, RuleKind, hookimpl
 from tocsin.config import load_config
 from tocsin.errors import ConfigError, PluginError
@@ -69,12 +67,16 @@ def test_third_party_kind_and_filter(tmp_path: Path) -> None:
     engine = Engine(compile_rules(load_config(path, registry), registry))
     fired = []
     for i in range(7):
-        fired += engine.process(Event(id=str(i), source="s", provider="p", type="t", data={"who": "eve"}))
+        fired += engine.process(
+            Event(id=str(i), source="s", provider="p", type="t", data={"who": "eve"})
+        )
     assert [a.alert.title for a in fired] == ["EVE!", "EVE!"]
 
 
 def test_kind_keys_are_validated_by_the_kind(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "t.toml", '[[rules]]\nname = "x"\nkind = "every_nth"\nnth = "many"\nnht = 1\n')
+    path = write_config(
+        tmp_path / "t.toml", '[[rules]]\nname = "x"\nkind = "every_nth"\nnth = "many"\nnht = 1\n'
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(path, make_registry(KindPlugin()))
     text = str(caught.value)

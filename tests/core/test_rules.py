@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import make_registry, write_config
-
 from tocsin import Event
 from tocsin.config import load_config
 from tocsin.errors import ConfigError
@@ -27,14 +26,18 @@ def engine_for(tmp_path: Path, rules: str, **kw: Any) -> Engine:
     return Engine(compile_rules(load_config(path, registry), registry), **kw)
 
 
-def transfer(to: str, qty: str = "150.0000 EOS", id: str = "", frm: str = "alice", source: str = "eos") -> Event:
+def transfer(
+    to: str, qty: str = "150.0000 EOS", id: str = "", frm: str = "alice", source: str = "eos"
+) -> Event:
     data = {
         "contract": "eosio.token",
         "action": "transfer",
         "args": {"from": frm, "to": to, "quantity": qty, "memo": "m"},
         "trx_id": "t" + to,
     }
-    return Event(id=id or f"{to}-{frm}-{qty}", source=source, provider="eospark", type="action", data=data)
+    return Event(
+        id=id or f"{to}-{frm}-{qty}", source=source, provider="eospark", type="action", data=data
+    )
 
 
 def test_ten_thousand_rules_examine_few_candidates(tmp_path: Path) -> None:
@@ -66,7 +69,9 @@ title = "{{ args.quantity }} from {{ args.from }}"
 """,
     )
     assert [a.alert.title for a in engine.process(transfer("me"))] == ["150.0000 EOS from alice"]
-    assert [a.alert.title for a in engine.process(transfer("you", id="2"))] == ["150.0000 EOS from alice"]
+    assert [a.alert.title for a in engine.process(transfer("you", id="2"))] == [
+        "150.0000 EOS from alice"
+    ]
     assert engine.process(transfer("them")) == []
     assert engine.process(transfer("me", qty="99.0000 EOS")) == []
 
@@ -81,7 +86,13 @@ type = ["source.down", "source.stale"]
 title = "{{ source }} {{ event.type }}"
 """,
     )
-    down = Event(id="d1", source="eos", provider="eospark", type="source.down", data={"source": "eos", "reason": "x"})
+    down = Event(
+        id="d1",
+        source="eos",
+        provider="eospark",
+        type="source.down",
+        data={"source": "eos", "reason": "x"},
+    )
     assert [a.alert.title for a in engine.process(down)] == ["eos source.down"]
     assert engine.process(transfer("me")) == []
 
@@ -180,9 +191,15 @@ def test_when_error_does_not_fire_and_is_counted(tmp_path: Path) -> None:
 
 values = st.sampled_from(["a", "b", "c", 1, 2, True])
 paths = st.sampled_from(["x", "y", "n.z"])
-rule_match = st.dictionaries(paths, st.one_of(values, st.lists(values, min_size=1, max_size=3)), max_size=3)
+rule_match = st.dictionaries(
+    paths, st.one_of(values, st.lists(values, min_size=1, max_size=3)), max_size=3
+)
 event_data = st.fixed_dictionaries(
-    {"x": values, "y": st.one_of(values, st.lists(values)), "n": st.fixed_dictionaries({"z": values})}
+    {
+        "x": values,
+        "y": st.one_of(values, st.lists(values)),
+        "n": st.fixed_dictionaries({"z": values}),
+    }
 )
 
 
@@ -192,7 +209,9 @@ event_data = st.fixed_dictionaries(
     sources=st.lists(st.sampled_from([None, "s1", "s2"]), min_size=12, max_size=12),
     data=st.lists(event_data, min_size=1, max_size=5),
 )
-def test_index_equals_brute_force(matches: list[dict[str, Any]], sources: list[str | None], data: list[dict[str, Any]]) -> None:
+def test_index_equals_brute_force(
+    matches: list[dict[str, Any]], sources: list[str | None], data: list[dict[str, Any]]
+) -> None:
     from tocsin.events import split_path
     from tocsin.rulekind import RuleConfig
 
@@ -208,7 +227,8 @@ def test_index_equals_brute_force(matches: list[dict[str, Any]], sources: list[s
                 sources=frozenset([sources[i]]) if sources[i] else None,
                 types=None,
                 match=tuple(
-                    (split_path(k), frozenset(v if isinstance(v, list) else [v])) for k, v in sorted(match.items())
+                    (split_path(k), frozenset(v if isinstance(v, list) else [v]))
+                    for k, v in sorted(match.items())
                 ),
                 group_by=(),
             )

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tocsin.store import DEAD, DONE, PENDING, NewAlert, Store
 
 
@@ -16,10 +15,24 @@ def store(tmp_path: Path) -> Store:
     s.close()
 
 
-def alert(id: str, group: str = "g", actions: tuple[str, ...] = ("hook",), event: str = "") -> NewAlert:
+def alert(
+    id: str, group: str = "g", actions: tuple[str, ...] = ("hook",), event: str = ""
+) -> NewAlert:
     return NewAlert(
-        id=id, rule="r", event_id=event or id, status="firing", group=group,
-        payload={"id": id, "status": "firing", "rule": "r", "title": id, "body": "", "fired_at": "", "event": {}},
+        id=id,
+        rule="r",
+        event_id=event or id,
+        status="firing",
+        group=group,
+        payload={
+            "id": id,
+            "status": "firing",
+            "rule": "r",
+            "title": id,
+            "body": "",
+            "fired_at": "",
+            "event": {},
+        },
         deliveries=tuple((a, "", a) for a in actions),
     )
 
@@ -45,7 +58,10 @@ def test_an_alert_id_is_committed_once(store: Store) -> None:
 
 
 def test_one_head_per_group_in_order(store: Store) -> None:
-    store.call_sync(Store.commit_alerts, [alert("a1", "A"), alert("b1", "B"), alert("a2", "A"), alert("a3", "A")])
+    store.call_sync(
+        Store.commit_alerts,
+        [alert("a1", "A"), alert("b1", "B"), alert("a2", "A"), alert("a3", "A")],
+    )
     assert ready(store) == ["a1", "b1"]
     rows, _ = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
     seq = {r.alert_id: r.seq for r in rows}
@@ -104,7 +120,11 @@ def test_a_failing_operation_does_not_take_the_batch_down(store: Store) -> None:
     def bad(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO alerts (id) VALUES ('incomplete')")  # NOT NULL violations
 
-    futures = [store.submit(Store.commit_alerts, [alert("ok1")]), store.submit(bad), store.submit(Store.commit_alerts, [alert("ok2")])]
+    futures = [
+        store.submit(Store.commit_alerts, [alert("ok1")]),
+        store.submit(bad),
+        store.submit(Store.commit_alerts, [alert("ok2")]),
+    ]
     assert futures[0].result() == ["hook"] and futures[2].result() == ["hook"]
     with pytest.raises(sqlite3.IntegrityError):
         futures[1].result()
