@@ -16,7 +16,7 @@ import tocsin_builtin
 import websockets
 from aiohttp import web
 from anyio.abc import TaskStatus
-from tocsin import Backoff, Secret, Source, SourceConfig, hookimpl
+from tocsin import Backoff, Secret, Source, SourceAuthError, SourceConfig, hookimpl
 from tocsin.daemon import Daemon
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
 from websockets.asyncio.server import ServerConnection, serve
@@ -46,6 +46,7 @@ class PushServer:
         self.token = token
         self.clients: set[ServerConnection] = set()
         self.connections = 0
+        self.refused = 0
         self.port = 0
         self._server: Any = None
 
@@ -64,6 +65,8 @@ class PushServer:
 
     async def _handler(self, ws: ServerConnection) -> None:
         if ws.request is None or ws.request.headers.get("Authorization") != f"Bearer {self.token}":
+            self.refused += 1
+            await ws.send(json.dumps({"error": "forbidden"}))
             await ws.close(4003, "forbidden")
             return
         self.connections += 1
@@ -99,6 +102,7 @@ class PushSource(Source):
         config = self.config
         assert isinstance(config, PushConfig)
         backoff = Backoff(initial=0.05, maximum=0.5)
+        started = False
         while True:
             try:
                 async with websockets.connect(
@@ -106,8 +110,12 @@ class PushSource(Source):
                 ) as ws:
                     backoff.connected()
                     await self.ctx.up()
-                    task_status.started()
+                    if not started:
+                        task_status.started()
+                        started = True
                     async for raw in ws:
+                        if raw == '{"error": "forbidden"}':
+                            raise SourceAuthError("the server refused the token")
                         try:
                             frame = json.loads(raw)
                             event = self.ctx.event(

@@ -24,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .action import Action
 from .config import Config, load_config
 from .dispatcher import Dispatcher
-from .errors import ConfigError, StateError
+from .errors import ConfigError, SourceAuthError, StateError
 from .events import Event, stable_id, utc_iso
 from .notify import Notifier
 from .plugins import Registry
@@ -75,6 +75,7 @@ class SourceRunner:
         self.rejected: Counter[str] = Counter()
         self.reconnects = 0
         self.scope: anyio.CancelScope | None = None
+        self._down_reason = ""
 
     # -- SourceContext -------------------------------------------------------------------
 
@@ -105,14 +106,19 @@ class SourceRunner:
         )
 
     async def up(self) -> None:
+        self._down_reason = ""
         if self.state != "up":
             if self.state in ("down", "stale"):
                 self.reconnects += 1
             await self._status("up", "source.up", "connected")
 
     async def down(self, reason: str) -> None:
+        # Warning when an outage starts or its reason changes, then debug: a day-long
+        # outage is a few lines, not one per retry.
+        level = logging.WARNING if reason != self._down_reason else logging.DEBUG
+        self._down_reason = reason
+        self.logger.log(level, "source %r is down: %s", self.source, reason)
         if self.state != "down":
-            self.logger.warning("source %r is down: %s", self.source, reason)
             await self._status("down", "source.down", reason)
 
     async def stale(self, reason: str) -> None:
@@ -157,15 +163,20 @@ class SourceRunner:
 
     async def _keep_running(self, backoff: Backoff, first: _Started) -> None:
         while True:
+            delay = None
             try:
                 await self.cls(self.config, self).run(task_status=first)
                 reason = "the source stopped"
+            except SourceAuthError as err:
+                # Only the user can fix this (a bad or banned key): wait max_backoff at once.
+                reason = f"refused: {err}"
+                delay = backoff.give_up_delay()
             except Exception as err:
                 self.logger.exception("source %r crashed", self.source)
                 reason = f"crashed: {type(err).__name__}"
             first.started()
             await self.down(reason)
-            await anyio.sleep(backoff.delay())
+            await anyio.sleep(delay if delay is not None else backoff.delay())
 
 
 class Daemon:
@@ -246,13 +257,14 @@ class Daemon:
     async def _commit(
         self, alerts: list[PendingAlert], cursors: list[tuple[str, str, str]]
     ) -> None:
-        if not alerts and not cursors:
+        state, self.engine.state_writes = self.engine.state_writes, []
+        if not alerts and not cursors and not state:
             return
         rows = [self._new_alert(p) for p in alerts]
         delay = 0.1
         while True:
             try:
-                woken = await self.store.call(Store.commit_alerts, rows, cursors)
+                woken = await self.store.call(Store.commit_alerts, rows, cursors, state)
                 break
             except StateError as err:
                 # Intake pauses (the stream fills and sources wait) until the disk takes it.
@@ -291,6 +303,7 @@ class Daemon:
         self.store = Store.open(state_dir, fsync=self.config.daemon.fsync)
         try:
             self.engine.generations = await self.store.call(Store.load_generations)
+            self.engine.restore(await self.store.call(Store.load_rule_state))
             self.dispatcher = Dispatcher(self.store)
             send, receive = anyio.create_memory_object_stream[Event | Checkpoint](
                 self.config.daemon.queue_size

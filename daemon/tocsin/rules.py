@@ -201,6 +201,7 @@ class Engine:
         self.stats = EngineStats()
         self.generations: dict[tuple[str, str], int] = {}
         self._throttle: dict[tuple[str, str], float] = {}
+        self.state_writes: list[tuple[str, str, str]] = []  # (rule, key, value) to persist
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._warned: set[tuple[str, str]] = set()
         self.ticking = [r for r in self.index.rules if type(r.kind).on_tick is not RuleKind.on_tick]
@@ -217,6 +218,22 @@ class Engine:
         self._recent = old._recent
         for name in same:
             self.rules[name].kind = old.rules[name].kind
+
+    def restore(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Load persisted rule state: throttles of rules unchanged since they were saved."""
+        now, wall = self.clock(), self.wall()
+        for rule_name, key, value in rows:
+            kind, _, rest = key.partition("\x1f")
+            fingerprint, _, group_key = rest.partition("\x1f")
+            rule = self.rules.get(rule_name)
+            if kind != "throttle" or rule is None or rule.fingerprint != fingerprint:
+                continue
+            try:
+                age = wall - float(value)
+            except ValueError:
+                continue
+            if rule.config.throttle is not None and 0 <= age < rule.config.throttle:
+                self._throttle[(rule_name, group_key)] = now - age
 
     def process(self, event: Event) -> list[PendingAlert]:
         """Alerts fired by one (non-removed) event."""
@@ -284,6 +301,9 @@ class Engine:
                 self.stats.throttled += 1
                 return None
             self._throttle[(rule.name, group_key)] = now
+            self.state_writes.append(
+                (rule.name, f"throttle\x1f{rule.fingerprint}\x1f{group_key}", repr(self.wall()))
+            )
             if len(self._throttle) > _RECENT_ALERTS:
                 self._expire_throttles(now)
         self._remember(alert_id)

@@ -263,6 +263,7 @@ class Store:
         conn: sqlite3.Connection,
         alerts: Iterable[NewAlert],
         cursors: Iterable[tuple[str, str, str]] = (),
+        rule_state: Iterable[tuple[str, str, str]] = (),
     ) -> list[str]:
         """Insert new alerts and their deliveries; an alert id seen before is skipped.
 
@@ -305,6 +306,12 @@ class Store:
                     (alert.id, action, target, label, alert.group, 0 if busy else 1, now, now, now),
                 )
                 woken.add(action)
+        for rule, key, value in rule_state:
+            conn.execute(
+                "INSERT INTO rule_state VALUES (?, ?, ?, ?) ON CONFLICT (rule, key)"
+                " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (rule, key, value, now),
+            )
         for source, key, value in cursors:
             conn.execute(
                 "INSERT INTO cursors VALUES (?, ?, ?, ?) ON CONFLICT (source, key)"
@@ -435,6 +442,10 @@ class Store:
         ).fetchall()
 
     @staticmethod
+    def load_rule_state(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+        return conn.execute("SELECT rule, key, value FROM rule_state").fetchall()
+
+    @staticmethod
     def load_generations(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
         return {
             (r, e): g for r, e, g in conn.execute("SELECT rule, event_id, gen FROM generations")
@@ -455,4 +466,5 @@ class Store:
         conn.execute(f"DELETE FROM outbox WHERE alert_id IN ({old})", (cutoff,))
         removed = conn.execute(f"DELETE FROM alerts WHERE id IN ({old})", (cutoff,)).rowcount
         conn.execute("DELETE FROM generations WHERE updated_at < ?", (cutoff,))
+        conn.execute("DELETE FROM rule_state WHERE key LIKE 'throttle%' AND updated_at < ?", (cutoff,))
         return removed

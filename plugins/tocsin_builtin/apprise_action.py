@@ -26,6 +26,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import unquote
 
 import anyio
 import apprise
@@ -129,7 +130,7 @@ def _apprise_quiet() -> Iterator[list[int]]:
 def _secret_parts(url: str, private: str) -> set[str]:
     """The pieces of ``url`` that Apprise's privacy form ``private`` hides."""
     split = re.compile(r"[/:@?&=,#+\s]+")
-    shown = set(split.split(private))
+    shown = set(split.split(private)) | set(split.split(unquote(private)))
     return {url} | {part for part in split.split(url) if part not in shown}
 
 

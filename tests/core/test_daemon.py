@@ -271,3 +271,43 @@ async def test_reload_keeps_unchanged_source_and_refuses_bad_file(tmp_path: Path
             await wait_for(lambda: len(receiver.ok()) == 2)
         assert [r.json()["event"]["id"] for r in receiver.ok()] == ["to-you", "to-you-2"]
         assert server.connections == 1
+
+
+async def test_throttle_survives_a_restart_unless_the_rule_changed(tmp_path: Path) -> None:
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).replace(
+            'group_by = ["args.from"]', 'group_by = ["args.from"]\nthrottle = "1h"'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path):
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("first", frm="alice"))
+            await wait_for(lambda: len(receiver.ok()) == 1)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("second", frm="alice"))  # within the hour: throttled
+            await server.push(transfer("other", frm="bob"))
+            await wait_for(lambda: len(receiver.ok()) == 2)
+            await wait_for(lambda: daemon.engine.stats.throttled == 1)
+        path.write_text(text.replace('throttle = "1h"', 'throttle = "2h"'))
+        async with running(path):
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("third", frm="alice"))  # a changed rule starts fresh
+            await wait_for(lambda: len(receiver.ok()) == 3)
+        assert [r.json()["event"]["id"] for r in receiver.ok()] == ["first", "other", "third"]
+
+
+async def test_auth_refusal_waits_max_backoff_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUSH_TOKEN", "wrong-token")
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        rules = '[[rules]]\nname = "feed down"\ntype = "source.down"\nactions = ["hook"]\ntitle = "{{ reason }}"\n'
+        text = config_text(server, receiver.url(), rules).replace(
+            'token = { env = "PUSH_TOKEN" }', 'token = { env = "PUSH_TOKEN" }\nmax_backoff = "1h"'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: receiver.ok(), what="the source.down alert")
+            runner = daemon.sources["feed"]
+            assert runner.state == "down"
+        assert server.refused == 1, "a refused key is not retried in a loop"
+        assert receiver.ok()[0].json()["title"] == "refused: the server refused the token"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
-import warnings
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -13,15 +11,6 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 from tocsin import Alert
-
-# Apprise's e-mail plugin imports the stdlib module imghdr, deprecated since Python 3.11;
-# with warnings as errors that would fail whichever test first loads Apprise's plugins.
-# Importing it once here, with that one warning silenced, leaves every other warning an
-# error. (A filterwarnings entry in pyproject.toml would be the tidier home for this.)
-if sys.version_info < (3, 13):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "'imghdr' is deprecated", DeprecationWarning)
-        import imghdr  # noqa: F401
 
 
 @pytest.fixture

@@ -24,9 +24,9 @@ from tocsin_builtin.filters import FILTERS, asset, asset_amount, asset_symbol, t
     ],
 )
 def test_asset(text: str, expected: dict[str, Any]) -> None:
-    assert asset(text) == expected
     assert asset_amount(text) == expected["amount"]
     assert asset_symbol(text) == expected["symbol"]
+    assert asset(text) == expected
 
 
 @pytest.mark.parametrize(
