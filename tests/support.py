@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import tocsin_builtin
 import websockets
 from aiohttp import web
 from anyio.abc import TaskStatus
+from websockets.asyncio.server import ServerConnection, serve
+
+import tocsin_builtin
 from tocsin import Backoff, Secret, Source, SourceAuthError, SourceConfig, hookimpl
 from tocsin.daemon import Daemon
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
-from websockets.asyncio.server import ServerConnection, serve
 
 
 async def wait_for(

@@ -21,14 +21,15 @@ from typing import Any
 import anyio
 import pluggy
 import pytest
-import tocsin_builtin
 from aiohttp import web
 from jinja2 import ChainableUndefined
+from websockets.asyncio.server import ServerConnection, serve
+
+import tocsin_builtin
 from tocsin import Alert, Event, PermanentDelivery, RetryableDelivery, SourceContext, hookspecs
 from tocsin.config import load_config
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
 from tocsin.rules import compile_rules
-from websockets.asyncio.server import ServerConnection, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "plugins.md"

@@ -133,7 +133,9 @@ Secret = Annotated[
 class ConfigModel(BaseModel):
     """Base of every config table: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, hide_input_in_errors=True
+    )
 
 
 SECRET_KINDS = ("env", "file", "credential")

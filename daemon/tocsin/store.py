@@ -466,5 +466,7 @@ class Store:
         conn.execute(f"DELETE FROM outbox WHERE alert_id IN ({old})", (cutoff,))
         removed = conn.execute(f"DELETE FROM alerts WHERE id IN ({old})", (cutoff,)).rowcount
         conn.execute("DELETE FROM generations WHERE updated_at < ?", (cutoff,))
-        conn.execute("DELETE FROM rule_state WHERE key LIKE 'throttle%' AND updated_at < ?", (cutoff,))
+        conn.execute(
+            "DELETE FROM rule_state WHERE key LIKE 'throttle%' AND updated_at < ?", (cutoff,)
+        )
         return removed

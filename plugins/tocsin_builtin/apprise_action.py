@@ -31,6 +31,7 @@ from urllib.parse import unquote
 import anyio
 import apprise
 from pydantic import ConfigDict, Field, field_validator, model_validator
+
 from tocsin import (
     Action,
     ActionConfig,

@@ -10,6 +10,7 @@ import logging
 from typing import ClassVar, Literal
 
 import orjson
+
 from tocsin import Action, ActionConfig, Alert
 
 # A fixed name rather than __name__: users route or silence alert lines by this name.

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 from pydantic import ConfigDict, Field, field_validator
+
 from tocsin import (
     Action,
     ActionConfig,

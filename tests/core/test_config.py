@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from support import make_registry, write_config
 from tocsin.config import load_config
 from tocsin.errors import ConfigError

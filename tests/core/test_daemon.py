@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+
 from support import PushServer, Receiver, running, wait_for, write_config
 from tocsin.store import Store
 from tocsin_builtin.webhook import verify
@@ -297,7 +298,9 @@ async def test_throttle_survives_a_restart_unless_the_rule_changed(tmp_path: Pat
         assert [r.json()["event"]["id"] for r in receiver.ok()] == ["first", "other", "third"]
 
 
-async def test_auth_refusal_waits_max_backoff_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_auth_refusal_waits_max_backoff_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PUSH_TOKEN", "wrong-token")
     async with PushServer(TOKEN) as server, Receiver() as receiver:
         rules = '[[rules]]\nname = "feed down"\ntype = "source.down"\nactions = ["hook"]\ntitle = "{{ reason }}"\n'

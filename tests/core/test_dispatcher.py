@@ -4,6 +4,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from support import PushServer, Receiver, running, wait_for, write_config
 from tocsin import RetryPolicy
 from tocsin.dispatcher import backoff_delay, next_step

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from support import make_registry, write_config
 
+from support import make_registry, write_config
 from tocsin.config import load_config
 from tocsin.logs import setup_logging
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 import tocsin
 import tocsin_builtin
 from support import make_registry, write_config

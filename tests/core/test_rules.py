@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from support import make_registry, write_config
 from tocsin import Event
 from tocsin.config import load_config

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tocsin.store import DEAD, DONE, PENDING, NewAlert, Store
 
 

@@ -10,12 +10,8 @@ import anyio
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
+
 from tocsin import Alert
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @dataclass(frozen=True)

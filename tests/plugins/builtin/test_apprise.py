@@ -12,6 +12,7 @@ import anyio
 import orjson
 import pytest
 from pydantic import ValidationError
+
 from tocsin import Alert, PermanentDelivery, RetryableDelivery
 from tocsin_builtin.apprise_action import AppriseAction, AppriseActionConfig
 

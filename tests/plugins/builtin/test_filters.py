@@ -10,6 +10,7 @@ import jinja2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tocsin_builtin.filters import FILTERS, asset, asset_amount, asset_symbol, to_number
 
 

@@ -7,8 +7,14 @@ import logging
 import orjson
 import pytest
 from pydantic import ValidationError
+
 from tocsin import Alert
 from tocsin_builtin.log_action import LogAction, LogConfig
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The records of ``tocsin.alerts`` (other loggers may be verbose in a full run)."""
+    return [r for r in caplog.records if r.name == "tocsin.alerts"]
 
 
 def action(**keys: str) -> LogAction:
@@ -21,7 +27,7 @@ async def test_text_line(alert: Alert, caplog: pytest.LogCaptureFixture) -> None
     await log.start()
     await log.deliver(alert, "")
     await log.aclose()
-    (record,) = caplog.records
+    (record,) = lines(caplog)
     assert record.name == "tocsin.alerts"
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
@@ -35,7 +41,7 @@ async def test_json_line_at_the_configured_level(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="tocsin.alerts")
     await action(level="info", format="json").deliver(alert, "")
-    (record,) = caplog.records
+    (record,) = lines(caplog)
     assert record.levelno == logging.INFO
     assert "\n" not in record.getMessage()
     assert orjson.loads(record.getMessage()) == alert.payload()
@@ -47,7 +53,7 @@ async def test_a_body_cannot_forge_log_lines(
     caplog.set_level(logging.DEBUG, logger="tocsin.alerts")
     forged = Alert(alert.id, "resolved", "r", "t", "x\nALERT [firing] fake: y\r", "", {})
     await action(level="error").deliver(forged, "")
-    (record,) = caplog.records
+    (record,) = lines(caplog)
     assert record.getMessage() == "ALERT [resolved] r: t — x\\nALERT [firing] fake: y\\r"
 
 
@@ -58,7 +64,7 @@ async def test_an_empty_body_and_odd_event_data_never_fail(
     odd = Alert(alert.id, "retracted", "r", "title only", "", "", {"n": {1: object()}})
     await action().deliver(odd, "")
     await action(format="json").deliver(odd, "")
-    text, json_line = (r.getMessage() for r in caplog.records)
+    text, json_line = (r.getMessage() for r in lines(caplog))
     assert text == "ALERT [retracted] r: title only"
     assert orjson.loads(json_line)["event"]["n"]["1"].startswith("<object object")
 

@@ -14,6 +14,7 @@ import anyio
 import orjson
 import pytest
 from pydantic import ValidationError
+
 from tocsin import Alert, PermanentDelivery, RetryableDelivery
 from tocsin_builtin.webhook import (
     WebhookAction,
