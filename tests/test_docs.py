@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import re
 import sys
 import tomllib
@@ -30,6 +29,7 @@ from tocsin import Alert, Event, PermanentDelivery, RetryableDelivery, SourceCon
 from tocsin.config import load_config
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
 from tocsin.rules import compile_rules
+from tocsin.testing import RecordingContext
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "plugins.md"
@@ -111,75 +111,6 @@ def test_every_hook_is_implemented_by_a_test() -> None:
 
 
 # -- the ticker source example -----------------------------------------------------------
-
-
-class RecordingContext:
-    """A ``SourceContext`` that records what a source does, in place of the daemon."""
-
-    def __init__(self, source: str, provider: str) -> None:
-        self.source = source
-        self.provider = provider
-        self.logger = logging.getLogger(f"tests.docs.{source}")
-        self.events: list[Event] = []
-        self.rejects: list[str] = []
-        self.status: list[tuple[str, str]] = []
-        self.cursors: dict[str, str] = {}
-        self.changed = anyio.Event()
-
-    def _changed(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
-
-    def event(
-        self, type: str, data: dict[str, Any], *, id: str, time: str = "", removed: bool = False
-    ) -> Event:
-        return Event(
-            id=id,
-            source=self.source,
-            provider=self.provider,
-            type=type,
-            data=data,
-            time=time,
-            removed=removed,
-        )
-
-    async def emit(self, event: Event) -> None:
-        self.events.append(event)
-        self._changed()
-
-    async def _status(self, what: str, reason: str) -> None:
-        self.status.append((what, reason))
-        self._changed()
-
-    async def up(self) -> None:
-        await self._status("up", "")
-
-    async def down(self, reason: str) -> None:
-        await self._status("down", reason)
-
-    async def stale(self, reason: str) -> None:
-        await self._status("stale", reason)
-
-    async def gap(self, reason: str, since: str, until: str = "") -> None:
-        await self._status("gap", f"{reason} since {since}")
-
-    def reject(self, reason: str) -> None:
-        self.rejects.append(reason)
-        self._changed()
-
-    async def load_cursor(self, key: str) -> str | None:
-        return self.cursors.get(key)
-
-    async def save_cursor(self, key: str, value: str) -> None:
-        self.cursors[key] = value
-
-    def states(self) -> list[str]:
-        return [what for what, _ in self.status]
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Wait for ``condition``; callers bound the wait with ``anyio.fail_after``."""
-        while not condition():
-            await self.changed.wait()
 
 
 TICKS = [

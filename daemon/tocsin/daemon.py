@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -29,7 +28,7 @@ from .events import Event, stable_id, utc_iso
 from .notify import Notifier
 from .plugins import Registry
 from .rules import Engine, PendingAlert, compile_rules
-from .source import Backoff, Source, SourceConfig
+from .source import Backoff, EventFactory, Source, SourceConfig
 from .store import NewAlert, Store
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class _Started:
         self.event.set()
 
 
-class SourceRunner:
+class SourceRunner(EventFactory):
     """Runs one source and is its ``SourceContext``: emits, tracks state, counts."""
 
     def __init__(self, daemon: Daemon, name: str, config: SourceConfig, cls: type[Source]) -> None:
@@ -78,19 +77,6 @@ class SourceRunner:
         self._down_reason = ""
 
     # -- SourceContext -------------------------------------------------------------------
-
-    def event(
-        self, type: str, data: dict[str, Any], *, id: str, time: str = "", removed: bool = False
-    ) -> Event:
-        return Event(
-            id=id,
-            source=self.source,
-            provider=self.provider,
-            type=type,
-            data=data,
-            time=time,
-            removed=removed,
-        )
 
     async def emit(self, event: Event) -> None:
         self.events += 1

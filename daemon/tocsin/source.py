@@ -78,6 +78,32 @@ class SourceContext(Protocol):
         ...
 
 
+class EventFactory:
+    """``SourceContext.event``: builds events stamped with the source and provider names."""
+
+    source: str
+    provider: str
+
+    def event(
+        self,
+        type: str,
+        data: dict[str, Any],
+        *,
+        id: str,
+        time: str = "",
+        removed: bool = False,
+    ) -> Event:
+        return Event(
+            id=id,
+            source=self.source,
+            provider=self.provider,
+            type=type,
+            data=data,
+            time=time,
+            removed=removed,
+        )
+
+
 class Source:
     """A live connection (or set of connections) to one provider.
 

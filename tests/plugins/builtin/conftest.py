@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tocsin import Alert
+from tocsin import Action, Alert
 
 
 @dataclass(frozen=True)
@@ -155,3 +156,18 @@ def alert() -> Alert:
             "data": {"contract": "eosio.token", "args": {"quantity": "12.5000 EOS"}},
         },
     )
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Callable[[Any], Awaitable[Any]]]:
+    """Start actions for a test; every one started is closed at the end."""
+    actions: list[Action] = []
+
+    async def start(action: Action) -> Any:
+        await action.start()
+        actions.append(action)
+        return action
+
+    yield start
+    for action in actions:
+        await action.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,19 +28,13 @@ def config(**keys: Any) -> AppriseActionConfig:
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Callable[..., Any]]:
-    """Build and start Apprise actions; all are closed at the end of the test."""
-    actions: list[AppriseAction] = []
+def make(started: Callable[[Any], Awaitable[Any]]) -> Callable[..., Awaitable[AppriseAction]]:
+    """Build and start AppriseActions; all are closed at the end of the test."""
 
     async def build(**keys: Any) -> AppriseAction:
-        action = AppriseAction("ops", config(**keys))
-        await action.start()
-        actions.append(action)
-        return action
+        return await started(AppriseAction("ops", config(**keys)))  # type: ignore[no-any-return]
 
-    yield build
-    for action in actions:
-        await action.aclose()
+    return build
 
 
 def json_url(receiver: Receiver, path: str, userinfo: str = "") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
@@ -39,19 +39,13 @@ def config(url: str, **keys: Any) -> WebhookConfig:
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Callable[..., Any]]:
-    """Build and start webhook actions; all are closed at the end of the test."""
-    actions: list[WebhookAction] = []
+def make(started: Callable[[Any], Awaitable[Any]]) -> Callable[..., Awaitable[WebhookAction]]:
+    """Build and start WebhookActions; all are closed at the end of the test."""
 
     async def build(url: str, **keys: Any) -> WebhookAction:
-        action = WebhookAction("hook", config(url, **keys))
-        await action.start()
-        actions.append(action)
-        return action
+        return await started(WebhookAction("hook", config(url, **keys)))  # type: ignore[no-any-return]
 
-    yield build
-    for action in actions:
-        await action.aclose()
+    return build
 
 
 # --- the request ------------------------------------------------------------------------
