@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .action import Action
+from .action import Action, Target
 from .config import Config, load_config
 from .dispatcher import Dispatcher
 from .errors import ConfigError, SourceAuthError, StateError
@@ -262,12 +262,21 @@ class Daemon:
         self.paused = ""
         self.dispatcher.wake(woken)
 
+    def _targets(self, name: str) -> list[Target]:
+        try:
+            return self.actions[name].targets()
+        except Exception:
+            # Keep the alert deliverable: one entry for the action, which fails and retries
+            # (or dead-letters) in the outbox with the action's own error.
+            log.exception("action %r: targets() failed", name)
+            return [Target("", name)]
+
     def _new_alert(self, pending: PendingAlert) -> NewAlert:
         deliveries = tuple(
             (name, target.key, target.label)
             for name in pending.actions
             if name in self.actions
-            for target in self.actions[name].targets()
+            for target in self._targets(name)
         )
         alert = pending.alert
         return NewAlert(
@@ -304,6 +313,12 @@ class Daemon:
                     await self._start_source(name)
                 tg.start_soon(self._ticker)
                 tg.start_soon(self._purger)
+                if self.config.daemon.http:
+                    log.warning(
+                        "[daemon] http = %r is not served by this version yet; /healthz,"
+                        " /readyz and /metrics come with the operator issue",
+                        self.config.daemon.http,
+                    )
                 self.ready.set()
                 self.notifier.send("READY=1", self.status_line())
                 log.info(

@@ -172,6 +172,7 @@ class EngineStats:
     throttled: int = 0
     duplicates: int = 0
     when_errors: int = 0
+    kind_errors: int = 0
     template_errors: int = 0
     per_rule: Counter[str] = field(default_factory=Counter)
 
@@ -260,7 +261,13 @@ class Engine:
             self.stats.matched += 1
             self.stats.per_rule[rule.name] += 1
             group_key = rule.group_key(event)
-            for firing in rule.kind.on_event(event, group_key, self.clock()):
+            try:
+                firings = rule.kind.on_event(event, group_key, self.clock())
+            except Exception as err:  # a plugin's bug costs its rule this event, nothing more
+                self.stats.kind_errors += 1
+                self._error("kind", rule, err)
+                continue
+            for firing in firings:
                 pending = self.make_alert(rule, firing, group_key)
                 if pending is not None:
                     out.append(pending)
@@ -271,7 +278,13 @@ class Engine:
         now = self.clock()
         out = []
         for rule in self.ticking:
-            for firing in rule.kind.on_tick(now):
+            try:
+                firings = rule.kind.on_tick(now)
+            except Exception as err:
+                self.stats.kind_errors += 1
+                self._error("kind", rule, err)
+                continue
+            for firing in firings:
                 pending = self.make_alert(rule, firing, rule.group_key(firing.event))
                 if pending is not None:
                     out.append(pending)

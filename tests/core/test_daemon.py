@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from support import PushServer, Receiver, running, wait_for, write_config
+from support import PushServer, Receiver, make_registry, running, wait_for, write_config
 from tocsin.store import Store
 from tocsin_builtin.webhook import verify
 
@@ -314,3 +314,34 @@ async def test_auth_refusal_waits_max_backoff_and_says_why(
             assert runner.state == "down"
         assert server.refused == 1, "a refused key is not retried in a loop"
         assert receiver.ok()[0].json()["title"] == "refused: the server refused the token"
+
+
+async def test_a_crashing_rule_kind_costs_only_its_own_rule(tmp_path: Path) -> None:
+    from collections.abc import Callable
+
+    from tocsin import Event, Firing, RuleKind, hookimpl
+
+    class Explodes(RuleKind):
+        name = "explodes"
+
+        def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
+            raise ZeroDivisionError("plugin bug")
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_rule_kinds(register: Callable[[type[RuleKind]], None]) -> None:
+            register(Explodes)
+
+    async with PushServer(TOKEN) as server, Receiver() as receiver:
+        rules = (
+            '[[rules]]\nname = "buggy"\nkind = "explodes"\ntype = "transfer"\nactions = ["hook"]\n'
+        )
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url(), rules))
+        async with running(path, make_registry(Plugin())) as daemon:
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("one"))
+            await server.push(transfer("two", frm="bob"))
+            await wait_for(lambda: len(receiver.ok()) == 2)
+            assert daemon.engine.stats.kind_errors == 2
+        assert {r.json()["rule"] for r in receiver.ok()} == {"incoming transfer"}
