@@ -432,7 +432,6 @@ class Daemon:
         for name in config.sources:
             if name not in self.sources:
                 await self._start_source(name)
-        engine.generations = self.engine.generations
         engine.adopt(self.engine)
         self.engine = engine
 

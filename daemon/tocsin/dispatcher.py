@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 
 import anyio
 import orjson
@@ -66,7 +66,7 @@ class Dispatcher:
             self._idle = anyio.Event()
             await self._idle.wait()
 
-    def wake(self, actions: Mapping[str, object] | list[str]) -> None:
+    def wake(self, actions: Iterable[str]) -> None:
         """New deliveries were committed for these actions."""
         for name in actions:
             event = self._wake.get(name)
