@@ -6,6 +6,7 @@ This module is the public API for plugin authors; everything else is private.
 from __future__ import annotations
 
 from .action import Action, ActionConfig, Alert, RetryPolicy, Target
+from .emulator import Emulator
 from .errors import (
     ConfigError,
     DeliveryError,
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigModel",
     "DeliveryError",
     "Duration",
+    "Emulator",
     "Event",
     "Firing",
     "PermanentDelivery",

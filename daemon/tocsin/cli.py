@@ -159,6 +159,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             ("actions", registry.actions),
             ("rule kinds", registry.rule_kinds),
             ("template filters", registry.filters),
+            ("emulators", registry.emulators),
         ):
             names = sorted(k for k, r in table.items() if r.plugin == name)
             if names:

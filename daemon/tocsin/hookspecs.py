@@ -13,6 +13,7 @@ from typing import Any
 import pluggy
 
 from .action import Action
+from .emulator import Emulator
 from .rulekind import RuleKind
 from .source import Source
 
@@ -52,4 +53,13 @@ def register_template_filters(register: Callable[[str, Callable[..., Any]], None
 
     Filters run inside the sandbox on event data; they must be pure and must not raise
     on unexpected input (return None instead).
+    """
+
+
+@hookspec
+def register_emulators(register: Callable[[type[Emulator]], None]) -> None:
+    """Register provider emulators: call ``register(EmulatorClass)`` for each.
+
+    ``EmulatorClass.name`` is the provider's plugin name, as in ``tocsin emulate NAME``;
+    ``tocsin demo`` starts every registered emulator.
     """

@@ -16,6 +16,7 @@ import pluggy
 
 from . import hookspecs
 from .action import Action
+from .emulator import Emulator
 from .errors import PluginError
 from .rulekind import RuleKind
 from .source import Source
@@ -78,6 +79,7 @@ class Registry:
     actions: dict[str, Registered] = field(default_factory=dict)
     rule_kinds: dict[str, Registered] = field(default_factory=dict)
     filters: dict[str, Registered] = field(default_factory=dict)
+    emulators: dict[str, Registered] = field(default_factory=dict)
 
     def source(self, name: str) -> type[Source]:
         return self.sources[name].obj  # type: ignore[no-any-return]
@@ -87,6 +89,9 @@ class Registry:
 
     def rule_kind(self, name: str) -> type[RuleKind]:
         return self.rule_kinds[name].obj  # type: ignore[no-any-return]
+
+    def emulator(self, name: str) -> type[Emulator]:
+        return self.emulators[name].obj  # type: ignore[no-any-return]
 
     def filter_functions(self) -> dict[str, Callable[..., Any]]:
         return {name: r.obj for name, r in self.filters.items()}
@@ -135,6 +140,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
     _collect(pm, "register_actions", "action plugin", reg.actions, lambda a: a[0].name)
     _collect(pm, "register_rule_kinds", "rule kind", reg.rule_kinds, lambda a: a[0].name)
     _collect(pm, "register_template_filters", "template filter", reg.filters, lambda a: a[0], 2)
+    _collect(pm, "register_emulators", "emulator", reg.emulators, lambda a: a[0].name)
     return reg
 
 

@@ -9,7 +9,7 @@ import pytest
 import tocsin
 import tocsin_builtin
 from support import make_registry, write_config
-from tocsin import Action, Event, Firing, RuleConfig, RuleKind, hookimpl
+from tocsin import Action, Emulator, Event, Firing, RuleConfig, RuleKind, hookimpl
 from tocsin.config import load_config
 from tocsin.errors import ConfigError, PluginError
 from tocsin.plugins import build_registry, make_plugin_manager, plugin_versions
@@ -126,3 +126,49 @@ def test_entry_points_and_load_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plugin_versions(pm)["builtin"] == tocsin.__version__
     monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "")
     assert build_registry(make_plugin_manager()).actions == {}
+
+
+class Echo(Emulator):
+    """A minimal emulator: a WebSocket server that pushes one frame to each client."""
+
+    name = "echo"
+
+    async def start(self) -> None:
+        from websockets.asyncio.server import serve
+
+        async def handler(ws: Any) -> None:
+            await ws.send('{"hello": "world"}')
+            await ws.wait_closed()
+
+        self._server = await serve(handler, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/"
+
+    def demo_source(self) -> dict[str, Any]:
+        return {"plugin": "echo", "url": self.url}
+
+
+class EmulatorPlugin:
+    @staticmethod
+    @hookimpl
+    def register_emulators(register: Callable[[type[Emulator]], None]) -> None:
+        register(Echo)
+
+
+async def test_emulators_are_registered_and_serve_on_loopback() -> None:
+    import websockets
+
+    registry = make_registry(EmulatorPlugin())
+    assert registry.emulators["echo"].plugin == "EmulatorPlugin"
+    async with registry.emulator("echo")() as emulator:
+        assert emulator.port != 0
+        assert emulator.demo_source() == {"plugin": "echo", "url": emulator.url}
+        async with websockets.connect(emulator.url) as ws:
+            assert await ws.recv() == '{"hello": "world"}'
