@@ -18,7 +18,7 @@ from anyio.abc import TaskStatus
 from websockets.asyncio.server import ServerConnection, serve
 
 import tocsin_builtin
-from tocsin import Backoff, Secret, Source, SourceAuthError, SourceConfig, hookimpl
+from tocsin import Backoff, Emulator, Secret, Source, SourceAuthError, SourceConfig, hookimpl
 from tocsin.daemon import Daemon
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
 
@@ -40,29 +40,42 @@ async def wait_for(
 # -- a tiny push server and its source plugin ------------------------------------------
 
 
-class PushServer:
+class PushServer(Emulator):
     """A WebSocket server on 127.0.0.1 that pushes JSON frames to every connected client."""
 
-    def __init__(self, token: str = "s3cret-token") -> None:
+    name = "testpush"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "s3cret-token") -> None:
+        super().__init__(host, port)
         self.token = token
         self.clients: set[ServerConnection] = set()
         self.connections = 0
         self.refused = 0
-        self.port = 0
         self._server: Any = None
 
-    async def __aenter__(self) -> PushServer:
-        self._server = await serve(self._handler, "127.0.0.1", 0)
+    async def start(self) -> None:
+        self._server = await serve(self._handler, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def aclose(self) -> None:
         self._server.close()
         await self._server.wait_closed()
 
+    def demo_source(self) -> dict[str, Any]:
+        return {"plugin": "testpush", "url": self.url, "token": self.token}
+
+    async def demo_traffic(self) -> None:
+        n = 0
+        while True:
+            n += 1
+            await self.push(
+                {"id": f"demo{n}", "type": "transfer", "data": {"args": {"to": "me", "n": n}}}
+            )
+            await anyio.sleep(0.05)
+
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/feed"
+        return f"ws://{self.host}:{self.port}/feed"
 
     async def _handler(self, ws: ServerConnection) -> None:
         if ws.request is None or ws.request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -141,6 +154,11 @@ class TestPushPlugin:
     @hookimpl
     def register_sources(register: Callable[[type[Source]], None]) -> None:
         register(PushSource)
+
+    @staticmethod
+    @hookimpl
+    def register_emulators(register: Callable[[type[Emulator]], None]) -> None:
+        register(PushServer)
 
 
 def make_registry(*extra: object) -> Registry:

@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list plugins, versions and what each registers")
 
+    demo = sub.add_parser("demo", help="the bundled emulators and the daemon on the example rules")
+    demo.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default="rules.example.toml",
+        help="config whose sources point at loopback (default: rules.example.toml)",
+    )
+
+    emulate = sub.add_parser("emulate", help="run one provider emulator standalone")
+    emulate.add_argument("provider", help="e.g. eospark, ewallet, ckex (see tocsin plugins)")
+    emulate.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
+    emulate.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+
     init = sub.add_parser("init", help="write a starter config")
     init.add_argument(
         "path", nargs="?", default="tocsin.toml", help="where (default: ./tocsin.toml)"
@@ -285,7 +299,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import printer, run_demo
+
+    setup_logging("warning")
+    anyio.run(run_demo, str(args.config), _registry(), printer())
+    return 0
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from .demo import printer, run_emulator
+
+    setup_logging("info")
+    anyio.run(run_emulator, _registry(), args.provider, args.host, args.port, printer())
+    return 0
+
+
 COMMANDS = {
+    "demo": cmd_demo,
+    "emulate": cmd_emulate,
     "run": cmd_run,
     "check": cmd_check,
     "test": cmd_test,

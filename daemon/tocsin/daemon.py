@@ -333,6 +333,8 @@ class Daemon:
                 self.notifier.send("STOPPING=1")
                 await self._shutdown(tg)
         finally:
+            if self._send is not None:
+                self._send.close()  # also when cancelled rather than stopped
             for action in self.actions.values():
                 with anyio.CancelScope(shield=True):
                     await action.aclose()

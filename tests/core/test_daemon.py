@@ -66,7 +66,7 @@ def transfer(
 
 
 async def test_match_to_signed_webhook(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients, what="the source to connect")
@@ -98,7 +98,7 @@ async def test_match_to_signed_webhook(tmp_path: Path) -> None:
 
 
 async def test_apprise_json_to_local_server(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         text = (
             config_text(server, receiver.url()).replace('actions = ["hook"]', 'actions = ["phone"]')
             + f"""
@@ -121,7 +121,7 @@ urls = ["json://127.0.0.1:{receiver.port}/notify", "json://127.0.0.1:{receiver.p
 
 
 async def test_duplicates_alert_once_also_across_restart(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
         async with running(path):
             await wait_for(lambda: server.clients)
@@ -141,7 +141,7 @@ async def test_duplicates_alert_once_also_across_restart(tmp_path: Path) -> None
 
 
 async def test_failing_webhook_gets_everything_in_order_per_group(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver(script=[500, 503, 500, 429]) as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver(script=[500, 503, 500, 429]) as receiver:
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients)
@@ -159,7 +159,7 @@ async def test_failing_webhook_gets_everything_in_order_per_group(tmp_path: Path
 
 
 async def test_rejected_delivery_is_dead_lettered_listed_and_resent(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver(script=[400]) as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver(script=[400]) as receiver:
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
         # The CLI reads the same state; it needs no source plugin of the tests.
         cli_config = write_config(
@@ -207,7 +207,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_retraction_and_re_add(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
         async with running(path):
             await wait_for(lambda: server.clients)
@@ -235,7 +235,7 @@ async def test_retraction_and_re_add(tmp_path: Path) -> None:
 
 
 async def test_source_down_and_reconnect(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         rules = '[[rules]]\nname = "feed down"\ntype = "source.down"\nactions = ["hook"]\ntitle = "{{ source }}: {{ reason }}"\n'
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url(), rules))
         async with running(path) as daemon:
@@ -254,7 +254,7 @@ async def test_source_down_and_reconnect(tmp_path: Path) -> None:
 
 
 async def test_reload_keeps_unchanged_source_and_refuses_bad_file(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients)
@@ -275,7 +275,7 @@ async def test_reload_keeps_unchanged_source_and_refuses_bad_file(tmp_path: Path
 
 
 async def test_throttle_survives_a_restart_unless_the_rule_changed(tmp_path: Path) -> None:
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         text = config_text(server, receiver.url()).replace(
             'group_by = ["args.from"]', 'group_by = ["args.from"]\nthrottle = "1h"'
         )
@@ -302,7 +302,7 @@ async def test_auth_refusal_waits_max_backoff_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PUSH_TOKEN", "wrong-token")
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         rules = '[[rules]]\nname = "feed down"\ntype = "source.down"\nactions = ["hook"]\ntitle = "{{ reason }}"\n'
         text = config_text(server, receiver.url(), rules).replace(
             'token = { env = "PUSH_TOKEN" }', 'token = { env = "PUSH_TOKEN" }\nmax_backoff = "1h"'
@@ -333,7 +333,7 @@ async def test_a_crashing_rule_kind_costs_only_its_own_rule(tmp_path: Path) -> N
         def register_rule_kinds(register: Callable[[type[RuleKind]], None]) -> None:
             register(Explodes)
 
-    async with PushServer(TOKEN) as server, Receiver() as receiver:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         rules = (
             '[[rules]]\nname = "buggy"\nkind = "explodes"\ntype = "transfer"\nactions = ["hook"]\n'
         )

@@ -37,7 +37,11 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_hanging_action_is_bounded_and_does_not_delay_another(tmp_path: Path) -> None:
     hang = asyncio.Event()
-    async with PushServer("tok-abcdef") as server, Receiver(hang=hang) as stuck, Receiver() as fine:
+    async with (
+        PushServer(token="tok-abcdef") as server,
+        Receiver(hang=hang) as stuck,
+        Receiver() as fine,
+    ):
         text = f"""
 [daemon]
 state_dir = "state"

@@ -1,0 +1,201 @@
+"""``tocsin demo`` and ``tocsin emulate``: the bundled emulators on loopback, with traffic.
+
+``run_demo`` reads a config (``rules.example.toml``), starts each source's emulator at the
+loopback address its ``url`` names, a small receiver for each loopback webhook action
+(it checks the signature and prints what arrives), and the daemon; alerts print to the
+terminal as they fire. ``run_emulator`` runs one emulator standalone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+import anyio
+import orjson
+from aiohttp import web
+
+from .config import Config, did_you_mean, load_config
+from .daemon import Daemon
+from .emulator import Emulator
+from .errors import UsageError
+from .fields import SecretValue
+from .plugins import Registry
+
+Printer = Callable[[str], None]
+
+
+def loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address (emulators listen nowhere else)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(url: str, what: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port
+    if not loopback(host) or port is None:
+        raise UsageError(
+            f"{what}: the demo runs emulators on loopback only, and {parts.scheme}://{host}"
+            f"{':' + str(port) if port else ''}/ is not a loopback address with a port"
+        )
+    return host, port
+
+
+def emulators_for(config: Config, registry: Registry) -> list[Emulator]:
+    """One emulator per enabled source, at the address of the source's ``url``."""
+    out = []
+    for name, source in config.sources.items():
+        if not source.enabled:
+            continue
+        if source.plugin not in registry.emulators:
+            raise UsageError(f"source {name!r}: plugin {source.plugin!r} ships no emulator")
+        url = getattr(source, "url", None)
+        if not isinstance(url, str):
+            raise UsageError(f"source {name!r} has no url to run its emulator at")
+        host, port = _address(url, f"source {name!r}")
+        out.append(registry.emulator(source.plugin)(host, port))
+    return out
+
+
+class DemoReceiver:
+    """Receives a webhook action's POSTs on loopback, checks the signature, prints them."""
+
+    def __init__(self, name: str, url: str, secret: SecretValue | None, say: Printer) -> None:
+        self.name = name
+        self.host, self.port = _address(url, f"action {name!r}")
+        self.path = urlsplit(url).path or "/"
+        self.secret = secret
+        self.say = say
+        self.received = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        from tocsin_builtin.webhook import verify  # the action's own check, not a copy
+
+        body = await request.read()
+        self.received += 1
+        try:
+            alert = orjson.loads(body)
+            line = f"[{alert['status']}] {alert['rule']}: {alert['title']}"
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            line = "(not an alert)"
+        if self.secret is None:
+            check = "unsigned"
+        else:
+            ok = verify(
+                self.secret.get().encode(),
+                request.headers.get("X-Tocsin-Timestamp", ""),
+                body,
+                request.headers.get("X-Tocsin-Signature", ""),
+            )
+            check = "signature ok" if ok else "BAD SIGNATURE"
+        self.say(f"webhook {self.name} <- {line} ({check})")
+        return web.Response(text="ok")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post(self.path, self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def run_demo(
+    config_path: str, registry: Registry, say: Printer, *, signals: bool = True
+) -> None:
+    """Run emulators, receivers and the daemon on ``config_path`` until SIGINT/SIGTERM."""
+    config = load_config(config_path, registry)
+    emulators = emulators_for(config, registry)
+    receivers = [
+        DemoReceiver(name, action.url.get(), getattr(action, "secret", None), say)  # type: ignore[attr-defined]
+        for name, action in config.actions.items()
+        if action.plugin == "webhook" and loopback(urlsplit(action.url.get()).hostname or "")  # type: ignore[attr-defined]
+    ]
+    daemon = Daemon(config_path, registry)
+    async with contextlib.AsyncExitStack() as stack:
+        parts: list[Emulator | DemoReceiver] = [*emulators, *receivers]
+        for part in parts:
+            try:
+                await part.start()
+            except OSError as err:
+                raise UsageError(
+                    f"cannot listen for the demo: {err.strerror} ({err.filename or ''})"
+                ) from None
+            stack.push_async_callback(part.aclose)
+        for emulator in emulators:
+            say(f"{emulator.name} emulator on {emulator.url}")
+        say("tocsin is running on " + config_path + "; alerts print here. Ctrl-C stops.")
+        async with anyio.create_task_group() as tg:
+            if signals:
+                tg.start_soon(_stop_on_signal, daemon)
+            for emulator in emulators:
+                tg.start_soon(emulator.demo_traffic)
+            await daemon.run()
+            tg.cancel_scope.cancel()
+
+
+async def _stop_on_signal(daemon: Daemon) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        async for _ in received:
+            daemon.stop()
+            return
+
+
+async def run_emulator(
+    registry: Registry, provider: str, host: str, port: int, say: Printer
+) -> None:
+    """One emulator, standalone, with its demo traffic, until SIGINT/SIGTERM."""
+    if provider not in registry.emulators:
+        known = ", ".join(sorted(registry.emulators)) or "none installed"
+        raise UsageError(
+            f'no emulator "{provider}"{did_you_mean(provider, registry.emulators)} (known: {known})'
+        )
+    if not loopback(host):
+        raise UsageError(f"emulators listen on loopback only, not {host}")
+    import tomli_w
+
+    emulator = registry.emulator(provider)(host, port)
+    try:
+        await emulator.start()
+    except OSError as err:
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    try:
+        say(f"{provider} emulator on {emulator.url}; connect a daemon with:\n")
+        say(tomli_w.dumps({"sources": {provider: _plain(emulator.demo_source())}}))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(emulator.demo_traffic)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                async for _ in received:
+                    break
+            tg.cancel_scope.cancel()
+    finally:
+        await emulator.aclose()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def printer(stream: TextIO = sys.stdout) -> Printer:
+    def say(text: str) -> None:
+        print(text, file=stream, flush=True)
+
+    return say
