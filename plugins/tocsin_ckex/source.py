@@ -1,0 +1,302 @@
+"""The ckex source: a thin async loop around ``protocol``.
+
+Connect with the token in the query, register every market, send ``start``; treat any
+frame as liveness and reconnect after ``stale_after`` of silence; re-register every
+``resubscribe_every`` (the server stops quoting a market about an hour after it was
+registered) and after every reconnect. The server replays nothing, so each reconnect
+emits ``source.gap`` for the time the source was away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import TaskStatus
+from pydantic import Field, field_validator, model_validator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.frames import CloseCode
+
+from tocsin import (
+    Backoff,
+    ConfigModel,
+    Duration,
+    Secret,
+    SecretValue,
+    Source,
+    SourceConfig,
+    SourceContext,
+    format_duration,
+    utc_iso,
+)
+
+from .protocol import (
+    EVENT_TYPES,
+    MAX_FRAME,
+    Keepalive,
+    Market,
+    QuoteBook,
+    Quotes,
+    ServerError,
+    check_id,
+    connect_url,
+    event_time,
+    parse_frame,
+    quote_event,
+    redact_query,
+    register_command,
+    safe_url,
+    start_command,
+    token_expiry,
+)
+
+DEFAULT_URL = "wss://webapi.ckex.xyz/dev-f/quote/do-not-look-back"
+OPEN_TIMEOUT = 10.0
+ERROR_LOG_EVERY = 60.0  # at most one warning a minute for the server's error frames
+AUTH_REFUSED = (401, 403)  # 401 is what we expect; a gateway may well answer 403
+
+
+class MarketConfig(ConfigModel):
+    """One entry of ``markets``: a sportsbook ("chloe") or fancy market of an event."""
+
+    kind: Literal["sportsbook", "fancy"]
+    event_id: str
+    market_id: str
+
+    @field_validator("event_id", "market_id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return check_id(value)
+
+    def market(self) -> Market:
+        return Market(self.kind, self.event_id, self.market_id)
+
+
+class CkexConfig(SourceConfig):
+    """``[sources.NAME]`` with ``plugin = "ckex"``; unknown keys are errors."""
+
+    url: str = DEFAULT_URL
+    token: Secret
+    markets: list[MarketConfig] = Field(min_length=1)
+    resubscribe_every: Duration = Field(default=45 * 60.0, ge=1.0)
+    # No heartbeat interval is documented; the server sends "alive" frames: a minute of
+    # silence is a dead connection.
+    stale_after: Duration = Field(default=60.0, ge=1.0)
+
+    @field_validator("url")
+    @classmethod
+    def _websocket_url(cls, value: str) -> str:
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("expected a ws:// or wss:// URL")
+        if "authorization=" in value.lower():
+            raise ValueError(
+                "give the URL without the authorization query: the token goes in `token`"
+            )
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _bare_token(cls, value: SecretValue) -> SecretValue:
+        text = value.get()
+        if text.lower().startswith("bearer "):
+            raise ValueError('give the token without "bearer ": it is added on the wire')
+        if not text or any(c.isspace() for c in text):
+            raise ValueError("the token must be one non-empty word (a JWT)")
+        return value
+
+    @field_validator("resubscribe_every")
+    @classmethod
+    def _within_an_hour(cls, value: float) -> float:
+        if value > 3600:
+            raise ValueError(
+                "must be at most 1h: the server stops quoting a market about an hour after"
+                " it was registered"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_markets(self) -> CkexConfig:
+        seen: set[tuple[str, str]] = set()
+        for entry in self.markets:
+            key = (entry.event_id, entry.market_id)
+            if key in seen:
+                raise ValueError(f"markets: {entry.event_id}@{entry.market_id} is listed twice")
+            seen.add(key)
+        return self
+
+
+class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger for websockets with the token cut out: it logs request lines, query and all."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            kwargs.setdefault("stacklevel", 2)  # the record names websockets' line, not this
+            self.logger.log(level, "%s", redact_query(text), **kwargs)
+
+
+WEBSOCKETS_LOGGER = RedactingLogger(logging.getLogger("websockets.client"))
+
+
+class CkexSource(Source):
+    """Sportsbook and fancy quotes pushed by the ckex / uni247 interact ws."""
+
+    name = "ckex"
+    Config = CkexConfig
+    event_types = EVENT_TYPES
+
+    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+        super().__init__(config, ctx)
+        self.book = QuoteBook()  # kept across reconnects: a re-sent snapshot is no news
+        self.errors = 0  # error frames received
+        self._error_logged = -ERROR_LOG_EVERY
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        assert isinstance(config, CkexConfig)  # the daemon validated it with Config
+        backoff = Backoff(maximum=config.max_backoff)
+        started = False
+        lost_at = ""  # when the last good connection ended: the start of a gap
+        while True:
+            try:
+                url = connect_url(config.url, config.token.get())
+                async with connect(
+                    url, max_size=MAX_FRAME, open_timeout=OPEN_TIMEOUT, logger=WEBSOCKETS_LOGGER
+                ) as ws:
+                    await self._register(ws, config)
+                    await ws.send(start_command())
+                    backoff.connected()
+                    await self.ctx.up()
+                    if not started:
+                        task_status.started()  # once: the daemon's start-up waits for it
+                        started = True
+                    if lost_at:
+                        await self.ctx.gap(
+                            "reconnected; events while disconnected may be missed",
+                            since=lost_at,
+                            until=utc_iso(),
+                        )
+                        lost_at = ""
+                    await self._receive(ws, config, backoff)
+                wait = backoff.delay()  # silent for stale_after: reopen the connection
+            except Exception as err:  # never BaseException: cancellation must pass through
+                reason, only_the_user_can_fix = self._describe(err, config)
+                await self.ctx.down(reason)
+                # A refused token: retrying sooner cannot help; a rotated one (or a
+                # reload) is picked up at the next try.
+                wait = backoff.give_up_delay() if only_the_user_can_fix else backoff.delay()
+            if started and not lost_at:
+                lost_at = utc_iso()
+            await anyio.sleep(wait)
+
+    async def _register(self, ws: ClientConnection, config: CkexConfig) -> None:
+        """Register every market; the server acknowledges nothing, so sending is all."""
+        for entry in config.markets:
+            await ws.send(register_command(entry.market()))
+
+    async def _receive(self, ws: ClientConnection, config: CkexConfig, backoff: Backoff) -> None:
+        """Handle frames; return after ``stale_after`` of silence, raise when closed."""
+        last_frame = anyio.current_time()
+        next_register = last_frame + config.resubscribe_every
+        while True:
+            now = anyio.current_time()
+            raw: str | bytes | None = None
+            with anyio.move_on_after(min(last_frame + config.stale_after, next_register) - now):
+                raw = await ws.recv()
+            now = anyio.current_time()
+            if raw is None:
+                if now >= last_frame + config.stale_after:
+                    silence = format_duration(config.stale_after)
+                    await self.ctx.stale(f"nothing received for {silence}")
+                    return
+                if now >= next_register:
+                    # Quotes of a market stop about an hour after it was registered. The
+                    # start again costs nothing and suits a server that wants it after each.
+                    await self._register(ws, config)
+                    await ws.send(start_command())
+                    next_register = now + config.resubscribe_every
+                continue
+            last_frame = now
+            backoff.healthy()
+            await self._handle(raw)
+
+    async def _handle(self, raw: str | bytes) -> None:
+        try:
+            frame = parse_frame(raw)
+        except ValueError as err:
+            self.ctx.reject(str(err))  # a short fixed label, never frame content
+            return
+        if isinstance(frame, Keepalive):
+            return
+        if isinstance(frame, ServerError):
+            self._server_error(frame.message)
+            return
+        assert isinstance(frame, Quotes)
+        for _ in range(frame.invalid):
+            self.ctx.reject("malformed quote")
+        for quote in frame.quotes:
+            previous = self.book.news(quote)
+            if previous is None:
+                continue  # a repeated snapshot, or an out-of-order fancy quote
+            type_, data, id_ = quote_event(quote, previous)
+            ts = event_time(quote)
+            await self.ctx.emit(
+                self.ctx.event(type_, data, id=id_, time=utc_iso(ts) if ts is not None else "")
+            )
+
+    def _server_error(self, message: str) -> None:
+        """Count an error frame; the connection stays (the server keeps it open too)."""
+        self.errors += 1
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now - self._error_logged >= ERROR_LOG_EVERY:
+            level, self._error_logged = logging.WARNING, now
+        self.ctx.logger.log(
+            level,
+            "source %r: the server sent an error (%d so far): %s",
+            self.ctx.source,
+            self.errors,
+            self._scrub(message)[:200],
+        )
+
+    def _describe(self, err: Exception, config: CkexConfig) -> tuple[str, bool]:
+        """A reason for ``source.down`` (never the URL's query), and whether it is the token."""
+        if isinstance(err, InvalidStatus) and err.response.status_code in AUTH_REFUSED:
+            return self._refusal(err.response.status_code, config), True
+        return self._reason(err, config), False
+
+    def _reason(self, err: Exception, config: CkexConfig) -> str:
+        if isinstance(err, InvalidStatus):
+            status = err.response.status_code
+            return f"HTTP {status} at the WebSocket upgrade of {safe_url(config.url)}"
+        if isinstance(err, ConnectionClosed):
+            if err.sent is not None and err.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                self.ctx.reject("oversized frame")
+                return f"a frame over {MAX_FRAME} bytes"
+            close = err.rcvd or err.sent
+            if close is None:
+                return "connection lost"
+            return f"connection closed ({close.code} {self._scrub(close.reason)[:100]})".strip()
+        if isinstance(err, InvalidURI):
+            return f"invalid URL {safe_url(config.url)}"
+        if isinstance(err, TimeoutError):
+            return f"no answer from {safe_url(config.url)} within {format_duration(OPEN_TIMEOUT)}"
+        if isinstance(err, OSError) and err.strerror:
+            return f"{type(err).__name__}: {err.strerror}"
+        return self._scrub(f"{type(err).__name__}: {err}")[:300]
+
+    def _refusal(self, status: int, config: CkexConfig) -> str:
+        reason = f"the server refused the token (HTTP {status})"
+        expires = token_expiry(config.token.get())
+        if expires is not None and expires <= time.time():
+            reason += f"; it expired at {utc_iso(expires)}"
+        return reason
+
+    def _scrub(self, text: str) -> str:
+        config = self.config
+        assert isinstance(config, CkexConfig)
+        token = config.token.get()
+        return redact_query(text.replace(token, "***") if token else text)
