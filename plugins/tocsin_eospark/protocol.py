@@ -1,0 +1,392 @@
+"""EOSPark's WebSocket protocol as pure functions: parse frames, build messages, normalize.
+
+No I/O here (the client in ``source.py`` and the server in ``emulator.py`` are thin loops
+around these functions), so everything can be tested, and fuzzed, without a socket.
+
+Server frames all share one envelope, ``{"errno", "msg_type", "errmsg", "data"}``:
+``heartbeat``, ``subscribe``/``unsubscribe`` acks, ``data`` pushes (one transaction each)
+and ``auth`` refusals (403 bad key, 406 a second connection with the same key).
+See PROTOCOLS.md section 1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from tocsin import stable_id
+
+MAX_FRAME = 1024 * 1024
+"""Largest frame accepted (bytes): a transaction push is a few KiB."""
+
+MAX_ACCOUNTS = 5
+MAX_CONTRACTS = 5
+"""EOSPark's limits per connection (one connection per key, so per key too)."""
+
+EVENT_TYPE = "action"
+
+ERRNO_FORBIDDEN = 403
+ERRNO_REPEAT_CONNECTION = 406
+
+# An EOS name: up to 12 characters of a-z, 1-5 and '.', plus a 13th in a-j, 1-5.
+_EOS_NAME = re.compile(r"[a-z1-5.]{1,12}[a-j1-5]?")
+_ERRNO_TEXT = re.compile(r"-?[0-9]{1,9}")
+_MAX_ID_LEN = 256
+_MAX_TEXT = 200
+
+
+def is_eos_name(value: str) -> bool:
+    """Whether ``value`` is a valid EOS account, contract or action name."""
+    return _EOS_NAME.fullmatch(value) is not None
+
+
+# -- server -> client ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """``msg_type: heartbeat``; ``at`` is the server's local time (probably CST), as sent."""
+
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The answer to a (un)subscribe, legacy forms included; ``msg`` is the server's reason."""
+
+    msg_type: str
+    ok: bool
+    msg: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A frame with a non-zero ``errno``: ``auth`` 403/406, or an error of another type."""
+
+    errno: int
+    msg_type: str
+    errmsg: str
+
+    @property
+    def bad_key(self) -> bool:
+        return self.errno == ERRNO_FORBIDDEN
+
+    @property
+    def repeat_connection(self) -> bool:
+        return self.errno == ERRNO_REPEAT_CONNECTION
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One action of a pushed transaction, as the server gave it."""
+
+    account: str
+    name: str
+    authorization: list[dict[str, Any]]
+    data: Any  # the decoded args (an object), or whatever the server has when it has no ABI
+    hex_data: str
+    global_action_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A ``data`` push: one transaction and its actions, in order."""
+
+    trx_id: str
+    block_num: int | None
+    trx_timestamp: str
+    global_action_seq: int | None
+    actions: tuple[Action, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Other:
+    """A well-formed frame of a type this client does not use (liveness only)."""
+
+    msg_type: str
+
+
+Message = Heartbeat | Ack | Refusal | Transaction | Other
+
+
+def _text(value: object, limit: int = _MAX_TEXT) -> str:
+    """A server-provided string made safe to log: printable and bounded."""
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    text = "".join(ch if ch.isprintable() else " " for ch in text[: limit * 2])
+    return text[:limit]
+
+
+def _int(value: object) -> int | None:
+    """A non-negative integer from an int or a digit string, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        return int(value)
+    return None
+
+
+def load_json(raw: str | bytes) -> Any:
+    """``json.loads`` that raises only ``ValueError`` with a fixed message."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
+        raise ValueError("not JSON") from None
+
+
+def parse_frame(raw: str | bytes) -> Message:
+    """One server frame as a message, or ``ValueError`` with a short fixed reason.
+
+    The reason never quotes the frame: it is used as a reject label.
+    """
+    if len(raw) > MAX_FRAME:
+        raise ValueError("oversized frame")
+    frame = load_json(raw)
+    if not isinstance(frame, dict):
+        raise ValueError("not a JSON object")
+    msg_type = frame.get("msg_type")
+    if not isinstance(msg_type, str) or not msg_type:
+        raise ValueError("no msg_type")
+    errno = frame.get("errno", 0)
+    if isinstance(errno, str) and _ERRNO_TEXT.fullmatch(errno.strip()):
+        errno = int(errno.strip())  # tolerate "403"
+    if isinstance(errno, bool) or not isinstance(errno, int):
+        raise ValueError("bad errno")
+    if errno != 0:
+        return Refusal(errno, _text(msg_type, 40), _text(frame.get("errmsg")))
+    data = frame.get("data")
+    if msg_type == "heartbeat":
+        beat = data.get("heart_beat") if isinstance(data, dict) else None
+        return Heartbeat(_text(beat, 40))
+    if msg_type == "data":
+        return _transaction(data)
+    if msg_type.startswith(("subscribe", "unsubscribe")):
+        return _ack(msg_type, data)
+    return Other(_text(msg_type, 40))
+
+
+def _ack(msg_type: str, data: object) -> Ack:
+    # The seed's unsubscribe example says "subscribe", its field table "unsubscribe":
+    # accept either key; with neither, errno 0 means it worked.
+    if data is None:
+        return Ack(_text(msg_type, 40), True, "")
+    if not isinstance(data, dict):
+        raise ValueError("malformed ack")
+    ok = data.get("subscribe", data.get("unsubscribe", True))
+    if not isinstance(ok, bool):
+        raise ValueError("malformed ack")
+    return Ack(_text(msg_type, 40), ok, _text(data.get("msg")))
+
+
+def _transaction(data: object) -> Transaction:
+    if not isinstance(data, dict):
+        raise ValueError("data push without a transaction")
+    trx_id = data.get("trx_id")
+    if not isinstance(trx_id, str) or not trx_id or len(trx_id) > _MAX_ID_LEN:
+        raise ValueError("data push without a trx_id")
+    actions = data.get("actions")
+    if not isinstance(actions, list):
+        raise ValueError("data push without actions")
+    block_num = data.get("block_num")
+    if block_num is not None and (block_num := _int(block_num)) is None:
+        raise ValueError("bad block_num")
+    timestamp = data.get("trx_timestamp", "")
+    if not isinstance(timestamp, str):
+        raise ValueError("bad trx_timestamp")
+    return Transaction(
+        trx_id=trx_id,
+        block_num=block_num,
+        trx_timestamp=timestamp[:64],
+        global_action_seq=_int(data.get("global_action_seq")),
+        actions=tuple(_action(a) for a in actions),
+    )
+
+
+def _action(raw: object) -> Action:
+    if not isinstance(raw, dict):
+        raise ValueError("malformed action")
+    account, name = raw.get("account"), raw.get("name")
+    if not isinstance(account, str) or not account or not isinstance(name, str) or not name:
+        raise ValueError("malformed action")
+    authorization = raw.get("authorization", [])
+    if authorization is None:
+        authorization = []
+    if not isinstance(authorization, list) or not all(isinstance(a, dict) for a in authorization):
+        raise ValueError("malformed action")
+    hex_data = raw.get("hex_data", "")
+    if not isinstance(hex_data, str):
+        raise ValueError("malformed action")
+    return Action(
+        account=account,
+        name=name,
+        authorization=authorization,
+        data=raw.get("data"),
+        hex_data=hex_data,
+        global_action_seq=_int(raw.get("global_action_seq")),
+    )
+
+
+# -- normalization ---------------------------------------------------------------------
+
+
+class ActionEvent(NamedTuple):
+    """What one action becomes: an event's ``type``, ``id``, ``time`` and ``data``."""
+
+    type: str
+    id: str
+    time: str
+    data: dict[str, Any]
+
+
+def action_id(trx_id: str, action_index: int) -> str:
+    """An action is its transaction and its place in it: stable across re-sends."""
+    return stable_id("eospark", trx_id, action_index)
+
+
+def event_time(trx_timestamp: str) -> str:
+    """``"2018-11-06T06:30:50.000"`` (UTC, EOS block time) -> ``"2018-11-06T06:30:50.000Z"``.
+
+    An empty or unreadable timestamp gives ``""`` (the event then takes receipt time).
+    """
+    try:
+        moment = datetime.fromisoformat(trx_timestamp.strip())
+        if moment.tzinfo is None:  # EOS timestamps are UTC without a zone
+            moment = moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError, OSError):
+        return ""
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+        f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z"
+    )
+
+
+def normalize(trx: Transaction) -> list[ActionEvent]:
+    """One ``action`` event per action of ``trx`` (SPEC section 4)."""
+    time = event_time(trx.trx_timestamp)
+    out = []
+    for index, action in enumerate(trx.actions):
+        data: dict[str, Any] = {
+            "contract": action.account,
+            "action": action.name,
+            "authorization": action.authorization,
+            "args": action.data,
+            "hex_data": action.hex_data,
+            "trx_id": trx.trx_id,
+            "block_num": trx.block_num,
+            "trx_timestamp": trx.trx_timestamp,
+            "action_index": index,
+        }
+        # Seen on the transaction in real pushes; an action's own value is more precise.
+        seq = action.global_action_seq
+        if seq is None:
+            seq = trx.global_action_seq
+        if seq is not None:
+            data["global_action_seq"] = seq
+        out.append(ActionEvent(EVENT_TYPE, action_id(trx.trx_id, index), time, data))
+    return out
+
+
+class RecentIds:
+    """The last ``size`` event ids seen, to drop re-pushed actions before they are emitted.
+
+    The daemon never alerts twice on one id anyway; dropping here also keeps duplicates out
+    of counts (threshold rules) and metrics.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def seen(self, event_id: str) -> bool:
+        """True if ``event_id`` was seen before; remembers it either way."""
+        if event_id in self._ids:
+            self._ids.move_to_end(event_id)
+            return True
+        self._ids[event_id] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return False
+
+
+# -- client -> server ------------------------------------------------------------------
+
+
+def subscribe_message(accounts: Sequence[str], contracts: Sequence[str], action: str = "") -> str:
+    """Subscribe to ``action`` ("" = all) of ``contracts`` involving ``accounts``."""
+    return json.dumps(
+        {
+            "msg_type": "subscribe",
+            "account": ",".join(accounts),
+            "contract": ",".join(contracts),
+            "action_name": action,
+        }
+    )
+
+
+def unsubscribe_message(account: str, contract: str, action: str = "") -> str:
+    """Unsubscribe one account+contract pair (``action`` "" removes the whole pair)."""
+    return json.dumps(
+        {"msg_type": "unsubscribe", "account": account, "contract": contract, "action_name": action}
+    )
+
+
+def legacy_message(msg_type: str, name: str) -> str:
+    """The legacy ``subscribe_account``/``subscribe_contract``/``unsubscribe_account`` form."""
+    return json.dumps({"msg_type": msg_type, "name": name})
+
+
+# -- server side (the emulator) --------------------------------------------------------
+
+
+def envelope(msg_type: str, data: object = None, errno: int = 0, errmsg: str = "") -> str:
+    """A server frame in EOSPark's envelope; ``data`` is left out when None (auth errors)."""
+    frame: dict[str, Any] = {"errno": errno, "msg_type": msg_type, "errmsg": errmsg}
+    if data is not None:
+        frame["data"] = data
+    return json.dumps(frame)
+
+
+def refusal_frame(errno: int) -> str:
+    """The seed's ``auth`` refusals: 403 Forbidden, 406 No repeat connection."""
+    errmsg = "Forbidden" if errno == ERRNO_FORBIDDEN else "No repeat connection."
+    return envelope("auth", errno=errno, errmsg=errmsg)
+
+
+def heartbeat_frame(at: str) -> str:
+    return envelope("heartbeat", {"heart_beat": at})
+
+
+def ack_frame(msg_type: str, ok: bool, msg: str) -> str:
+    return envelope(msg_type, {"subscribe": ok, "msg": msg})
+
+
+def data_frame(trx: Mapping[str, Any]) -> str:
+    return envelope("data", dict(trx))
+
+
+def split_names(value: object) -> list[str]:
+    """``"a1, a2"`` or ``["a1", "a2"]`` -> ``["a1", "a2"]`` (order kept, no repeats)."""
+    parts: Iterable[object]
+    if isinstance(value, str):
+        parts = value.split(",")
+    elif isinstance(value, list):
+        parts = [
+            p for item in value for p in (item.split(",") if isinstance(item, str) else [item])
+        ]
+    else:
+        raise ValueError("expected a string or a list of strings")
+    names: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError("expected a string or a list of strings")
+        name = part.strip()
+        if name and name not in names:
+            names.append(name)
+    return names

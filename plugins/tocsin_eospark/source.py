@@ -1,0 +1,319 @@
+"""The EOSPark source: one WebSocket per API key, subscribed to EOS actions.
+
+A thin async loop around ``protocol``: connect with the key in the ``apikey`` upgrade
+header, send one ``subscribe`` per configured subscription, wait for every ack, then emit
+one ``action`` event per action of each pushed transaction. The server sends a heartbeat
+every 10 s; ``stale_after`` (default 30 s) of silence means the connection is dead.
+EOSPark cannot replay, so every reconnect emits ``source.gap``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Annotated, Any
+
+import anyio
+from anyio.abc import TaskStatus
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tocsin import (
+    Backoff,
+    ConfigModel,
+    Duration,
+    Secret,
+    Source,
+    SourceAuthError,
+    SourceConfig,
+    SourceContext,
+    SourceError,
+    format_duration,
+    utc_iso,
+)
+
+from .protocol import (
+    EVENT_TYPE,
+    MAX_ACCOUNTS,
+    MAX_CONTRACTS,
+    MAX_FRAME,
+    Ack,
+    Message,
+    RecentIds,
+    Refusal,
+    Transaction,
+    is_eos_name,
+    normalize,
+    parse_frame,
+    split_names,
+    subscribe_message,
+)
+
+DEFAULT_URL = "wss://ws.eospark.com/v1/ws"
+OPEN_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0  # a dead peer never answers the close handshake: do not wait long
+SUBSCRIBE_TIMEOUT = 10.0
+GAP_REASON = "reconnected; events while disconnected may be missed"
+
+_CLOSE_TOO_BIG = 1009
+_APIKEY_IN_QUERY = re.compile(r"(apikey=)[^&\s#]*", re.IGNORECASE)
+
+
+# -- config ----------------------------------------------------------------------------
+
+
+def _names(value: object) -> list[str]:
+    names = split_names(value)
+    if not names:
+        raise ValueError("must name at least one")
+    for name in names:
+        if not is_eos_name(name):
+            raise ValueError(
+                f"{name[:40]!r} is not an EOS name (up to 13 characters: a-z, 1-5 and '.')"
+            )
+    return names
+
+
+EOSNames = Annotated[list[str], BeforeValidator(_names)]
+
+
+class EOSParkSubscription(ConfigModel):
+    """One ``subscriptions`` entry: ``action`` of ``contract`` involving ``account``."""
+
+    account: EOSNames
+    contract: EOSNames
+    action: str = ""  # "" = every action
+
+    @field_validator("action")
+    @classmethod
+    def _action(cls, value: str) -> str:
+        value = value.strip()
+        if value and not is_eos_name(value):
+            raise ValueError(f'{value[:40]!r} is not an EOS action name (or "" for all)')
+        return value
+
+
+class EOSParkConfig(SourceConfig):
+    """``[sources.NAME]`` with ``plugin = "eospark"``; unknown keys are errors."""
+
+    url: str = DEFAULT_URL
+    api_key: Secret
+    subscriptions: list[EOSParkSubscription] = Field(min_length=1)
+    # The server's heartbeat comes every 10 s: three missed ones mean a dead connection.
+    stale_after: Duration = Field(default=30.0, ge=1.0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("expected a ws:// or wss:// URL")
+        if _APIKEY_IN_QUERY.search(value):
+            # URLs end up in logs; the key travels in a header instead.
+            raise ValueError("put the key in api_key, not in the URL")
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> EOSParkConfig:
+        accounts = unique(n for s in self.subscriptions for n in s.account)
+        contracts = unique(n for s in self.subscriptions for n in s.contract)
+        for what, names, limit in (
+            ("accounts", accounts, MAX_ACCOUNTS),
+            ("contracts", contracts, MAX_CONTRACTS),
+        ):
+            if len(names) > limit:
+                raise ValueError(
+                    f"subscriptions: EOSPark allows at most {limit} {what} on a connection"
+                    f" (one connection per API key); these name {len(names)}: {', '.join(names)}"
+                )
+        return self
+
+
+def unique(names: Any) -> list[str]:
+    """``names`` in order, without repeats."""
+    return list(dict.fromkeys(names))
+
+
+# -- logging ---------------------------------------------------------------------------
+
+
+def redact(args: tuple[object, ...]) -> tuple[object, ...]:
+    """Log arguments with the API key masked (an ``apikey`` header, ``?apikey=`` in a path)."""
+    if len(args) == 2 and isinstance(args[0], str) and args[0].lower() == "apikey":
+        return (args[0], "***")
+    return tuple(_APIKEY_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in args)
+
+
+class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
+    """For websockets, whose debug output shows every handshake header and the path."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        super().log(level, msg, *redact(args), **kwargs)
+
+
+_ws_logger = RedactingLogger(logging.getLogger("websockets.client"))
+
+
+# -- the source ------------------------------------------------------------------------
+
+
+def failure(err: Exception) -> tuple[str, bool]:
+    """Why a connection failed, and whether only the user can fix it (a refused key)."""
+    if isinstance(err, SourceAuthError):
+        return str(err), True
+    if isinstance(err, SourceError):
+        return str(err), False
+    if isinstance(err, InvalidStatus):
+        status = err.response.status_code
+        if status == 403:
+            return "EOSPark refused the API key (HTTP 403)", True
+        if status == 406:
+            return "EOSPark refused a second connection with this API key (HTTP 406)", False
+        return f"the handshake was answered with HTTP {status}", False
+    if isinstance(err, ConnectionClosed):
+        close = err.sent if err.sent is not None and err.sent.code == _CLOSE_TOO_BIG else err.rcvd
+        if close is None:
+            return "connection lost", False
+        said = "".join(ch for ch in close.reason[:100] if ch.isprintable())
+        return f"connection closed ({' '.join(filter(None, [str(int(close.code)), said]))})", False
+    if isinstance(err, TimeoutError):
+        return "timed out connecting", False
+    if isinstance(err, OSError):
+        return f"cannot connect: {err.strerror or type(err).__name__}", False
+    return f"{type(err).__name__}: {str(err)[:200]}", False
+
+
+def refusal_error(msg: Refusal) -> SourceError:
+    """The exception for a frame with a non-zero ``errno``."""
+    if msg.bad_key:
+        return SourceAuthError(f"EOSPark refused the API key ({msg.errno} {msg.errmsg})")
+    if msg.repeat_connection:
+        # Not the key's fault: the server may not have reaped our last connection yet.
+        return SourceError(
+            f"EOSPark refused a second connection with this API key ({msg.errno} {msg.errmsg})"
+        )
+    return SourceError(f"EOSPark error {msg.errno} on {msg.msg_type}: {msg.errmsg}")
+
+
+class EOSParkSource(Source):
+    """EOS actions pushed by EOSPark: one ``action`` event per action of a transaction."""
+
+    name = "eospark"
+    Config = EOSParkConfig
+    event_types = (EVENT_TYPE,)
+
+    def __init__(self, config: EOSParkConfig | SourceConfig, ctx: SourceContext) -> None:
+        if not isinstance(config, EOSParkConfig):
+            raise TypeError("EOSParkSource needs an EOSParkConfig")
+        super().__init__(config, ctx)
+        self.eospark = config
+        self.recent = RecentIds()
+        self._started = False
+        self._up = False  # the current connection is subscribed
+        self._last_frame = 0.0  # when the last frame arrived (unix seconds)
+        self._lost_since = ""  # start of the current gap, until the next subscription
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        backoff = Backoff(maximum=self.eospark.max_backoff)
+        while True:
+            try:
+                await self._connect(backoff, task_status)
+                wait = backoff.delay()  # went stale: reopen
+            except Exception as err:  # never BaseException: cancellation must pass through
+                if isinstance(err, ConnectionClosed) and (
+                    err.sent is not None and err.sent.code == _CLOSE_TOO_BIG
+                ):
+                    self.ctx.reject("oversized frame")
+                reason, only_user_can_fix = failure(err)
+                await self.ctx.down(reason)
+                wait = backoff.give_up_delay() if only_user_can_fix else backoff.delay()
+            if self._up:
+                self._up = False
+                self._lost_since = utc_iso(self._last_frame)
+            await anyio.sleep(wait)
+
+    async def _connect(self, backoff: Backoff, task_status: TaskStatus[None]) -> None:
+        """One connection: subscribe, then receive until it fails or goes stale."""
+        async with connect(
+            self.eospark.url,
+            additional_headers={"apikey": self.eospark.api_key.get()},
+            max_size=MAX_FRAME,
+            open_timeout=OPEN_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            logger=_ws_logger,
+        ) as ws:
+            self._last_frame = time.time()
+            messages = [
+                subscribe_message(s.account, s.contract, s.action)
+                for s in self.eospark.subscriptions
+            ]
+            try:
+                for message in messages:
+                    await ws.send(message)
+            except ConnectionClosed:
+                pass  # refused at once (403/406): the receive loop reads why, then raises
+            await self._receive(ws, backoff, task_status, pending=len(messages))
+
+    async def _receive(
+        self, ws: ClientConnection, backoff: Backoff, task_status: TaskStatus[None], pending: int
+    ) -> None:
+        """Handle frames; return after ``stale_after`` of silence, raise on any failure."""
+        stale_after = self.eospark.stale_after
+        ack_deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+        while True:
+            wait = stale_after
+            if pending:
+                wait = min(wait, max(0.0, ack_deadline - time.monotonic()))
+            raw: str | bytes | None = None
+            with anyio.move_on_after(wait):
+                raw = await ws.recv()
+            if raw is None:
+                if pending and time.monotonic() >= ack_deadline:
+                    raise SourceError(
+                        f"no answer to the subscription within {format_duration(SUBSCRIBE_TIMEOUT)}"
+                    )
+                await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
+                return
+            self._last_frame = time.time()
+            backoff.healthy()
+            try:
+                msg = parse_frame(raw)
+            except ValueError as err:
+                self.ctx.reject(f"malformed frame: {err}")
+                continue
+            pending = await self._handle(msg, pending, backoff, task_status)
+
+    async def _handle(
+        self, msg: Message, pending: int, backoff: Backoff, task_status: TaskStatus[None]
+    ) -> int:
+        """Act on one message; returns how many subscribe acks are still awaited."""
+        if isinstance(msg, Transaction):
+            for event in normalize(msg):
+                if not self.recent.seen(event.id):
+                    await self.ctx.emit(
+                        self.ctx.event(event.type, event.data, id=event.id, time=event.time)
+                    )
+        elif isinstance(msg, Refusal):
+            raise refusal_error(msg)
+        elif isinstance(msg, Ack) and msg.msg_type.startswith("subscribe") and pending:
+            if not msg.ok:
+                raise SourceError(
+                    f"EOSPark refused the subscription: {msg.msg or 'no reason given'}"
+                )
+            pending -= 1
+            if not pending:
+                await self._subscribed(backoff, task_status)
+        return pending
+
+    async def _subscribed(self, backoff: Backoff, task_status: TaskStatus[None]) -> None:
+        backoff.connected()
+        self._up = True
+        await self.ctx.up()
+        if not self._started:
+            self._started = True
+            task_status.started()  # once: the daemon's start-up waits for it
+        if self._lost_since:
+            # EOSPark does not replay: tell the rules which time range may be missing.
+            await self.ctx.gap(GAP_REASON, since=self._lost_since, until=utc_iso())
+            self._lost_since = ""
