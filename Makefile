@@ -23,10 +23,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
-# Until the provider plugins land: a dry run of rules.example.toml over sample events.
+# The bundled provider emulators on loopback and the daemon on rules.example.toml, live;
+# alerts print as they fire (the first within seconds). Ctrl-C stops it.
 demo: $(STAMP)
-	@TOCSIN_HOOK_SECRET=demo-secret $(BIN)/tocsin check -c rules.example.toml
-	@TOCSIN_HOOK_SECRET=demo-secret $(BIN)/tocsin test -c rules.example.toml examples/events.jsonl
+	@TOCSIN_HOOK_SECRET=demo-secret $(BIN)/tocsin demo -c rules.example.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

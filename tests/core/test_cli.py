@@ -62,6 +62,7 @@ def test_test_command_on_the_example(tmp_path: Path) -> None:
         str(ROOT / "rules.example.toml"),
         str(ROOT / "examples/events.jsonl"),
         TOCSIN_HOOK_SECRET="s",
+        TOCSIN_LOAD_PLUGINS="builtin,eospark,ewallet,ckex",  # the example's sources need them
     )
     assert run.returncode == 0, run.stderr
     assert "[firing] incoming transfer -> console, hook" in run.stdout

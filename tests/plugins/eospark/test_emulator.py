@@ -63,7 +63,7 @@ async def test_1_key_in_header_or_query_and_heartbeats(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="websockets.server")
     async with client(emulator.url, query=query) as ws:
-        beat = await next_frame(ws, "heartbeat", within=HEARTBEAT * 5)
+        beat = await next_frame(ws, "heartbeat", within=5)  # a bound, generous under load
     # The emulator's own logs show no key either (this test's plain client would).
     server_log = "\n".join(r.getMessage() for r in caplog.records if r.name == "websockets.server")
     assert "apikey" in server_log and KEY not in server_log

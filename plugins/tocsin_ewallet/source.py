@@ -1,0 +1,423 @@
+"""The eWallet source: joins Phoenix channels and emits consumption events.
+
+A thin async loop around ``protocol``: connect with the credentials in the upgrade
+headers, join every channel, heartbeat, and reconnect with ``Backoff`` when the socket
+dies, goes silent, or stops answering heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from anyio.abc import TaskStatus
+from pydantic import Field, field_validator, model_validator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tocsin import (
+    Backoff,
+    Duration,
+    Secret,
+    SecretValue,
+    Source,
+    SourceAuthError,
+    SourceConfig,
+    SourceContext,
+    SourceError,
+    format_duration,
+    utc_iso,
+)
+
+from .protocol import (
+    CLIENT_SCHEME,
+    CONSUMPTION_EVENTS,
+    PHOENIX_TOPIC,
+    PROVIDER_SCHEME,
+    RecentIds,
+    ReplyError,
+    authorization,
+    check_topic,
+    consumption_event,
+    heartbeat_message,
+    join_message,
+    parse_frame,
+    ref_key,
+    reply_error,
+    socket_kind,
+    upgrade_headers,
+)
+
+MAX_FRAME = 1 << 20  # a consumption is a few KiB; a bigger frame is a broken server
+OPEN_TIMEOUT = 10.0
+JOIN_TIMEOUT = 10.0  # Phoenix's push timeout
+SERVER_IDLE_TIMEOUT = 60.0  # the server closes a socket that sent nothing for 60 s
+GAP_REASON = "reconnected; events while disconnected may be missed"
+WS_MESSAGE_TOO_BIG = 1009
+
+
+class MaskAuthorization(logging.Filter):
+    """websockets logs every upgrade header at debug; the Authorization one is base64 of
+    the credentials, which no scrubber of the plain secrets would catch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() == "authorization":
+            record.args = (args[0], "***")
+        return True
+
+
+# A child of websockets' own logger, so the user's logging config for it still applies.
+WS_LOGGER = logging.getLogger("websockets.client.ewallet")
+WS_LOGGER.addFilter(MaskAuthorization())
+
+
+class EWalletConfig(SourceConfig):
+    """``[sources.NAME]`` with ``plugin = "ewallet"``; unknown keys are errors."""
+
+    url: str
+    api_key: Secret | None = None
+    auth_token: Secret | None = None
+    access_key: Secret | None = None
+    secret_key: Secret | None = None
+    channels: list[str] = Field(min_length=1)
+    heartbeat: Duration = Field(default=30.0, ge=0.1)
+
+    @field_validator("url")
+    @classmethod
+    def _socket_url(cls, value: str) -> str:
+        socket_kind(value)
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str]) -> list[str]:
+        for topic in value:
+            check_topic(topic)
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
+        return value
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _heartbeat(cls, value: float) -> float:
+        if value >= SERVER_IDLE_TIMEOUT:
+            raise ValueError("must be under 60s: the server closes a socket idle for 60 s")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EWalletConfig:
+        client = _pair(self.api_key, self.auth_token, "api_key", "auth_token")
+        provider = _pair(self.access_key, self.secret_key, "access_key", "secret_key")
+        if client and provider:
+            raise ValueError(
+                "give either api_key + auth_token (client API) or access_key + secret_key"
+                " (admin API), not both"
+            )
+        if not client and not provider:
+            raise ValueError(
+                "credentials missing: api_key + auth_token (client API) or"
+                " access_key + secret_key (admin API)"
+            )
+        kind = socket_kind(self.url)
+        if provider and kind == "client":
+            raise ValueError(
+                "access_key + secret_key work only on the admin socket (.../api/admin/socket);"
+                " the client socket takes api_key + auth_token"
+            )
+        if client and kind == "admin":
+            raise ValueError(
+                "api_key + auth_token work only on the client socket (.../api/client/socket);"
+                " the admin socket takes access_key + secret_key"
+            )
+        if self.stale_after <= self.heartbeat:
+            raise ValueError(
+                f"stale_after ({format_duration(self.stale_after)}) must be longer than"
+                f" heartbeat ({format_duration(self.heartbeat)}): the server is silent"
+                " between heartbeat replies"
+            )
+        return self
+
+    def authorization(self) -> str:
+        """The ``Authorization`` header value; reads the secrets, so call it only to send."""
+        if self.api_key is not None and self.auth_token is not None:
+            value = authorization(CLIENT_SCHEME, self.api_key.get(), self.auth_token.get())
+        else:
+            assert self.access_key is not None and self.secret_key is not None
+            value = authorization(PROVIDER_SCHEME, self.access_key.get(), self.secret_key.get())
+        SecretValue(value)  # registers the encoded form with the log scrubber too
+        return value
+
+
+def _pair(first: SecretValue | None, second: SecretValue | None, a: str, b: str) -> bool:
+    if (first is None) != (second is None):
+        given, missing = (a, b) if second is None else (b, a)
+        raise ValueError(f"{given} needs {missing}")
+    return first is not None
+
+
+class EWalletSource(Source):
+    """Consumption requests and finalizations pushed on eWallet channels."""
+
+    name = "ewallet"
+    Config = EWalletConfig
+    event_types = CONSUMPTION_EVENTS
+
+    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
+        if not isinstance(config, EWalletConfig):
+            raise TypeError("EWalletSource needs an EWalletConfig")
+        super().__init__(config, ctx)
+        self.settings = config
+        # Kept across connections: what was emitted lately (one broadcast reaches every
+        # joined topic it concerns), and the channels the server refused with the time
+        # they may be tried again (only the user can fix those: at most once per max_backoff).
+        self.recent = RecentIds()
+        self.refused: dict[str, tuple[float, ReplyError]] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        config = self.settings
+        backoff = Backoff(maximum=config.max_backoff)
+        started = False
+        lost_at = ""  # when the last good connection ended: the start of a gap
+        while True:
+            try:
+                async with connect(
+                    config.url,
+                    additional_headers=upgrade_headers(config.authorization()),
+                    max_size=MAX_FRAME,
+                    open_timeout=OPEN_TIMEOUT,
+                    ping_interval=None,  # the Phoenix heartbeat is the keepalive
+                    logger=WS_LOGGER,
+                ) as ws:
+                    session = _Session(self, ws)
+                    await session.join_all()
+                    backoff.connected()
+                    await self.ctx.up()
+                    if not started:
+                        task_status.started()  # once: the daemon's start-up waits for it
+                        started = True
+                    if lost_at:
+                        # The server replays nothing: say what may be missing.
+                        await self.ctx.gap(GAP_REASON, since=lost_at, until=utc_iso())
+                        lost_at = ""
+                    await session.receive(backoff)
+                wait = backoff.delay()  # silent or unanswered: reopen the connection
+            except SourceAuthError as err:
+                await self.ctx.down(str(err))
+                wait = backoff.give_up_delay()
+            except InvalidStatus as err:
+                status = err.response.status_code
+                if status in (401, 403):
+                    await self.ctx.down(
+                        f"the server refused the credentials or the Accept header (HTTP {status})"
+                    )
+                    wait = backoff.give_up_delay()
+                else:
+                    await self.ctx.down(f"the upgrade was answered with HTTP {status}")
+                    wait = backoff.delay()
+            except Exception as err:  # never BaseException: cancellation must pass through
+                await self.ctx.down(self._describe(err))
+                wait = backoff.delay()
+            if started and not lost_at:
+                lost_at = utc_iso()
+            await anyio.sleep(wait)
+
+    def _describe(self, err: Exception) -> str:
+        if isinstance(err, ConnectionClosed):
+            if err.sent is not None and err.sent.code == WS_MESSAGE_TOO_BIG:
+                self.ctx.reject("oversized frame")
+                return f"a frame over {MAX_FRAME} bytes closed the connection"
+            close = err.rcvd or err.sent
+            if close is None:
+                return "the connection was lost"
+            return f"the connection was closed ({close.code} {close.reason})".rstrip()
+        if isinstance(err, SourceError):
+            return str(err)
+        return f"{type(err).__name__}: {err}"
+
+    def channel_refused(self, topic: str, error: ReplyError, now: float) -> None:
+        """A join was refused: a config problem, warned about once, retried after max_backoff."""
+        self.refused[topic] = (now + self.settings.max_backoff, error)
+        level = logging.WARNING if (topic, error.code) not in self._warned else logging.DEBUG
+        self._warned.add((topic, error.code))
+        self.ctx.logger.log(
+            level,
+            "source %r: channel %s refused: %s%s; other channels keep running,"
+            " this one is tried again every %s",
+            self.ctx.source,
+            topic,
+            error.code,
+            f" ({error.description})" if error.description else "",
+            format_duration(self.settings.max_backoff),
+        )
+
+
+class _Session:
+    """One connection: its refs, joins and heartbeat."""
+
+    def __init__(self, source: EWalletSource, ws: ClientConnection) -> None:
+        self.source = source
+        self.ctx = source.ctx
+        self.config = source.settings
+        self.ws = ws
+        self._ref = 0
+        self.joined: set[str] = set()
+        self.joining: dict[str, tuple[str, float]] = {}  # ref -> (topic, reply deadline)
+        self.rejoin_at: dict[str, float] = {}  # topic -> when to join it again
+        self.rejoin_backoff: dict[str, Backoff] = {}
+        self.channel_lost: dict[str, str] = {}  # topic -> when its channel closed
+        self.heartbeat_ref: str | None = None
+
+    def next_ref(self) -> str:
+        self._ref += 1
+        return str(self._ref)
+
+    async def join(self, topic: str) -> None:
+        ref = self.next_ref()
+        self.joining[ref] = (topic, anyio.current_time() + JOIN_TIMEOUT)
+        await self.ws.send(join_message(topic, ref))
+
+    async def join_all(self) -> None:
+        """Join every channel not recently refused; raise if none could be joined."""
+        now = anyio.current_time()
+        for topic in self.config.channels:
+            retry_at = self.source.refused.get(topic, (0.0, None))[0]
+            if retry_at <= now:
+                await self.join(topic)
+            else:
+                self.rejoin_at[topic] = retry_at
+        while self.joining:
+            deadline = min(d for _, d in self.joining.values())
+            raw: str | bytes | None = None
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                raw = await self.ws.recv()
+            if raw is None:
+                raise SourceError(f"no reply to phx_join within {format_duration(JOIN_TIMEOUT)}")
+            await self.handle(raw)
+        if not self.joined:
+            raise SourceAuthError(f"no channel could be joined ({self.refusals()})")
+
+    async def receive(self, backoff: Backoff) -> None:
+        """Handle frames until the connection goes silent or a heartbeat goes unanswered."""
+        heartbeat, stale_after = self.config.heartbeat, self.config.stale_after
+        last_frame = anyio.current_time()
+        next_beat = last_frame + heartbeat
+        while True:
+            now = anyio.current_time()
+            if now - last_frame >= stale_after:
+                await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
+                return
+            if now >= next_beat:
+                if self.heartbeat_ref is not None:
+                    # phoenix.js's rule: no reply before the next beat is a dead socket.
+                    await self.ctx.stale(f"no heartbeat reply within {format_duration(heartbeat)}")
+                    return
+                self.heartbeat_ref = self.next_ref()
+                await self.ws.send(heartbeat_message(self.heartbeat_ref))
+                next_beat = now + heartbeat
+            for topic, when in list(self.rejoin_at.items()):
+                if when <= now:
+                    del self.rejoin_at[topic]
+                    await self.join(topic)
+            for topic, deadline in self.joining.values():
+                if deadline <= now:
+                    raise SourceError(f"no reply to joining {topic} within {JOIN_TIMEOUT:g}s")
+            wake = min(
+                [next_beat, last_frame + stale_after, *self.rejoin_at.values()]
+                + [d for _, d in self.joining.values()]
+            )
+            raw: str | bytes | None = None
+            with anyio.move_on_after(max(0.0, wake - now)):
+                raw = await self.ws.recv()
+            if raw is None:
+                continue
+            last_frame = anyio.current_time()
+            backoff.healthy()
+            for topic in self.joined:
+                self.rejoin_backoff[topic].healthy()
+            await self.handle(raw)
+            if self.nothing_joinable():
+                raise SourceAuthError(f"no channel could be joined ({self.refusals()})")
+
+    def nothing_joinable(self) -> bool:
+        """Nothing joined, nothing on its way, and every channel waits out a refusal."""
+        if self.joined or self.joining:
+            return False
+        return all(topic in self.source.refused for topic in self.rejoin_at)
+
+    def refusals(self) -> str:
+        return "; ".join(
+            f"{topic}: {error.code}" for topic, (_, error) in sorted(self.source.refused.items())
+        )
+
+    async def handle(self, raw: str | bytes) -> None:
+        try:
+            frame = parse_frame(raw)
+        except ValueError as err:
+            self.ctx.reject(f"malformed frame: {err}")
+            return
+        if frame.event == "phx_reply":
+            await self._reply(frame.topic, ref_key(frame.ref), frame.success, reply_error(frame))
+        elif frame.event in ("phx_error", "phx_close"):
+            self._channel_closed(frame.topic, frame.event)
+        elif frame.event in CONSUMPTION_EVENTS:
+            try:
+                event = consumption_event(frame)
+            except ValueError as err:
+                self.ctx.reject(f"malformed consumption: {err}")
+                return
+            if self.source.recent.seen(event.id):
+                return  # the same broadcast on another joined topic, or a duplicate
+            await self.ctx.emit(
+                self.ctx.event(event.type, event.data, id=event.id, time=event.time)
+            )
+        else:
+            self.ctx.logger.debug(
+                "source %r: ignored %s on %s", self.ctx.source, frame.event, frame.topic
+            )
+
+    async def _reply(self, topic: str, ref: str | None, success: bool, error: ReplyError) -> None:
+        if topic == PHOENIX_TOPIC and ref is not None and ref == self.heartbeat_ref:
+            self.heartbeat_ref = None
+            return
+        if ref is None or self.joining.get(ref, ("",))[0] != topic:
+            return  # a late reply to something already given up on
+        del self.joining[ref]
+        if success:
+            self.joined.add(topic)
+            self.source.refused.pop(topic, None)
+            self.rejoin_backoff.setdefault(
+                topic, Backoff(maximum=self.config.max_backoff)
+            ).connected()
+            lost = self.channel_lost.pop(topic, "")
+            if lost:
+                await self.ctx.gap(
+                    f"channel {topic} rejoined; its events while it was closed may be missed",
+                    since=lost,
+                    until=utc_iso(),
+                )
+        else:
+            now = anyio.current_time()
+            self.source.channel_refused(topic, error, now)
+            self.rejoin_at[topic] = now + self.config.max_backoff
+
+    def _channel_closed(self, topic: str, event: str) -> None:
+        if topic not in self.joined:
+            return
+        # The channel crashed (phx_error) or the server closed it (phx_close): rejoin
+        # it as phoenix.js does, with a backoff of its own.
+        self.joined.discard(topic)
+        self.channel_lost.setdefault(topic, utc_iso())
+        delay = self.rejoin_backoff.setdefault(
+            topic, Backoff(maximum=self.config.max_backoff)
+        ).delay()
+        self.rejoin_at[topic] = anyio.current_time() + delay
+        self.ctx.logger.warning(
+            "source %r: channel %s closed by the server (%s); rejoining in %s",
+            self.ctx.source,
+            topic,
+            event,
+            format_duration(delay),
+        )

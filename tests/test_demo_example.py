@@ -1,0 +1,58 @@
+"""``tocsin demo`` on rules.example.toml, as a new user runs it (ports moved to free ones)."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED_PORTS = re.compile(r"127\.0\.0\.1:(91\d\d)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_demo_shows_alerts_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    text = (ROOT / "rules.example.toml").read_text()
+    ports = {port: str(free_port()) for port in set(FIXED_PORTS.findall(text))}
+    assert ports, "rules.example.toml points its sources at fixed loopback ports"
+    config = tmp_path / "rules.toml"
+    config.write_text(FIXED_PORTS.sub(lambda m: "127.0.0.1:" + ports[m.group(1)], text))
+    env = {k: v for k, v in os.environ.items() if k != "TOCSIN_LOAD_PLUGINS"}
+    env["TOCSIN_HOOK_SECRET"] = "demo-secret"
+    started = time.monotonic()
+    with subprocess.Popen(
+        [sys.executable, "-m", "tocsin.cli", "demo", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        try:
+            while not any("signature ok" in line for line in seen):
+                assert time.monotonic() - started < 10, "no alert within 10 s:\n" + "".join(seen)
+                ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+                if ready:
+                    seen.append(proc.stdout.readline())
+            proc.send_signal(signal.SIGINT)
+            rest = proc.communicate(timeout=30)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, rest
+    output = "".join(seen) + rest
+    assert "Traceback" not in output
+    assert "emulator on ws://127.0.0.1:" in output
+    assert "ALERT [firing]" in output
