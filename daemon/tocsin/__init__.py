@@ -18,7 +18,15 @@ from .errors import (
     SourceError,
     TocsinError,
 )
-from .events import DAEMON_EVENT_TYPES, Event, get_path, split_path, stable_id, utc_iso
+from .events import (
+    DAEMON_EVENT_TYPES,
+    Event,
+    RecentIds,
+    get_path,
+    split_path,
+    stable_id,
+    utc_iso,
+)
 from .fields import ConfigModel, Duration, Secret, SecretValue, format_duration, parse_duration
 from .hookspecs import hookimpl, hookspec
 from .rulekind import Firing, RuleConfig, RuleKind
@@ -40,6 +48,7 @@ __all__ = [
     "PermanentDelivery",
     "PluginError",
     "Problem",
+    "RecentIds",
     "RetryPolicy",
     "RetryableDelivery",
     "RuleConfig",

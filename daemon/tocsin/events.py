@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time as _time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,3 +108,31 @@ def get_path(data: Any, parts: tuple[str, ...], default: Any = None) -> Any:
         if value is _MISSING:
             return default
     return value
+
+
+class RecentIds:
+    """A bounded memory of recently seen ids, the least recently seen forgotten first.
+
+    Sources use it to drop a re-pushed fact before emitting it (the daemon never alerts
+    twice on one alert id anyway; dropping early also keeps duplicates out of counts).
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ids
+
+    def seen(self, key: str) -> bool:
+        """True if ``key`` was seen recently; remembers it either way."""
+        if key in self._ids:
+            self._ids.move_to_end(key)
+            return True
+        self._ids[key] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +20,7 @@ import orjson
 
 from .action import Alert
 from .config import Config, RuleEntry
-from .events import Event, get_path, split_path, stable_id, utc_iso
+from .events import Event, RecentIds, get_path, split_path, stable_id, utc_iso
 from .plugins import Registry
 from .rulekind import Firing, RuleConfig, RuleKind
 
@@ -203,7 +203,7 @@ class Engine:
         self.generations: dict[tuple[str, str], int] = {}
         self._throttle: dict[tuple[str, str], float] = {}
         self.state_writes: list[tuple[str, str, str]] = []  # (rule, key, value) to persist
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._recent = RecentIds(_RECENT_ALERTS)
         self._warned: set[tuple[str, str]] = set()
         self.ticking = [r for r in self.index.rules if type(r.kind).on_tick is not RuleKind.on_tick]
 
@@ -319,7 +319,7 @@ class Engine:
             )
             if len(self._throttle) > _RECENT_ALERTS:
                 self._expire_throttles(now)
-        self._remember(alert_id)
+        self._recent.seen(alert_id)
         self.stats.alerts += 1
         return PendingAlert(
             alert=self.render(rule, firing.status, event, alert_id),
@@ -338,7 +338,7 @@ class Engine:
         key = (rule_name, event.id)
         self.generations[key] = self.generations.get(key, 0) + 1
         alert_id = stable_id(rule_name, firing_id, "retracted")
-        self._remember(alert_id)
+        self._recent.seen(alert_id)
         self.stats.alerts += 1
         return PendingAlert(
             alert=self.render(rule, "retracted", event, alert_id),
@@ -383,11 +383,6 @@ class Engine:
         level = logging.DEBUG if (rule.name, what) in self._warned else logging.WARNING
         self._warned.add((rule.name, what))
         log.log(level, "rule %r: %s failed: %s: %s", rule.name, what, type(err).__name__, err)
-
-    def _remember(self, alert_id: str) -> None:
-        self._recent[alert_id] = None
-        if len(self._recent) > _RECENT_ALERTS:
-            self._recent.popitem(last=False)
 
     def _expire_throttles(self, now: float) -> None:
         for key, last in list(self._throttle.items()):

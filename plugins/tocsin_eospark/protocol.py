@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -291,28 +290,6 @@ def normalize(trx: Transaction) -> list[ActionEvent]:
             data["global_action_seq"] = seq
         out.append(ActionEvent(EVENT_TYPE, action_id(trx.trx_id, index), time, data))
     return out
-
-
-class RecentIds:
-    """The last ``size`` event ids seen, to drop re-pushed actions before they are emitted.
-
-    The daemon never alerts twice on one id anyway; dropping here also keeps duplicates out
-    of counts (threshold rules) and metrics.
-    """
-
-    def __init__(self, size: int = 10_000) -> None:
-        self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def seen(self, event_id: str) -> bool:
-        """True if ``event_id`` was seen before; remembers it either way."""
-        if event_id in self._ids:
-            self._ids.move_to_end(event_id)
-            return True
-        self._ids[event_id] = None
-        if len(self._ids) > self.size:
-            self._ids.popitem(last=False)
-        return False
 
 
 # -- client -> server ------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -262,21 +261,3 @@ def provider_time(value: object) -> str:
     if not 1970 <= moment.year <= 9998:  # utc_iso's range, with room for the offset
         return ""
     return utc_iso(moment.timestamp())
-
-
-class RecentIds:
-    """A bounded memory of recently emitted event ids, oldest forgotten first."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def seen(self, event_id: str) -> bool:
-        """True if ``event_id`` was seen recently; remembers it either way."""
-        if event_id in self._ids:
-            self._ids.move_to_end(event_id)
-            return True
-        self._ids[event_id] = None
-        if len(self._ids) > self.size:
-            self._ids.popitem(last=False)
-        return False

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tocsin import (
     Backoff,
     Duration,
+    RecentIds,
     Secret,
     SecretValue,
     Source,
@@ -34,7 +35,6 @@ from .protocol import (
     CONSUMPTION_EVENTS,
     PHOENIX_TOPIC,
     PROVIDER_SCHEME,
-    RecentIds,
     ReplyError,
     authorization,
     check_topic,

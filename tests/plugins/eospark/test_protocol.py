@@ -13,7 +13,6 @@ from tocsin_eospark.protocol import (
     Ack,
     Heartbeat,
     Message,
-    RecentIds,
     Refusal,
     Transaction,
     action_id,
@@ -25,6 +24,8 @@ from tocsin_eospark.protocol import (
     subscribe_message,
     unsubscribe_message,
 )
+
+from tocsin import RecentIds
 
 from .conftest import fixture_json, fixture_text
 

@@ -14,7 +14,6 @@ from tocsin_ewallet.protocol import (
     ACCEPT,
     FINALIZED_EVENT,
     REQUEST_EVENT,
-    RecentIds,
     ServerFrame,
     authorization,
     check_topic,
@@ -30,6 +29,8 @@ from tocsin_ewallet.protocol import (
     socket_kind,
     upgrade_headers,
 )
+
+from tocsin import RecentIds
 
 
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.json")), ids=lambda p: p.stem)
