@@ -27,7 +27,15 @@ from .events import (
     stable_id,
     utc_iso,
 )
-from .fields import ConfigModel, Duration, Secret, SecretValue, format_duration, parse_duration
+from .fields import (
+    ConfigModel,
+    Duration,
+    Secret,
+    SecretValue,
+    format_duration,
+    parse_duration,
+    register_secret,
+)
 from .hookspecs import hookimpl, hookspec
 from .rulekind import Firing, RuleConfig, RuleKind
 from .source import Backoff, Source, SourceConfig, SourceContext
@@ -68,6 +76,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "parse_duration",
+    "register_secret",
     "split_path",
     "stable_id",
     "utc_iso",

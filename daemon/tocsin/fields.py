@@ -84,6 +84,12 @@ class _SecretRegistry:
 secret_registry = _SecretRegistry()
 
 
+def register_secret(value: str) -> None:
+    """Scrub ``value`` from every log line too: for a derived form of a secret that goes on
+    the wire (a base64 ``Authorization`` header, a URL-quoted token)."""
+    secret_registry.add(value)
+
+
 class SecretValue:
     """A secret string: ``str()``, ``repr()`` and formatting show ``***``; ``get()`` reveals."""
 

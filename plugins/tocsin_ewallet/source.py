@@ -27,6 +27,7 @@ from tocsin import (
     SourceContext,
     SourceError,
     format_duration,
+    register_secret,
     utc_iso,
 )
 
@@ -146,7 +147,7 @@ class EWalletConfig(SourceConfig):
         else:
             assert self.access_key is not None and self.secret_key is not None
             value = authorization(PROVIDER_SCHEME, self.access_key.get(), self.secret_key.get())
-        SecretValue(value)  # registers the encoded form with the log scrubber too
+        register_secret(value)  # the encoded form, which no scrubber of the plain secrets sees
         return value
 
 
