@@ -47,7 +47,8 @@ def test_demo_shows_alerts_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
                 if ready:
                     seen.append(proc.stdout.readline())
             proc.send_signal(signal.SIGINT)
-            rest = proc.communicate(timeout=30)[0]
+            proc.wait(timeout=30)
+            rest = proc.stdout.read()  # not communicate(): it skips what readline() buffered
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -56,3 +57,56 @@ def test_demo_shows_alerts_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
     assert "Traceback" not in output
     assert "emulator on ws://127.0.0.1:" in output
     assert "ALERT [firing]" in output
+
+
+def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TOCSIN_LOAD_PLUGINS"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "tocsin.cli", "emulate", "eospark", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 20
+        try:
+            while not any(line.startswith("[sources.eospark]") for line in lines):
+                assert time.monotonic() < deadline, "".join(lines)
+                ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+                if ready:
+                    lines.append(proc.stdout.readline())
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # it listens where it said
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            # read(), not communicate(): that reads the pipe past what readline() buffered
+            lines += proc.stdout.read().splitlines(keepends=True)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0
+    assert lines[0].startswith(f"eospark emulator on ws://127.0.0.1:{port}/")
+    assert f'url = "ws://127.0.0.1:{port}/v1/ws"\n' in lines
+
+
+def test_emulate_refuses_unknown_providers_and_other_addresses() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TOCSIN_LOAD_PLUGINS"}
+    run = subprocess.run(
+        [sys.executable, "-m", "tocsin.cli", "emulate", "eosprak"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert run.returncode == 2 and 'no emulator "eosprak" (did you mean "eospark"?)' in run.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "tocsin.cli", "emulate", "ckex", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "loopback only" in run.stderr and "Traceback" not in run.stderr

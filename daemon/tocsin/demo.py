@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import anyio
 import orjson
 from aiohttp import web
+from anyio.abc import TaskStatus
 
 from .config import Config, did_you_mean, load_config
 from .daemon import Daemon
@@ -126,32 +127,37 @@ async def run_demo(
         if action.plugin == "webhook" and loopback(urlsplit(action.url.get()).hostname or "")  # type: ignore[attr-defined]
     ]
     daemon = Daemon(config_path, registry)
-    async with contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        if signals:  # before anything is announced, so an early Ctrl-C is not lost
+            await tg.start(_on_signal, daemon.stop)
         parts: list[Emulator | DemoReceiver] = [*emulators, *receivers]
         for part in parts:
-            try:
-                await part.start()
-            except OSError as err:
-                raise UsageError(
-                    f"cannot listen for the demo: {err.strerror} ({err.filename or ''})"
-                ) from None
+            await _listen(part)
             stack.push_async_callback(part.aclose)
         for emulator in emulators:
             say(f"{emulator.name} emulator on {emulator.url}")
         say("tocsin is running on " + config_path + "; alerts print here. Ctrl-C stops.")
-        async with anyio.create_task_group() as tg:
-            if signals:
-                tg.start_soon(_stop_on_signal, daemon)
-            for emulator in emulators:
-                tg.start_soon(emulator.demo_traffic)
-            await daemon.run()
-            tg.cancel_scope.cancel()
+        for emulator in emulators:
+            tg.start_soon(emulator.demo_traffic)
+        await daemon.run()
+        tg.cancel_scope.cancel()
 
 
-async def _stop_on_signal(daemon: Daemon) -> None:
+async def _listen(part: Emulator | DemoReceiver) -> None:
+    try:
+        await part.start()
+    except OSError as err:
+        where = f"{part.host}:{part.port}"
+        raise UsageError(f"cannot listen on {where} for the demo: {err.strerror}") from None
+
+
+async def _on_signal(
+    stop: Callable[[], None], *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        task_status.started()
         async for _ in received:
-            daemon.stop()
+            stop()
             return
 
 
@@ -168,22 +174,20 @@ async def run_emulator(
         raise UsageError(f"emulators listen on loopback only, not {host}")
     import tomli_w
 
+    stopped = anyio.Event()
     emulator = registry.emulator(provider)(host, port)
-    try:
-        await emulator.start()
-    except OSError as err:
-        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    try:
-        say(f"{provider} emulator on {emulator.url}; connect a daemon with:\n")
-        say(tomli_w.dumps({"sources": {provider: _plain(emulator.demo_source())}}))
-        async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
+        await tg.start(_on_signal, stopped.set)  # before anything is announced
+        await _listen(emulator)
+        try:
+            say(f"{provider} emulator on {emulator.url}; connect a daemon with:\n")
+            say(tomli_w.dumps({"sources": {provider: _plain(emulator.demo_source())}}))
             tg.start_soon(emulator.demo_traffic)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-                async for _ in received:
-                    break
+            await stopped.wait()
             tg.cancel_scope.cancel()
-    finally:
-        await emulator.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await emulator.aclose()
 
 
 def _plain(value: Any) -> Any:
