@@ -15,10 +15,19 @@ import anyio
 import websockets
 from aiohttp import web
 from anyio.abc import TaskStatus
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 
 import tocsin_builtin
-from tocsin import Backoff, Emulator, Secret, Source, SourceAuthError, SourceConfig, hookimpl
+from tocsin import (
+    Backoff,
+    Emulator,
+    Secret,
+    Source,
+    SourceAuthError,
+    SourceConfig,
+    WebSocketEmulator,
+    hookimpl,
+)
 from tocsin.daemon import Daemon
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
 
@@ -40,10 +49,11 @@ async def wait_for(
 # -- a tiny push server and its source plugin ------------------------------------------
 
 
-class PushServer(Emulator):
+class PushServer(WebSocketEmulator):
     """A WebSocket server on 127.0.0.1 that pushes JSON frames to every connected client."""
 
     name = "testpush"
+    path = "/feed"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "s3cret-token") -> None:
         super().__init__(host, port)
@@ -51,15 +61,6 @@ class PushServer(Emulator):
         self.clients: set[ServerConnection] = set()
         self.connections = 0
         self.refused = 0
-        self._server: Any = None
-
-    async def start(self) -> None:
-        self._server = await serve(self._handler, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def aclose(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
 
     def demo_source(self) -> dict[str, Any]:
         return {"plugin": "testpush", "url": self.url, "token": self.token}
@@ -73,11 +74,7 @@ class PushServer(Emulator):
             )
             await anyio.sleep(0.05)
 
-    @property
-    def url(self) -> str:
-        return f"ws://{self.host}:{self.port}/feed"
-
-    async def _handler(self, ws: ServerConnection) -> None:
+    async def handle(self, ws: ServerConnection) -> None:
         if ws.request is None or ws.request.headers.get("Authorization") != f"Bearer {self.token}":
             self.refused += 1
             await ws.send(json.dumps({"error": "forbidden"}))

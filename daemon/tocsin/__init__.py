@@ -6,7 +6,7 @@ This module is the public API for plugin authors; everything else is private.
 from __future__ import annotations
 
 from .action import Action, ActionConfig, Alert, RetryPolicy, Target
-from .emulator import Emulator
+from .emulator import Emulator, WebSocketEmulator
 from .errors import (
     ConfigError,
     DeliveryError,
@@ -70,6 +70,7 @@ __all__ = [
     "SourceError",
     "Target",
     "TocsinError",
+    "WebSocketEmulator",
     "__version__",
     "format_duration",
     "get_path",

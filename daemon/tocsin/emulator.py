@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Self
 
+from websockets.asyncio.server import Server, ServerConnection, serve
+
 
 class Emulator:
     """A local server speaking one provider's protocol.
@@ -51,3 +53,40 @@ class Emulator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class WebSocketEmulator(Emulator):
+    """An emulator served by websockets: it owns the server's start, port and close.
+
+    Subclasses set ``path`` (what ``url`` ends with), implement ``handle`` (one client
+    connection) and may override ``serve_options`` (keyword arguments of websockets'
+    ``serve``: ``process_request``, ``max_size``, ``logger``, ``ping_interval``...).
+    """
+
+    path: ClassVar[str] = "/"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
+        self._server: Server | None = None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """Serve one client connection until it ends."""
+        raise NotImplementedError
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for websockets' ``serve``; none by default."""
+        return {}
+
+    async def start(self) -> None:
+        self._server = await serve(self.handle, self.host, self.port, **self.serve_options())
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}{self.path}"

@@ -33,11 +33,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tocsin import Emulator
+from tocsin import WebSocketEmulator
 
 from .protocol import (
     FANCY,
@@ -151,10 +151,12 @@ class _Market:
     items: dict[str, dict[str, str]] = field(default_factory=dict)  # product id -> wire item
 
 
-class CkexEmulator(Emulator):
+class CkexEmulator(WebSocketEmulator):
     """A protocol-faithful local ckex interact ws server, with controls for tests and demos."""
 
     name = "ckex"
+
+    path = PATH
 
     def __init__(
         self,
@@ -187,31 +189,16 @@ class CkexEmulator(Emulator):
         self.expired = 0  # registrations dropped after market_ttl
         self._markets: dict[tuple[str, str], _Market] = {}
         self._sessions: list[_Session] = []
-        self._server: Server | None = None
         self._logger = RedactingLogger(logging.getLogger("websockets.server"))
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._server = await serve(
-            self._handler,
-            self.host,
-            self.port,
-            process_request=self._check_request,
-            max_size=MAX_FRAME,
-            logger=self._logger,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.host}:{self.port}{PATH}"
+    def serve_options(self) -> dict[str, Any]:
+        return {
+            "process_request": self._check_request,
+            "max_size": MAX_FRAME,
+            "logger": self._logger,
+        }
 
     def token(self, *, expired: bool = False) -> str:
         """A token this emulator accepts, or one that expired an hour ago."""
@@ -342,7 +329,7 @@ class CkexEmulator(Emulator):
             return connection.respond(HTTPStatus.UNAUTHORIZED, f"{reason}\n")
         return None
 
-    async def _handler(self, ws: ServerConnection) -> None:
+    async def handle(self, ws: ServerConnection) -> None:
         self.connections += 1
         session = _Session(ws, self.connections, started=not self.require_start)
         self._sessions.append(session)

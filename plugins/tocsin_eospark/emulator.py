@@ -30,11 +30,11 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tocsin import Emulator
+from tocsin import WebSocketEmulator
 
 from .protocol import (
     ERRNO_FORBIDDEN,
@@ -179,10 +179,12 @@ class Client:
     heartbeats: bool = True
 
 
-class EOSParkEmulator(Emulator):
+class EOSParkEmulator(WebSocketEmulator):
     """A local EOSPark WebSocket server with control methods for tests and the demo."""
 
     name = "eospark"
+
+    path = PATHS[0]
 
     def __init__(
         self,
@@ -213,7 +215,6 @@ class EOSParkEmulator(Emulator):
         self.refused: Counter[int] = Counter()  # errno -> count (403, 406)
         self.received: list[Any] = []  # every client message, parsed (or the raw text)
         self.pushed = 0  # data frames sent
-        self._server: Server | None = None
         self._changed: anyio.Event | None = None  # set when subscriptions change
         self._log = RedactingLogger(logging.getLogger("websockets.server"))
 
@@ -221,25 +222,14 @@ class EOSParkEmulator(Emulator):
 
     async def start(self) -> None:
         self._changed = anyio.Event()
-        self._server = await serve(
-            self._handler,
-            self.host,
-            self.port,
-            process_request=self._process_request,
-            max_size=MAX_FRAME,
-            logger=self._log,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        await super().start()
 
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.host}:{self.port}/v1/ws"
+    def serve_options(self) -> dict[str, Any]:
+        return {
+            "process_request": self._process_request,
+            "max_size": MAX_FRAME,
+            "logger": self._log,
+        }
 
     # -- control -------------------------------------------------------------------------
 
@@ -299,7 +289,7 @@ class EOSParkEmulator(Emulator):
             return ws.respond(HTTPStatus.FORBIDDEN, refusal_frame(ERRNO_FORBIDDEN))
         return None
 
-    async def _handler(self, ws: ServerConnection) -> None:
+    async def handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         key = self._key(ws.request)
         errno = 0

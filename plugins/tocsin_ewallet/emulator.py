@@ -25,11 +25,11 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tocsin import Emulator
+from tocsin import WebSocketEmulator
 
 from .ledger import (
     FAILURES,
@@ -99,7 +99,7 @@ class _Conn:
     joined: dict[str, Any] = field(default_factory=dict)  # topic -> ref of its join
 
 
-class EWalletEmulator(Emulator):
+class EWalletEmulator(WebSocketEmulator):
     """The eWallet client and admin sockets on loopback, with control methods for tests.
 
     ``idle_timeout`` is the server's 60 s idle close; ``broken_client_channels`` makes
@@ -109,6 +109,8 @@ class EWalletEmulator(Emulator):
     """
 
     name = "ewallet"
+
+    path = CLIENT_PATH
 
     def __init__(
         self,
@@ -143,32 +145,17 @@ class EWalletEmulator(Emulator):
         self.live: set[_Conn] = set()
         self._numbers = itertools.count(1)
         self._pending: dict[ServerConnection, tuple[str, tuple[str, str]]] = {}
-        self._server: Server | None = None
         self._joins = asyncio.Event()  # set and replaced on every join
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._server = await serve(
-            self._handler,
-            self.host,
-            self.port,
-            process_request=self._process_request,
-            ping_interval=None,  # Cowboy never pings
-            max_size=1 << 20,
-            logger=SERVER_LOGGER,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.host}:{self.port}{CLIENT_PATH}"
+    def serve_options(self) -> dict[str, Any]:
+        return {
+            "process_request": self._process_request,
+            "ping_interval": None,  # Cowboy never pings
+            "max_size": 1 << 20,
+            "logger": SERVER_LOGGER,
+        }
 
     @property
     def admin_url(self) -> str:
@@ -376,7 +363,7 @@ class EWalletEmulator(Emulator):
             return ("admin", user)
         return None
 
-    async def _handler(self, ws: ServerConnection) -> None:
+    async def handle(self, ws: ServerConnection) -> None:
         kind, who = self._pending.pop(ws)
         conn = _Conn(next(self._numbers), ws, kind, who)
         self.connections += 1

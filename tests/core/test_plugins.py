@@ -9,7 +9,16 @@ import pytest
 import tocsin
 import tocsin_builtin
 from support import make_registry, write_config
-from tocsin import Action, Emulator, Event, Firing, RuleConfig, RuleKind, hookimpl
+from tocsin import (
+    Action,
+    Emulator,
+    Event,
+    Firing,
+    RuleConfig,
+    RuleKind,
+    WebSocketEmulator,
+    hookimpl,
+)
 from tocsin.config import load_config
 from tocsin.errors import ConfigError, PluginError
 from tocsin.plugins import build_registry, make_plugin_manager, plugin_versions
@@ -128,28 +137,14 @@ def test_entry_points_and_load_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_registry(make_plugin_manager()).actions == {}
 
 
-class Echo(Emulator):
+class Echo(WebSocketEmulator):
     """A minimal emulator: a WebSocket server that pushes one frame to each client."""
 
     name = "echo"
 
-    async def start(self) -> None:
-        from websockets.asyncio.server import serve
-
-        async def handler(ws: Any) -> None:
-            await ws.send('{"hello": "world"}')
-            await ws.wait_closed()
-
-        self._server = await serve(handler, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def aclose(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.host}:{self.port}/"
+    async def handle(self, ws: Any) -> None:
+        await ws.send('{"hello": "world"}')
+        await ws.wait_closed()
 
     def demo_source(self) -> dict[str, Any]:
         return {"plugin": "echo", "url": self.url}
@@ -169,6 +164,9 @@ async def test_emulators_are_registered_and_serve_on_loopback() -> None:
     assert registry.emulators["echo"].plugin == "EmulatorPlugin"
     async with registry.emulator("echo")() as emulator:
         assert emulator.port != 0
+        assert emulator.url == f"ws://127.0.0.1:{emulator.port}/"
         assert emulator.demo_source() == {"plugin": "echo", "url": emulator.url}
         async with websockets.connect(emulator.url) as ws:
             assert await ws.recv() == '{"hello": "world"}'
+    with pytest.raises(OSError):  # closed: nothing listens there any more
+        await websockets.connect(emulator.url, open_timeout=5)
