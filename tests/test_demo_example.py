@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,30 +23,48 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: every installed plugin loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TOCSIN_LOAD_PLUGINS"}
+    return {**env, **extra}
+
+
+def read_until(
+    proc: subprocess.Popen[str], done: Callable[[list[str]], bool], deadline: float, what: str
+) -> list[str]:
+    """Lines of ``proc``'s stdout until ``done(lines)``; fails at ``deadline`` (monotonic)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not done(lines):
+        assert time.monotonic() < deadline, f"{what}:\n" + "".join(lines)
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            lines.append(proc.stdout.readline())
+    return lines
+
+
 def test_demo_shows_alerts_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     text = (ROOT / "rules.example.toml").read_text()
     ports = {port: str(free_port()) for port in set(FIXED_PORTS.findall(text))}
     assert ports, "rules.example.toml points its sources at fixed loopback ports"
     config = tmp_path / "rules.toml"
     config.write_text(FIXED_PORTS.sub(lambda m: "127.0.0.1:" + ports[m.group(1)], text))
-    env = {k: v for k, v in os.environ.items() if k != "TOCSIN_LOAD_PLUGINS"}
-    env["TOCSIN_HOOK_SECRET"] = "demo-secret"
     started = time.monotonic()
     with subprocess.Popen(
         [sys.executable, "-m", "tocsin.cli", "demo", "-c", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=cli_env(TOCSIN_HOOK_SECRET="demo-secret"),
     ) as proc:
         assert proc.stdout is not None
-        seen: list[str] = []
         try:
-            while not any("signature ok" in line for line in seen):
-                assert time.monotonic() - started < 10, "no alert within 10 s:\n" + "".join(seen)
-                ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-                if ready:
-                    seen.append(proc.stdout.readline())
+            seen = read_until(
+                proc,
+                lambda lines: any("signature ok" in line for line in lines),
+                started + 10,
+                "no alert within 10 s",
+            )
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
             rest = proc.stdout.read()  # not communicate(): it skips what readline() buffered
@@ -61,23 +80,21 @@ def test_demo_shows_alerts_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
 
 def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TOCSIN_LOAD_PLUGINS"}
     with subprocess.Popen(
         [sys.executable, "-m", "tocsin.cli", "emulate", "eospark", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
+        env=cli_env(),
     ) as proc:
         assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 20
         try:
-            while not any(line.startswith("[sources.eospark]") for line in lines):
-                assert time.monotonic() < deadline, "".join(lines)
-                ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-                if ready:
-                    lines.append(proc.stdout.readline())
+            lines = read_until(
+                proc,
+                lambda lines: any(line.startswith("[sources.eospark]") for line in lines),
+                time.monotonic() + 20,
+                "no source table within 20 s",
+            )
             with socket.create_connection(("127.0.0.1", port), timeout=5):
                 pass  # it listens where it said
             proc.send_signal(signal.SIGINT)
@@ -93,7 +110,7 @@ def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
 
 
 def test_emulate_refuses_unknown_providers_and_other_addresses() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TOCSIN_LOAD_PLUGINS"}
+    env = cli_env()
     run = subprocess.run(
         [sys.executable, "-m", "tocsin.cli", "emulate", "eosprak"],
         capture_output=True,
