@@ -192,7 +192,6 @@ class Daemon:
         self._stop = anyio.Event()
         self._tg: TaskGroup | None = None
         self._send: MemoryObjectSendStream[Event | Checkpoint] | None = None
-        self.commit_failures = 0
         self.paused = ""
 
     # -- intake --------------------------------------------------------------------------
@@ -254,7 +253,6 @@ class Daemon:
                 break
             except StateError as err:
                 # Intake pauses (the stream fills and sources wait) until the disk takes it.
-                self.commit_failures += 1
                 self.paused = str(err)
                 log.error("cannot commit %d alert(s), intake paused: %s", len(rows), err)
                 await anyio.sleep(delay)

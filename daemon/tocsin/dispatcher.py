@@ -54,7 +54,6 @@ class Dispatcher:
         self.wall = wall
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self._wake: dict[str, anyio.Event] = {}
-        self._state_failures = 0
         self.stopping = False
         self.inflight = 0
         self._idle = anyio.Event()
@@ -170,7 +169,6 @@ class Dispatcher:
                 await self.store.call(op, *args)
                 return
             except StateError as err:
-                self._state_failures += 1
                 log.error("cannot record a delivery outcome, retrying: %s", err)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
