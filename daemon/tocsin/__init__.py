@@ -38,7 +38,8 @@ from .fields import (
 )
 from .hookspecs import hookimpl, hookspec
 from .rulekind import Firing, RuleConfig, RuleKind
-from .source import Backoff, Source, SourceConfig, SourceContext
+from .source import Backoff, ResumableSourceConfig, Source, SourceConfig, SourceContext
+from .wsclient import ScrubbingLogger, closed_for_size, failure_reason, printable
 
 __all__ = [
     "DAEMON_EVENT_TYPES",
@@ -57,10 +58,12 @@ __all__ = [
     "PluginError",
     "Problem",
     "RecentIds",
+    "ResumableSourceConfig",
     "RetryPolicy",
     "RetryableDelivery",
     "RuleConfig",
     "RuleKind",
+    "ScrubbingLogger",
     "Secret",
     "SecretValue",
     "Source",
@@ -72,11 +75,14 @@ __all__ = [
     "TocsinError",
     "WebSocketEmulator",
     "__version__",
+    "closed_for_size",
+    "failure_reason",
     "format_duration",
     "get_path",
     "hookimpl",
     "hookspec",
     "parse_duration",
+    "printable",
     "register_secret",
     "split_path",
     "stable_id",

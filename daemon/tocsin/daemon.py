@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -112,16 +113,25 @@ class SourceRunner(EventFactory):
             self.logger.warning("source %r is stale: %s", self.source, reason)
             await self._status("stale", "source.stale", reason)
 
-    async def gap(self, reason: str, since: str, until: str = "") -> None:
-        data = {
+    async def gap(
+        self,
+        reason: str,
+        since: str,
+        until: str = "",
+        *,
+        detail: Mapping[str, str | int] | None = None,
+    ) -> None:
+        extra = dict(detail or {})
+        data: dict[str, Any] = {
+            **extra,
             "source": self.source,
             "reason": reason,
             "since": since,
             "until": until or utc_iso(),
         }
-        await self.daemon.intake(
-            self.event("source.gap", data, id=stable_id(self.source, "gap", since, data["until"]))
-        )
+        self.logger.warning("source %r: events may be missing: %s", self.source, reason)
+        key = stable_id(self.source, "gap", since, data["until"], *map(str, extra.values()))
+        await self.daemon.intake(self.event("source.gap", data, id=key))
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1

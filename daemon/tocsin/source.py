@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
 import anyio
@@ -22,6 +23,13 @@ class SourceConfig(ConfigModel):
     enabled: bool = True
     stale_after: Duration = Field(default=60.0, ge=1.0)
     max_backoff: Duration = Field(default=300.0, ge=1.0)
+
+
+class ResumableSourceConfig(SourceConfig):
+    """Keys of a source that can fetch what it missed (SPEC section 3, "First start and resume")."""
+
+    backfill: bool = True
+    backfill_limit: int = Field(default=1000, ge=1, le=1_000_000)
 
 
 class SourceContext(Protocol):
@@ -61,8 +69,21 @@ class SourceContext(Protocol):
         """Nothing arrived for ``stale_after``: emits ``source.stale``."""
         ...
 
-    async def gap(self, reason: str, since: str, until: str = "") -> None:
-        """Events may have been missed between ``since`` and ``until``: emits ``source.gap``."""
+    async def gap(
+        self,
+        reason: str,
+        since: str,
+        until: str = "",
+        *,
+        detail: Mapping[str, str | int] | None = None,
+    ) -> None:
+        """Events may have been missed between ``since`` and ``until``: emits ``source.gap``.
+
+        ``since``/``until`` are times (ISO-8601 UTC; ``until`` defaults to now). A source
+        that counts in heights or sequence numbers names the missing range in ``detail``
+        (e.g. ``{"topic": "snapshot_block", "from_height": 120, "to_height": 1300}``), whose
+        fields are added to the event's data.
+        """
         ...
 
     def reject(self, reason: str) -> None:

@@ -12,7 +12,7 @@ local server with a ``RecordingContext`` in place of the daemon::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 
@@ -34,6 +34,7 @@ class RecordingContext(EventFactory):
         self.rejects: list[str] = []
         self.status: list[tuple[str, str]] = []
         self.cursors: dict[str, str] = {}
+        self.gaps: list[dict[str, str | int]] = []
         self.changed = anyio.Event()
 
     def _changed(self) -> None:
@@ -57,7 +58,15 @@ class RecordingContext(EventFactory):
     async def stale(self, reason: str) -> None:
         await self._status("stale", reason)
 
-    async def gap(self, reason: str, since: str, until: str = "") -> None:
+    async def gap(
+        self,
+        reason: str,
+        since: str,
+        until: str = "",
+        *,
+        detail: Mapping[str, str | int] | None = None,
+    ) -> None:
+        self.gaps.append({**(detail or {}), "reason": reason, "since": since, "until": until})
         await self._status("gap", f"{reason} since {since}")
 
     def reject(self, reason: str) -> None:

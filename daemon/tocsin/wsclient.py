@@ -1,0 +1,107 @@
+"""For sources built on websockets: a logger that keeps secrets out, and failure reasons.
+
+websockets logs the request line (query string and all) and every upgrade header at
+debug level. ``ScrubbingLogger`` formats each of those lines, masks the headers and query
+parameters a provider puts its credentials in, and passes the line through the secret
+registry, so even a handler that is not tocsin's own never sees a key.
+
+``failure_reason`` turns what websockets raises into the one-line reason of
+``SourceContext.down``; a provider's own cases (an HTTP status meaning "bad key") are
+checked by the source first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.frames import CloseCode
+
+from .errors import SourceError
+from .fields import format_duration, secret_registry
+
+__all__ = ["ScrubbingLogger", "closed_for_size", "failure_reason", "printable"]
+
+
+class ScrubbingLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger to pass as websockets' ``logger=``, with credentials masked.
+
+    ``headers`` names upgrade headers whose value is masked, ``query`` names query
+    parameters whose value is masked; every registered secret is masked as well.
+    """
+
+    def __init__(
+        self,
+        name: str = "websockets.client",
+        *,
+        headers: Iterable[str] = (),
+        query: Iterable[str] = (),
+    ) -> None:
+        super().__init__(logging.getLogger(name))
+        self.headers = frozenset(h.lower() for h in headers)
+        names = "|".join(re.escape(q) for q in query)
+        self._query = re.compile(rf"((?:^|[?&])(?:{names})=)[^&\s#]*", re.I) if names else None
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the configured query parameters and every registered secret masked."""
+        if self._query is not None:
+            text = self._query.sub(r"\1***", text)
+        return secret_registry.scrub(text)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        # websockets logs a header as ("> %s: %s", name, value).
+        if len(args) == 2 and isinstance(args[0], str) and args[0].lower() in self.headers:
+            args = (args[0], "***")
+        text = str(msg) % args if args else str(msg)
+        kwargs.setdefault("stacklevel", 2)  # the record names websockets' line, not this one
+        self.logger.log(level, "%s", self.scrub(text), **kwargs)
+
+
+def printable(text: str, limit: int = 100) -> str:
+    """``text`` cut to ``limit`` characters, without control characters (server-chosen text)."""
+    return "".join(ch for ch in text[:limit] if ch.isprintable())
+
+
+def closed_for_size(err: BaseException) -> bool:
+    """Whether websockets closed the connection because a frame exceeded ``max_size``."""
+    return (
+        isinstance(err, ConnectionClosed)
+        and err.sent is not None
+        and err.sent.code == CloseCode.MESSAGE_TOO_BIG
+    )
+
+
+def failure_reason(err: BaseException, *, open_timeout: float | None = None) -> str:
+    """Why a connection failed, in one line, for ``SourceContext.down``.
+
+    Never includes the URL (it may carry a credential) nor more than a short, printable
+    piece of what the server said; secrets are scrubbed.
+    """
+    if isinstance(err, SourceError):
+        reason = str(err)
+    elif isinstance(err, InvalidStatus):
+        reason = f"the WebSocket handshake was answered with HTTP {err.response.status_code}"
+    elif closed_for_size(err):
+        reason = "a frame over the size limit closed the connection"
+    elif isinstance(err, ConnectionClosed):
+        close = err.rcvd or err.sent
+        if close is None:
+            reason = "connection lost"
+        else:
+            said = printable(close.reason)
+            reason = f"connection closed ({' '.join(filter(None, [str(int(close.code)), said]))})"
+    elif isinstance(err, InvalidURI):
+        reason = "invalid URL"
+    elif isinstance(err, TimeoutError):
+        within = f" within {format_duration(open_timeout)}" if open_timeout else ""
+        reason = f"no answer{within}"
+    elif isinstance(err, OSError) and err.strerror:
+        reason = f"cannot connect: {err.strerror}"
+    else:
+        reason = f"{type(err).__name__}: {printable(str(err), 200)}"
+    return secret_registry.scrub(reason)
