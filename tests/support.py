@@ -103,7 +103,8 @@ class PushConfig(SourceConfig):
 
 
 class PushSource(Source):
-    """Test source: each frame is {"id", "type", "data", "removed"?}; reconnects with Backoff."""
+    """Test source: each frame is {"id", "type", "data", "removed"?}, or {"gap": {...}} for a
+    ``source.gap``; reconnects with Backoff."""
 
     name = "testpush"
     Config = PushConfig
@@ -129,6 +130,12 @@ class PushSource(Source):
                             raise SourceAuthError("the server refused the token")
                         try:
                             frame = json.loads(raw)
+                            if "gap" in frame:  # {"gap": {"reason", "since", "detail"?}}
+                                gap = frame["gap"]
+                                await self.ctx.gap(
+                                    gap["reason"], gap["since"], detail=gap.get("detail")
+                                )
+                                continue
                             event = self.ctx.event(
                                 frame["type"],
                                 frame["data"],

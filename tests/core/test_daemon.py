@@ -253,6 +253,32 @@ async def test_source_down_and_reconnect(tmp_path: Path) -> None:
         assert down["title"].startswith("feed: connection lost")
 
 
+async def test_gap_detail_reaches_rules_and_the_webhook(tmp_path: Path) -> None:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        rules = (
+            '[[rules]]\nname = "missed blocks"\ntype = "source.gap"\n'
+            'match = { topic = "snapshot_block" }\nactions = ["hook"]\n'
+            'title = "{{ source }} missed {{ from_height }}..{{ to_height }}"\n'
+        )
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url(), rules))
+        async with running(path):
+            await wait_for(lambda: server.clients)
+            detail = {"topic": "snapshot_block", "from_height": 120, "to_height": 1300}
+            await server.push({"gap": {"reason": "over the backfill limit", "since": "x"}})
+            await server.push(
+                {"gap": {"reason": "over the backfill limit", "since": "x", "detail": detail}}
+            )
+            await wait_for(lambda: receiver.ok(), what="the gap alert")
+        (request,) = receiver.ok()
+        body = request.json()
+        assert body["title"] == "feed missed 120..1300"
+        data = body["event"]["data"]
+        assert data["source"] == "feed"
+        assert data["reason"] == "over the backfill limit"
+        assert (data["since"], data["from_height"], data["to_height"]) == ("x", 120, 1300)
+        assert data["until"]  # now, when the source gives no end time
+
+
 async def test_reload_keeps_unchanged_source_and_refuses_bad_file(tmp_path: Path) -> None:
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))

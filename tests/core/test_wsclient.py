@@ -1,0 +1,84 @@
+"""tocsin.wsclient: the scrubbing logger for websockets and the failure reasons."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.frames import Close, CloseCode
+from websockets.http11 import Response
+
+from tocsin import ScrubbingLogger, SecretValue, SourceAuthError, failure_reason
+from tocsin.wsclient import closed_for_size, printable
+
+
+def test_scrubbing_logger_masks_headers_query_and_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    SecretValue("registered-s3cret")
+    logger = ScrubbingLogger("tocsin.test.ws", headers=["ApiKey"], query=["token", "apikey"])
+    with caplog.at_level(logging.DEBUG, logger="tocsin.test.ws"):
+        logger.debug("> GET %s HTTP/1.1", "/ws?x=1&token=abc.def&apikey=k3y#frag")
+        logger.debug("> %s: %s", "apikey", "header-value-1")
+        logger.debug("> %s: %s", "Host", "127.0.0.1")
+        logger.debug("< TEXT %s", '{"auth": "registered-s3cret"}')
+        logger.info("not shown at %s", "debug only")  # enabled too: same line rules
+    text = caplog.text
+    for leaked in ("abc.def", "k3y", "header-value-1", "registered-s3cret"):
+        assert leaked not in text
+    assert "/ws?x=1&token=***&apikey=***#frag" in text
+    assert "> apikey: ***" in text
+    assert "> Host: 127.0.0.1" in text
+    # The record points at the caller (websockets), not at the adapter.
+    assert {r.filename for r in caplog.records} == {"test_wsclient.py"}
+
+
+def test_scrubbing_logger_formats_nothing_when_disabled() -> None:
+    class Explodes:
+        def __str__(self) -> str:
+            raise AssertionError("formatted although the level is off")
+
+    logger = ScrubbingLogger("tocsin.test.quiet")
+    logger.logger.setLevel(logging.WARNING)
+    logger.debug("%s", Explodes())
+
+
+def _status(code: int) -> InvalidStatus:
+    return InvalidStatus(Response(code, "x", Headers()))
+
+
+@pytest.mark.parametrize(
+    ("err", "reason"),
+    [
+        (SourceAuthError("the server refused the key"), "the server refused the key"),
+        (_status(403), "the WebSocket handshake was answered with HTTP 403"),
+        (
+            ConnectionClosed(None, Close(CloseCode.MESSAGE_TOO_BIG, "too big")),
+            "a frame over the size limit closed the connection",
+        ),
+        (ConnectionClosed(Close(1011, "bye\x1b[31m"), None), "connection closed (1011 bye[31m)"),
+        (ConnectionClosed(Close(1000, ""), None), "connection closed (1000)"),
+        (ConnectionClosed(None, None), "connection lost"),
+        (InvalidURI("ws://x?token=1", "bad"), "invalid URL"),
+        (TimeoutError(), "no answer"),
+        (ConnectionRefusedError(111, "Connection refused"), "cannot connect: Connection refused"),
+        (ValueError("odd"), "ValueError: odd"),
+    ],
+)
+def test_failure_reason(err: Exception, reason: str) -> None:
+    assert failure_reason(err) == reason
+
+
+def test_failure_reason_scrubs_and_says_the_timeout() -> None:
+    SecretValue("tok-in-error-9")
+    assert failure_reason(ValueError("bad tok-in-error-9")) == "ValueError: bad ***"
+    assert failure_reason(TimeoutError(), open_timeout=10) == "no answer within 10s"
+
+
+def test_closed_for_size_and_printable() -> None:
+    assert closed_for_size(ConnectionClosed(None, Close(CloseCode.MESSAGE_TOO_BIG, "")))
+    assert not closed_for_size(ConnectionClosed(Close(CloseCode.MESSAGE_TOO_BIG, ""), None))
+    assert not closed_for_size(ValueError())
+    assert printable("a\nb\x00c" + "d" * 200, 5) == "abc"
