@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import logging
 import math
 import random
 import time
@@ -37,7 +36,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tocsin import WebSocketEmulator
+from tocsin import ScrubbingLogger, WebSocketEmulator
 
 from .protocol import (
     FANCY,
@@ -53,7 +52,6 @@ from .protocol import (
     parse_command,
     parse_time,
 )
-from .source import RedactingLogger
 
 PATH = "/dev-f/quote/do-not-look-back"
 DEMO_SECRET = "tocsin-ckex-emulator-secret"  # the demo's token is signed with it
@@ -189,7 +187,7 @@ class CkexEmulator(WebSocketEmulator):
         self.expired = 0  # registrations dropped after market_ttl
         self._markets: dict[tuple[str, str], _Market] = {}
         self._sessions: list[_Session] = []
-        self._logger = RedactingLogger(logging.getLogger("websockets.server"))
+        self._logger = ScrubbingLogger("websockets.server", query=["authorization"])
 
     # -- lifecycle --------------------------------------------------------------------
 

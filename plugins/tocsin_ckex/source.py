@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 from anyio.abc import TaskStatus
 from pydantic import Field, field_validator, model_validator
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
-from websockets.frames import CloseCode
+from websockets.exceptions import InvalidStatus, InvalidURI
 
 from tocsin import (
     Backoff,
     ConfigModel,
     Duration,
+    ScrubbingLogger,
     Secret,
     SecretValue,
     Source,
     SourceConfig,
     SourceContext,
+    closed_for_size,
+    failure_reason,
     format_duration,
     utc_iso,
 )
@@ -128,17 +130,8 @@ class CkexConfig(SourceConfig):
         return self
 
 
-class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
-    """A logger for websockets with the token cut out: it logs request lines, query and all."""
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        if self.isEnabledFor(level):
-            text = str(msg) % args if args else str(msg)
-            kwargs.setdefault("stacklevel", 2)  # the record names websockets' line, not this
-            self.logger.log(level, "%s", redact_query(text), **kwargs)
-
-
-WEBSOCKETS_LOGGER = RedactingLogger(logging.getLogger("websockets.client"))
+# websockets logs the request line, query (the token) and all, at debug level.
+WEBSOCKETS_LOGGER = ScrubbingLogger(query=["authorization"])
 
 
 class CkexSource(Source):
@@ -269,24 +262,16 @@ class CkexSource(Source):
         return self._reason(err, config), False
 
     def _reason(self, err: Exception, config: CkexConfig) -> str:
+        where = safe_url(config.url)
         if isinstance(err, InvalidStatus):
-            status = err.response.status_code
-            return f"HTTP {status} at the WebSocket upgrade of {safe_url(config.url)}"
-        if isinstance(err, ConnectionClosed):
-            if err.sent is not None and err.sent.code == CloseCode.MESSAGE_TOO_BIG:
-                self.ctx.reject("oversized frame")
-                return f"a frame over {MAX_FRAME} bytes"
-            close = err.rcvd or err.sent
-            if close is None:
-                return "connection lost"
-            return f"connection closed ({close.code} {self._scrub(close.reason)[:100]})".strip()
+            return f"HTTP {err.response.status_code} at the WebSocket upgrade of {where}"
         if isinstance(err, InvalidURI):
-            return f"invalid URL {safe_url(config.url)}"
+            return f"invalid URL {where}"
         if isinstance(err, TimeoutError):
-            return f"no answer from {safe_url(config.url)} within {format_duration(OPEN_TIMEOUT)}"
-        if isinstance(err, OSError) and err.strerror:
-            return f"{type(err).__name__}: {err.strerror}"
-        return self._scrub(f"{type(err).__name__}: {err}")[:300]
+            return f"no answer from {where} within {format_duration(OPEN_TIMEOUT)}"
+        if closed_for_size(err):
+            self.ctx.reject("oversized frame")
+        return self._scrub(failure_reason(err))
 
     def _refusal(self, status: int, config: CkexConfig) -> str:
         reason = f"the server refused the token (HTTP {status})"

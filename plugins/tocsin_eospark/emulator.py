@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import secrets
 import time
@@ -34,7 +33,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tocsin import WebSocketEmulator
+from tocsin import ScrubbingLogger, WebSocketEmulator
 
 from .protocol import (
     ERRNO_FORBIDDEN,
@@ -46,7 +45,6 @@ from .protocol import (
     heartbeat_frame,
     refusal_frame,
 )
-from .source import RedactingLogger
 
 DEMO_KEY = "demo-eospark-key"
 DEMO_ACCOUNT = "myaccount"
@@ -216,7 +214,7 @@ class EOSParkEmulator(WebSocketEmulator):
         self.received: list[Any] = []  # every client message, parsed (or the raw text)
         self.pushed = 0  # data frames sent
         self._changed: anyio.Event | None = None  # set when subscriptions change
-        self._log = RedactingLogger(logging.getLogger("websockets.server"))
+        self._log = ScrubbingLogger("websockets.server", headers=["apikey"], query=["apikey"])
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ EOSPark cannot replay, so every reconnect emits ``source.gap``.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from typing import Annotated, Any
@@ -25,12 +24,15 @@ from tocsin import (
     ConfigModel,
     Duration,
     RecentIds,
+    ScrubbingLogger,
     Secret,
     Source,
     SourceAuthError,
     SourceConfig,
     SourceContext,
     SourceError,
+    closed_for_size,
+    failure_reason,
     format_duration,
     utc_iso,
 )
@@ -57,7 +59,6 @@ CLOSE_TIMEOUT = 2.0  # a dead peer never answers the close handshake: do not wai
 SUBSCRIBE_TIMEOUT = 10.0
 GAP_REASON = "reconnected; events while disconnected may be missed"
 
-_CLOSE_TOO_BIG = 1009
 _APIKEY_IN_QUERY = re.compile(r"(apikey=)[^&\s#]*", re.IGNORECASE)
 
 
@@ -135,53 +136,23 @@ def unique(names: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-# -- logging ---------------------------------------------------------------------------
+# -- logging and failures --------------------------------------------------------------
 
-
-def redact(args: tuple[object, ...]) -> tuple[object, ...]:
-    """Log arguments with the API key masked (an ``apikey`` header, ``?apikey=`` in a path)."""
-    if len(args) == 2 and isinstance(args[0], str) and args[0].lower() == "apikey":
-        return (args[0], "***")
-    return tuple(_APIKEY_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in args)
-
-
-class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
-    """For websockets, whose debug output shows every handshake header and the path."""
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        super().log(level, msg, *redact(args), **kwargs)
-
-
-_ws_logger = RedactingLogger(logging.getLogger("websockets.client"))
-
-
-# -- the source ------------------------------------------------------------------------
+# websockets logs every handshake header (the key is one) and the path at debug level.
+WS_LOGGER = ScrubbingLogger(headers=["apikey"], query=["apikey"])
 
 
 def failure(err: Exception) -> tuple[str, bool]:
     """Why a connection failed, and whether only the user can fix it (a refused key)."""
     if isinstance(err, SourceAuthError):
         return str(err), True
-    if isinstance(err, SourceError):
-        return str(err), False
     if isinstance(err, InvalidStatus):
         status = err.response.status_code
         if status == 403:
             return "EOSPark refused the API key (HTTP 403)", True
         if status == 406:
             return "EOSPark refused a second connection with this API key (HTTP 406)", False
-        return f"the handshake was answered with HTTP {status}", False
-    if isinstance(err, ConnectionClosed):
-        close = err.sent if err.sent is not None and err.sent.code == _CLOSE_TOO_BIG else err.rcvd
-        if close is None:
-            return "connection lost", False
-        said = "".join(ch for ch in close.reason[:100] if ch.isprintable())
-        return f"connection closed ({' '.join(filter(None, [str(int(close.code)), said]))})", False
-    if isinstance(err, TimeoutError):
-        return "timed out connecting", False
-    if isinstance(err, OSError):
-        return f"cannot connect: {err.strerror or type(err).__name__}", False
-    return f"{type(err).__name__}: {str(err)[:200]}", False
+    return failure_reason(err, open_timeout=OPEN_TIMEOUT), False
 
 
 def refusal_error(msg: Refusal) -> SourceError:
@@ -221,9 +192,7 @@ class EOSParkSource(Source):
                 await self._connect(backoff, task_status)
                 wait = backoff.delay()  # went stale: reopen
             except Exception as err:  # never BaseException: cancellation must pass through
-                if isinstance(err, ConnectionClosed) and (
-                    err.sent is not None and err.sent.code == _CLOSE_TOO_BIG
-                ):
+                if closed_for_size(err):
                     self.ctx.reject("oversized frame")
                 reason, only_user_can_fix = failure(err)
                 await self.ctx.down(reason)
@@ -241,7 +210,7 @@ class EOSParkSource(Source):
             max_size=MAX_FRAME,
             open_timeout=OPEN_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
-            logger=_ws_logger,
+            logger=WS_LOGGER,
         ) as ws:
             self._last_frame = time.time()
             messages = [

@@ -18,7 +18,6 @@ import base64
 import binascii
 import itertools
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tocsin import WebSocketEmulator
+from tocsin import ScrubbingLogger, WebSocketEmulator
 
 from .ledger import (
     FAILURES,
@@ -51,7 +50,6 @@ from .protocol import (
     error_object,
     server_frame,
 )
-from .source import MaskAuthorization
 
 DEMO_API_KEY = "demo-api-key-8Fq2"
 DEMO_AUTH_TOKEN = "demo-auth-token-Zr61"
@@ -63,8 +61,7 @@ FORBIDDEN = ("websocket:forbidden_channel", "You don't have access to this chann
 INVALID = ("client:invalid_parameter", "Invalid parameter provided.")
 CONNECT_ERROR = "websocket:connect_error"
 # The emulator logs received headers at debug like any websockets server: mask the credentials.
-SERVER_LOGGER = logging.getLogger("websockets.server.ewallet")
-SERVER_LOGGER.addFilter(MaskAuthorization())
+SERVER_LOGGER = ScrubbingLogger("websockets.server.ewallet", headers=["authorization"])
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 

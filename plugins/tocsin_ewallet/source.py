@@ -13,12 +13,13 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import Field, field_validator, model_validator
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from tocsin import (
     Backoff,
     Duration,
     RecentIds,
+    ScrubbingLogger,
     Secret,
     SecretValue,
     Source,
@@ -26,6 +27,8 @@ from tocsin import (
     SourceConfig,
     SourceContext,
     SourceError,
+    closed_for_size,
+    failure_reason,
     format_duration,
     register_secret,
     utc_iso,
@@ -57,20 +60,9 @@ GAP_REASON = "reconnected; events while disconnected may be missed"
 WS_MESSAGE_TOO_BIG = 1009
 
 
-class MaskAuthorization(logging.Filter):
-    """websockets logs every upgrade header at debug; the Authorization one is base64 of
-    the credentials, which no scrubber of the plain secrets would catch."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() == "authorization":
-            record.args = (args[0], "***")
-        return True
-
-
 # A child of websockets' own logger, so the user's logging config for it still applies.
-WS_LOGGER = logging.getLogger("websockets.client.ewallet")
-WS_LOGGER.addFilter(MaskAuthorization())
+# The Authorization header is base64 of the credentials: masked by name, whatever it holds.
+WS_LOGGER = ScrubbingLogger("websockets.client.ewallet", headers=["authorization"])
 
 
 class EWalletConfig(SourceConfig):
@@ -226,17 +218,9 @@ class EWalletSource(Source):
             await anyio.sleep(wait)
 
     def _describe(self, err: Exception) -> str:
-        if isinstance(err, ConnectionClosed):
-            if err.sent is not None and err.sent.code == WS_MESSAGE_TOO_BIG:
-                self.ctx.reject("oversized frame")
-                return f"a frame over {MAX_FRAME} bytes closed the connection"
-            close = err.rcvd or err.sent
-            if close is None:
-                return "the connection was lost"
-            return f"the connection was closed ({close.code} {close.reason})".rstrip()
-        if isinstance(err, SourceError):
-            return str(err)
-        return f"{type(err).__name__}: {err}"
+        if closed_for_size(err):
+            self.ctx.reject("oversized frame")
+        return failure_reason(err, open_timeout=OPEN_TIMEOUT)
 
     def channel_refused(self, topic: str, error: ReplyError, now: float) -> None:
         """A join was refused: a config problem, warned about once, retried after max_backoff."""

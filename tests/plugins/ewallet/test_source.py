@@ -238,7 +238,7 @@ async def test_dropped_connection_reconnects_and_rejoins(emulator: EWalletEmulat
         await emulator.request_consumption()
         await ctx.wait_until(lambda: len(ctx.events) == 1)
     assert ctx.states() == ["up", "down", "up", "gap"]
-    assert ctx.status[1] == ("down", "the connection was closed (1011 dropped by the emulator)")
+    assert ctx.status[1] == ("down", "connection closed (1011 dropped by the emulator)")
 
 
 async def test_crashed_channel_is_rejoined(emulator: EWalletEmulator) -> None:
