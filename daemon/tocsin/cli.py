@@ -24,7 +24,7 @@ from .events import Event
 from .logs import LEVELS, setup_logging
 from .notify import Notifier
 from .plugins import Registry, build_registry, make_plugin_manager, plugin_versions
-from .rules import Engine, compile_rules
+from .rules import Engine, PendingAlert, compile_rules
 from .store import DEAD, PENDING, Store
 
 
@@ -125,13 +125,24 @@ def _event_clock(event: Event) -> float:
 def cmd_test(args: argparse.Namespace) -> int:
     _config, engine = _load(args, _registry())
     now = [0.0]
-    engine.clock = engine.wall = lambda: now[0]  # throttles follow the events' own times
+    # Throttles and windows follow the events' own times, so a file replays as it happened.
+    engine.clock = engine.wall = lambda: now[0]
     path = Path(args.events)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror}") from None
     events = fired = bad = 0
+
+    def show(where: str, pending: PendingAlert) -> None:
+        alert = pending.alert
+        print(
+            f"{where}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}"
+        )
+        print(f"    title: {alert.title}")
+        for body_line in alert.body.splitlines() or [""]:
+            print(f"    body:  {body_line}")
+
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -142,16 +153,24 @@ def cmd_test(args: argparse.Namespace) -> int:
             print(f"{path}:{number}: skipped: {err}", file=sys.stderr)
             continue
         events += 1
-        now[0] = _event_clock(event)
-        for pending in engine.process(event):
+        now[0] = max(now[0], _event_clock(event))  # never backwards, as in the daemon
+        where = f"{path}:{number}"
+        for pending in engine.tick():  # what time alone caused before this event
             fired += 1
-            alert = pending.alert
-            print(
-                f"{path}:{number}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}"
-            )
-            print(f"    title: {alert.title}")
-            for body_line in alert.body.splitlines() or [""]:
-                print(f"    body:  {body_line}")
+            show(f"{where} (before)", pending)
+        engine.suppressed.clear()
+        alerts = engine.process(event)
+        for pending in alerts:
+            fired += 1
+            show(where, pending)
+        sent = {p.alert.rule for p in alerts}
+        for rule, reason, state in engine.explain(event):
+            if rule in sent:
+                if state:
+                    print(f"    {rule}: {state}")
+                continue
+            why = reason or engine.suppressed.get(rule) or state or "matched; no alert yet"
+            print(f"{where}: no alert from {rule!r}: {why}")
     stats = engine.stats
     print(
         f"{events} event(s), {fired} alert(s) would be sent"

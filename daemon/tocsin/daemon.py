@@ -252,7 +252,7 @@ class Daemon:
     async def _commit(
         self, alerts: list[PendingAlert], cursors: list[tuple[str, str, str]]
     ) -> None:
-        state, self.engine.state_writes = self.engine.state_writes, []
+        state = self.engine.take_state()
         if not alerts and not cursors and not state:
             return
         rows = [self._new_alert(p) for p in alerts]

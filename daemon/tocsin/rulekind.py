@@ -80,7 +80,18 @@ class RuleKind:
 
     The engine has already checked ``source``, ``type``, every ``match`` key and ``when``
     before ``on_event`` is called; ``group_key`` is the rule's ``group_by`` values.
-    A kind holding state over time overrides ``on_tick``, called about once a second.
+    ``now`` is the engine's clock in seconds: wall-clock time at start-up that then runs
+    monotonically, so it survives a restart (it is comparable with saved times) and a
+    wall-clock jump never stretches or shrinks a window. Tests inject their own clock.
+
+    A kind holding state over time also overrides:
+
+    - ``on_tick``, called about once a second, for what time alone causes (a window
+      draining, silence);
+    - ``state_changes`` and ``load_state``, so the engine persists each group's state in
+      the state database with the alerts it caused, and gives it back after a restart
+      (only while the rule is unchanged; a changed rule starts fresh);
+    - ``explain``, a short account of a group's state for ``tocsin test``.
     """
 
     name: ClassVar[str]
@@ -90,9 +101,25 @@ class RuleKind:
         self.config = config
 
     def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
-        """Alerts caused by one matching event (``now`` is the engine's clock, seconds)."""
+        """Alerts caused by one matching event."""
         raise NotImplementedError
 
     def on_tick(self, now: float) -> list[Firing]:
         """Alerts caused by time passing (a window closing, silence); none by default."""
         return []
+
+    def state_changes(self) -> list[tuple[str, Any]]:
+        """``(group_key, state)`` for every group changed since the last call.
+
+        ``state`` is anything ``orjson`` can encode, or ``None`` when the group's state is
+        gone (expired): its saved row is deleted. Called after each batch of events and
+        each tick, so the saved state commits together with the alerts it caused.
+        """
+        return []
+
+    def load_state(self, group_key: str, state: Any) -> None:
+        """Take back a group's saved ``state`` at start-up (before any event or tick)."""
+
+    def explain(self, group_key: str, now: float) -> str:
+        """A short account of a group's state (``"3 of 5 within 10m"``); empty by default."""
+        return ""

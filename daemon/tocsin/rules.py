@@ -21,6 +21,7 @@ import orjson
 from .action import Alert
 from .config import Config, RuleEntry
 from .events import Event, RecentIds, get_path, split_path, stable_id, utc_iso
+from .fields import format_duration
 from .plugins import Registry
 from .rulekind import Firing, RuleConfig, RuleKind
 
@@ -32,6 +33,11 @@ _RECENT_ALERTS = 65_536
 
 def _hashable(value: Any) -> bool:
     return isinstance(value, str | int | float | bool) or value is None
+
+
+def _show(value: Any) -> str:
+    """A value as ``tocsin test`` shows it: JSON, ``missing`` for an absent field."""
+    return "missing" if value is None else orjson.dumps(value, default=str).decode()[:80]
 
 
 @dataclass(eq=False)
@@ -183,32 +189,57 @@ def summary(event: Event, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class AnchoredClock:
+    """Wall-clock seconds when created, then advancing with the monotonic clock.
+
+    Saved times stay comparable across a restart, and a wall-clock jump while running
+    (NTP, a suspended VM) neither stretches nor shrinks a throttle or a window.
+    """
+
+    def __init__(self) -> None:
+        self._wall = time.time()
+        self._mono = time.monotonic()
+
+    def __call__(self) -> float:
+        return self._wall + (time.monotonic() - self._mono)
+
+
+StateWrite = tuple[str, str, str | None]  # (rule, key, value); None deletes the row
+
+
 class Engine:
     """Evaluates events against the rules and makes alerts; pure CPU, no I/O.
 
-    ``clock`` is monotonic seconds (throttles, kinds), ``wall`` is unix seconds (timestamps).
+    ``clock`` gives seconds for throttles and rule kinds (an ``AnchoredClock`` unless a
+    test injects one); ``wall`` gives unix seconds for the alerts' ``fired_at``.
     """
 
     def __init__(
         self,
         rules: Iterable[Rule],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.index = RuleIndex(rules)
         self.rules = {r.name: r for r in self.index.rules}
-        self.clock = clock
+        self.clock: Callable[[], float] = clock or AnchoredClock()
         self.wall = wall
         self.stats = EngineStats()
         self.generations: dict[tuple[str, str], int] = {}
         self._throttle: dict[tuple[str, str], float] = {}
-        self.state_writes: list[tuple[str, str, str]] = []  # (rule, key, value) to persist
+        self.state_writes: list[StateWrite] = []  # throttles (and deletions) to persist
         self._recent = RecentIds(_RECENT_ALERTS)
         self._warned: set[tuple[str, str]] = set()
         self.ticking = [r for r in self.index.rules if type(r.kind).on_tick is not RuleKind.on_tick]
+        self.stateful = {
+            r for r in self.index.rules if type(r.kind).state_changes is not RuleKind.state_changes
+        }
+        self._touched: set[Rule] = set()
+        self.suppressed: dict[str, str] = {}  # rule -> why its last firing was not sent
 
     def adopt(self, old: Engine) -> None:
-        """Keep the state of rules unchanged since ``old`` (a reload)."""
+        """Keep the clock, and the state of rules unchanged since ``old`` (a reload)."""
+        self.clock = old.clock
         same = {
             n
             for n, r in self.rules.items()
@@ -217,24 +248,59 @@ class Engine:
         self._throttle = {k: v for k, v in old._throttle.items() if k[0] in same}
         self.generations = dict(old.generations)
         self._recent = old._recent
+        self.state_writes = old.state_writes + self.state_writes
         for name in same:
             self.rules[name].kind = old.rules[name].kind
+        self._touched = {self.rules[r.name] for r in old._touched if r.name in same}
+        for name, rule in self.rules.items():
+            if name in old.rules and name not in same and rule in self.stateful:
+                log.info("rule %r changed: its windows and firing alerts start fresh", name)
 
     def restore(self, rows: Iterable[tuple[str, str, str]]) -> None:
-        """Load persisted rule state: throttles of rules unchanged since they were saved."""
-        now, wall = self.clock(), self.wall()
+        """Load persisted rule state (throttles, kinds' groups) of rules unchanged since."""
+        now = self.clock()
+        changed: set[str] = set()
         for rule_name, key, value in rows:
-            kind, _, rest = key.partition("\x1f")
+            what, _, rest = key.partition("\x1f")
             fingerprint, _, group_key = rest.partition("\x1f")
             rule = self.rules.get(rule_name)
-            if kind != "throttle" or rule is None or rule.fingerprint != fingerprint:
+            if rule is None or rule.fingerprint != fingerprint:
+                self.state_writes.append((rule_name, key, None))  # stale: forget it
+                if rule is not None and what == "kind":
+                    changed.add(rule_name)
                 continue
+            if what == "throttle":
+                try:
+                    age = now - float(value)
+                except ValueError:
+                    continue
+                if rule.config.throttle is not None and 0 <= age < rule.config.throttle:
+                    self._throttle[(rule_name, group_key)] = now - age
+            elif what == "kind":
+                try:
+                    rule.kind.load_state(group_key, orjson.loads(value))
+                except Exception as err:  # a plugin's bug, or a row it cannot read
+                    self.stats.kind_errors += 1
+                    self._error("kind", rule, err)
+        for name in sorted(changed):
+            log.info("rule %r changed since its state was saved: it starts fresh", name)
+
+    def take_state(self) -> list[StateWrite]:
+        """Rule state to persist with the alerts made since the last call."""
+        writes, self.state_writes = self.state_writes, []
+        touched, self._touched = self._touched, set()
+        for rule in touched:
             try:
-                age = wall - float(value)
-            except ValueError:
+                changes = rule.kind.state_changes()
+            except Exception as err:
+                self.stats.kind_errors += 1
+                self._error("kind", rule, err)
                 continue
-            if rule.config.throttle is not None and 0 <= age < rule.config.throttle:
-                self._throttle[(rule_name, group_key)] = now - age
+            prefix = f"kind\x1f{rule.fingerprint}\x1f"
+            for group_key, state in changes:
+                value = None if state is None else orjson.dumps(state).decode()
+                writes.append((rule.name, prefix + group_key, value))
+        return writes
 
     def process(self, event: Event) -> list[PendingAlert]:
         """Alerts fired by one (non-removed) event."""
@@ -261,6 +327,8 @@ class Engine:
             self.stats.matched += 1
             self.stats.per_rule[rule.name] += 1
             group_key = rule.group_key(event)
+            if rule in self.stateful:
+                self._touched.add(rule)
             try:
                 firings = rule.kind.on_event(event, group_key, self.clock())
             except Exception as err:  # a plugin's bug costs its rule this event, nothing more
@@ -278,6 +346,8 @@ class Engine:
         now = self.clock()
         out = []
         for rule in self.ticking:
+            if rule in self.stateful:
+                self._touched.add(rule)
             try:
                 firings = rule.kind.on_tick(now)
             except Exception as err:
@@ -288,6 +358,45 @@ class Engine:
                 pending = self.make_alert(rule, firing, rule.group_key(firing.event))
                 if pending is not None:
                     out.append(pending)
+        return out
+
+    def explain(self, event: Event) -> list[tuple[str, str, str]]:
+        """Why each rule taking this event's source and type did or did not match it.
+
+        ``(rule, reason, state)``: ``reason`` is the first thing that failed (a ``match``
+        key, ``when``), empty when the rule matched; ``state`` is the kind's account of the
+        event's group (``"3 of 5 within 10m"``). For ``tocsin test``; no state changes.
+        """
+        out = []
+        context: dict[str, Any] | None = None
+        now = self.clock()
+        for rule in self.index.rules:
+            if (rule.sources is not None and event.source not in rule.sources) or (
+                rule.types is not None and event.type not in rule.types
+            ):
+                continue
+            reason = ""
+            for path, values in rule.match:
+                value = get_path(event.data, path)
+                if not _hashable(value) or value not in values:
+                    wanted = " or ".join(sorted(_show(v) for v in values))
+                    reason = f"match {'.'.join(path)} is {_show(value)}, not {wanted}"
+                    break
+            if not reason and rule.when is not None:
+                if context is None:
+                    context = self.context(event)
+                try:
+                    if not rule.when(context):
+                        reason = "when is false"
+                except Exception as err:
+                    reason = f"when failed: {type(err).__name__}: {err}"
+            state = ""
+            if not reason:
+                try:
+                    state = rule.kind.explain(rule.group_key(event), now)
+                except Exception as err:
+                    state = f"the kind cannot explain: {type(err).__name__}"
+            out.append((rule.name, reason, state))
         return out
 
     def context(self, event: Event) -> dict[str, Any]:
@@ -306,16 +415,20 @@ class Engine:
         alert_id = stable_id(rule.name, *parts)
         if alert_id in self._recent:
             self.stats.duplicates += 1
+            self.suppressed[rule.name] = "a duplicate of an alert already made"
             return None
         if rule.config.throttle is not None and firing.status == "firing":
             now = self.clock()
             last = self._throttle.get((rule.name, group_key))
             if last is not None and now - last < rule.config.throttle:
                 self.stats.throttled += 1
+                self.suppressed[rule.name] = (
+                    f"throttled (one alert per {format_duration(rule.config.throttle)} per group)"
+                )
                 return None
             self._throttle[(rule.name, group_key)] = now
             self.state_writes.append(
-                (rule.name, f"throttle\x1f{rule.fingerprint}\x1f{group_key}", repr(self.wall()))
+                (rule.name, f"throttle\x1f{rule.fingerprint}\x1f{group_key}", repr(now))
             )
             if len(self._throttle) > _RECENT_ALERTS:
                 self._expire_throttles(now)

@@ -263,7 +263,7 @@ class Store:
         conn: sqlite3.Connection,
         alerts: Iterable[NewAlert],
         cursors: Iterable[tuple[str, str, str]] = (),
-        rule_state: Iterable[tuple[str, str, str]] = (),
+        rule_state: Iterable[tuple[str, str, str | None]] = (),
     ) -> list[str]:
         """Insert new alerts and their deliveries; an alert id seen before is skipped.
 
@@ -307,6 +307,9 @@ class Store:
                 )
                 woken.add(action)
         for rule, key, value in rule_state:
+            if value is None:
+                conn.execute("DELETE FROM rule_state WHERE rule = ? AND key = ?", (rule, key))
+                continue
             conn.execute(
                 "INSERT INTO rule_state VALUES (?, ?, ?, ?) ON CONFLICT (rule, key)"
                 " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
