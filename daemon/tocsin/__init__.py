@@ -39,7 +39,7 @@ from .fields import (
 from .hookspecs import hookimpl, hookspec
 from .rulekind import Firing, RuleConfig, RuleKind
 from .source import Backoff, ResumableSourceConfig, Source, SourceConfig, SourceContext
-from .wsclient import ScrubbingLogger, closed_for_size, failure_reason, printable
+from .wsclient import ScrubbingLogger, closed_for_size, failure_reason, parse_json, printable
 
 __all__ = [
     "DAEMON_EVENT_TYPES",
@@ -82,6 +82,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "parse_duration",
+    "parse_json",
     "printable",
     "register_secret",
     "split_path",

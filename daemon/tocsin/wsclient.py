@@ -12,18 +12,36 @@ checked by the source first.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.frames import CloseCode
 
 from .errors import SourceError
 from .fields import format_duration, secret_registry
 
-__all__ = ["ScrubbingLogger", "closed_for_size", "failure_reason", "printable"]
+__all__ = ["ScrubbingLogger", "closed_for_size", "failure_reason", "parse_json", "printable"]
+
+
+def parse_json(raw: str | bytes) -> Any:
+    """A frame's JSON, or ``ValueError("not JSON")`` (never quoting the frame).
+
+    orjson decodes our frames about three times faster than ``json``; the rare document
+    it refuses but ``json`` reads (an integer beyond 64 bits) falls back to ``json``.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
+        raise ValueError("not JSON") from None
 
 
 class ScrubbingLogger(logging.LoggerAdapter[logging.Logger]):

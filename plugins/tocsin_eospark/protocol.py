@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from tocsin import stable_id
+from tocsin import parse_json, stable_id
 
 MAX_FRAME = 1024 * 1024
 """Largest frame accepted (bytes): a transaction push is a few KiB."""
@@ -131,12 +131,7 @@ def _int(value: object) -> int | None:
     return None
 
 
-def load_json(raw: str | bytes) -> Any:
-    """``json.loads`` that raises only ``ValueError`` with a fixed message."""
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
-        raise ValueError("not JSON") from None
+load_json = parse_json  # orjson, or ``ValueError("not JSON")``
 
 
 def parse_frame(raw: str | bytes) -> Message:
@@ -146,7 +141,7 @@ def parse_frame(raw: str | bytes) -> Message:
     """
     if len(raw) > MAX_FRAME:
         raise ValueError("oversized frame")
-    frame = load_json(raw)
+    frame = parse_json(raw)
     if not isinstance(frame, dict):
         raise ValueError("not a JSON object")
     msg_type = frame.get("msg_type")

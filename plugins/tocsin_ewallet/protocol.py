@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from tocsin import stable_id, utc_iso
+from tocsin import parse_json, stable_id, utc_iso
 
 ACCEPT = "application/vnd.omisego.v1+json"
 CLIENT_PATH = "/api/client/socket"
@@ -158,10 +158,7 @@ class ReplyError:
 
 def parse_frame(raw: str | bytes) -> ServerFrame:
     """A server frame, or ``ValueError`` with a short fixed reason (never frame content)."""
-    try:
-        frame = json.loads(raw)
-    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting, huge ints
-        raise ValueError("not JSON") from None
+    frame = parse_json(raw)
     if not isinstance(frame, dict):
         raise ValueError("not a JSON object")
     topic, event, ref = frame.get("topic"), frame.get("event"), frame.get("ref")

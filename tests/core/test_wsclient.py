@@ -82,3 +82,15 @@ def test_closed_for_size_and_printable() -> None:
     assert not closed_for_size(ConnectionClosed(Close(CloseCode.MESSAGE_TOO_BIG, ""), None))
     assert not closed_for_size(ValueError())
     assert printable("a\nb\x00c" + "d" * 200, 5) == "abc"
+
+
+def test_parse_json_is_orjson_with_a_fallback_and_one_error() -> None:
+    from tocsin import parse_json
+
+    assert parse_json(b'{"a": [1, 2.5, "x"]}') == {"a": [1, 2.5, "x"]}
+    assert parse_json('{"n": 123456789012345678901234567890}') == {
+        "n": 123456789012345678901234567890  # beyond 64 bits: json reads it
+    }
+    for bad in ("{", b"\xff\xfe", "[" * 100_000, ""):
+        with pytest.raises(ValueError, match=r"^not JSON$"):
+            parse_json(bad)
