@@ -31,8 +31,9 @@ __all__ = ["ScrubbingLogger", "closed_for_size", "failure_reason", "parse_json",
 def parse_json(raw: str | bytes) -> Any:
     """A frame's JSON, or ``ValueError("not JSON")`` (never quoting the frame).
 
-    orjson decodes our frames about three times faster than ``json``; the rare document
-    it refuses but ``json`` reads (an integer beyond 64 bits) falls back to ``json``.
+    orjson decodes our frames about three times faster than ``json`` (it reads an integer
+    beyond 64 bits as a float); what it refuses but ``json`` reads (``NaN``, ``Infinity``)
+    falls back to ``json``.
     """
     try:
         return orjson.loads(raw)

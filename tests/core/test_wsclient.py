@@ -88,9 +88,7 @@ def test_parse_json_is_orjson_with_a_fallback_and_one_error() -> None:
     from tocsin import parse_json
 
     assert parse_json(b'{"a": [1, 2.5, "x"]}') == {"a": [1, 2.5, "x"]}
-    assert parse_json('{"n": 123456789012345678901234567890}') == {
-        "n": 123456789012345678901234567890  # beyond 64 bits: json reads it
-    }
+    assert parse_json('{"n": NaN, "i": Infinity}')["i"] == float("inf")  # json reads these
     for bad in ("{", b"\xff\xfe", "[" * 100_000, ""):
         with pytest.raises(ValueError, match=r"^not JSON$"):
             parse_json(bad)
