@@ -1,0 +1,98 @@
+"""The load generator of ``make bench``: the EOSPark emulator pushing pre-encoded frames.
+
+    python bench/generator.py --frames 30000 [--rate 0] [--match-every 100] [--rules 1000]
+
+Runs in its own process on 127.0.0.1 (a free port). Prints ``{"port": N}`` once it
+listens, waits for a client to subscribe (the daemon's EOSPark source, or the floor
+loop: both do the real handshake), pushes ``--frames`` data frames as fast as the client
+takes them (``--rate 0``) or at ``--rate`` frames per second, prints ``{"sent": n,
+"t0": start, "t1": end}`` (``time.monotonic()``, which is one clock for every process on
+Linux), and keeps serving until its stdin closes.
+
+Every frame is a distinct EOS transaction of about 500 bytes with one ``eosio.token``
+transfer. Every ``--match-every``-th one is to an account a rule watches (``account(i)``,
+``i < --rules``) and carries its send time in the memo, so the receiver can measure the
+latency; the others go to ``nobody``. Frames that match nothing are encoded before the
+clock starts: the generator must be cheaper than any client it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import anyio
+from tocsin_eospark.emulator import EOSParkEmulator, transaction, transfer
+from tocsin_eospark.protocol import data_frame
+
+MEMO = "invoice 2026-11-22 for hosting, thanks! ref "
+
+
+def account(i: int) -> str:
+    """The EOS name of watched account ``i``: ``acct`` and ``i`` in base 5 over 1-5."""
+    digits = ""
+    while True:
+        i, d = divmod(i, 5)
+        digits = "12345"[d] + digits
+        if not i:
+            return "acct" + digits
+
+
+def frame(i: int, to: str, memo: str) -> str:
+    """One data frame: a transfer of ``i`` units to ``to`` (~500 bytes)."""
+    trx = transaction(
+        [transfer("benchsender1", to, f"{i % 1000}.{i % 10000:04d} EOS", memo)],
+        trx_id=f"{i:064x}",
+        block_num=300_000_000 + i // 50,
+        timestamp="2026-11-22T10:00:00.000",
+    )
+    return data_frame(trx)
+
+
+def stamped(i: int, rules: int) -> str:
+    """A matching frame, its memo holding the send time (monotonic seconds)."""
+    return frame(i, account(i % rules), f"t={time.monotonic():.6f}")
+
+
+async def pump(emu: EOSParkEmulator, args: argparse.Namespace) -> None:
+    plain = [
+        None if i % args.match_every == 0 else frame(i, "nobody", MEMO + str(i))
+        for i in range(args.frames)
+    ]
+    while not emu.subscribed:  # noqa: ASYNC110  # the emulator exposes a count, not an event
+        await anyio.sleep(0.01)
+    (client,) = [c for c in emu.clients.values() if c.subs]
+    send = client.ws.send
+    t0 = time.monotonic()
+    batch = max(1, args.rate // 100) if args.rate else 0
+    for i, text in enumerate(plain):
+        await send(text if text is not None else stamped(i, args.rules))
+        if batch and i % batch == batch - 1:
+            # Paced: ``batch`` frames per 10 ms slot, catching up if a slot ran late.
+            due = t0 + (i + 1) / args.rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)
+    t1 = time.monotonic()
+    print(json.dumps({"sent": len(plain), "t0": t0, "t1": t1}), flush=True)
+
+
+async def main(args: argparse.Namespace) -> None:
+    emu = EOSParkEmulator(api_keys=["bench-key"], heartbeat_interval=10.0, max_accounts=5)
+    async with emu, anyio.create_task_group() as tg:
+        print(json.dumps({"port": emu.port}), flush=True)
+        tg.start_soon(pump, emu, args)
+        # Serve until the orchestrator closes our stdin.
+        await anyio.to_thread.run_sync(sys.stdin.read)
+        tg.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=30_000)
+    parser.add_argument("--rate", type=int, default=0, help="frames per second; 0 = max")
+    parser.add_argument("--match-every", type=int, default=100)
+    parser.add_argument("--rules", type=int, default=1000)
+    anyio.run(main, parser.parse_args())

@@ -1,0 +1,514 @@
+"""``make bench``: tocsin's throughput and latency against the raw floor, in one run.
+
+    python bench/run.py [--frames 40000] [--quick] [--no-profile]
+
+Everything runs on 127.0.0.1, each part in its own process: the generator
+(``bench/generator.py``, the EOSPark emulator pushing pre-encoded ~500-byte frames), the
+client under test (``bench/floor.py``, or ``tocsin run`` as a user runs it), and this
+process, which holds a real webhook receiver (aiohttp) and watches the others.
+
+Measured, each as a ratio to the floor of the same run where it applies:
+
+- floor: a plain websockets + ``parse_json`` loop receiving the same frames;
+- throughput: the daemon with 10 / 1,000 / 10,000 rules with distinct ``match`` values,
+  and 1,000 ``when``-only rules, 1% of the frames matching, alerts POSTed to the
+  receiver; events/s from the first frame sent to the last webhook received;
+- latency at half the sustained rate (1,000 rules): frame sent -> webhook received;
+- backlog: the receiver answers 503 for a while at half load: RSS during the outage
+  against steady state, and the drain rate once it answers again;
+- start-up: spawn to ``READY=1`` (systemd notify protocol) with 10,000 rules;
+- peak RSS of each run, and CPU per event by stage from a py-spy profile.
+
+Writes ``bench/results.json`` and ``bench/results.png``, prints a table with PASS/FAIL
+per target. Timings are never asserted by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+from aiohttp import web
+from generator import account
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+MATCH_EVERY = 100  # 1% of the frames match a rule
+
+TARGETS = {
+    "throughput_1000_vs_floor": (">=", 0.70),
+    "rules_10000_vs_10": (">=", 0.90),
+    "latency_p99_ms": ("<=", 50.0),
+    "backlog_rss_vs_steady": ("<=", 1.20),
+    "startup_10000_s": ("<", 2.0),
+}
+
+
+# -- the processes ----------------------------------------------------------------------
+
+
+class Generator:
+    """``bench/generator.py`` in its own process."""
+
+    def __init__(self, frames: int, rate: int = 0, rules: int = 1000) -> None:
+        self.proc = subprocess.Popen(
+            [PY, str(HERE / "generator.py"), "--frames", str(frames), "--rate", str(rate),
+             "--rules", str(max(rules, 1)), "--match-every", str(MATCH_EVERY)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.port = json.loads(self.proc.stdout.readline())["port"]
+        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    async def result(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await anyio.to_thread.run_sync(self.proc.stdout.readline)
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Receiver:
+    """The webhook receiver: counts alerts, reads the send time from the memo."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+        self.latencies: list[float] = []
+        self.failing = False
+        self.refused = 0
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    def reset(self) -> None:
+        self.arrivals, self.latencies, self.refused = [], [], 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        now = time.monotonic()
+        if self.failing:
+            self.refused += 1
+            return web.Response(status=503)
+        memo = orjson.loads(body)["event"]["data"]["args"]["memo"]
+        if memo.startswith("t="):
+            self.latencies.append(now - float(memo[2:]))
+        self.arrivals.append(now)
+        return web.Response(status=204)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def wait(self, count: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while len(self.arrivals) < count:
+            if time.monotonic() > deadline:
+                return False
+            await anyio.sleep(0.02)
+        return True
+
+
+def config_text(gen_url: str, hook_port: int, rules: int, when_only: bool) -> str:
+    lines = [
+        '[daemon]\nstate_dir = "state"\ndrain_timeout = "5s"\n',
+        f'[sources.eos]\nplugin = "eospark"\nurl = "{gen_url}"\napi_key = "bench-key"\n'
+        'stale_after = "30s"\n'
+        'subscriptions = [{ account = "benchsender1", contract = "eosio.token", action = "transfer" }]\n',
+        f'[actions.hook]\nplugin = "webhook"\nurl = "http://127.0.0.1:{hook_port}/hook"\n'
+        'timeout = "5s"\nretry = { attempts = 1000, backoff = "100ms", max_backoff = "1s", max_age = "1h" }\n',
+    ]
+    for i in range(rules):
+        name = account(i)
+        test = (
+            f"when = \"args.to == '{name}'\""
+            if when_only
+            else f'match = {{ "args.to" = "{name}" }}'
+        )
+        lines.append(
+            f'[[rules]]\nname = "r{i}"\nsource = "eos"\ntype = "action"\n{test}\nactions = ["hook"]\n'
+        )
+    return "\n".join(lines)
+
+
+class Daemon:
+    """``tocsin run`` on a fresh state directory, with a notify socket and an RSS sampler."""
+
+    def __init__(self, work: Path, text: str, profile: Path | None = None) -> None:
+        work.mkdir(parents=True)
+        (work / "tocsin.toml").write_text(text)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(work / "notify"))
+        env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify")}
+        env.pop("TOCSIN_LOAD_PLUGINS", None)
+        cmd = [
+            PY,
+            "-m",
+            "tocsin.cli",
+            "run",
+            "-c",
+            str(work / "tocsin.toml"),
+            "--log-level",
+            "warning",
+        ]
+        if profile is not None:
+            spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+            cmd = [
+                spy,
+                "record",
+                "-r",
+                "250",
+                "--format",
+                "raw",
+                "--threads",
+                "-o",
+                str(profile),
+                "--",
+                *cmd,
+            ]
+        self.spawned = time.monotonic()
+        self.proc = subprocess.Popen(cmd, env=env, stderr=open(work / "stderr.log", "w"))  # noqa: SIM115
+        self.pid = self.proc.pid
+        self.ready_after = float("nan")
+        self.rss: list[tuple[float, int]] = []  # (monotonic, kB)
+        self.peak = 0
+
+    async def ready(self, within: float = 60.0) -> float:
+        self.notify.settimeout(within)
+        while True:
+            data = await anyio.to_thread.run_sync(self.notify.recv, 4096)
+            if b"READY=1" in data.split(b"\n"):
+                self.ready_after = time.monotonic() - self.spawned
+                return self.ready_after
+
+    def target_pid(self) -> int:
+        """The daemon's pid (under py-spy, its child)."""
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            return self.pid
+        if Path(f"/proc/{self.pid}/exe").resolve().name.startswith("py-spy") and children:
+            return int(children[0])
+        return self.pid
+
+    async def sample_rss(self) -> None:
+        pid = self.target_pid()
+        while True:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()  # noqa: ASYNC240  # procfs: no disk
+            except OSError:
+                return
+            rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+            hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+            self.rss.append((time.monotonic(), rss))
+            self.peak = max(self.peak, hwm)
+            await anyio.sleep(0.1)
+
+    def stop(self) -> None:
+        os.kill(self.target_pid(), signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.notify.close()
+
+
+# -- the measurements -------------------------------------------------------------------
+
+
+async def floor(frames: int) -> dict[str, Any]:
+    gen = Generator(frames)
+    try:
+        out = await anyio.run_process([PY, str(HERE / "floor.py"), gen.url, str(frames)])
+        client = json.loads(out.stdout)
+        sent = await gen.result()
+    finally:
+        gen.close()
+    seconds = client["t1"] - sent["t0"]
+    return {"events_per_s": frames / seconds, "cpu_us_per_event": client["cpu"] / frames * 1e6}
+
+
+async def through_daemon(
+    work: Path,
+    receiver: Receiver,
+    frames: int,
+    rules: int,
+    *,
+    when_only: bool = False,
+    rate: int = 0,
+    outage: tuple[float, float] | None = None,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """One daemon run; ``outage`` = (seconds of steady state, seconds of 503s)."""
+    receiver.reset()
+    expected = len(range(0, frames, MATCH_EVERY))
+    gen = Generator(frames, rate, rules)
+    daemon = Daemon(work, config_text(gen.url, receiver.port, rules, when_only), profile)
+    result: dict[str, Any] = {"rules": rules, "when_only": when_only, "frames": frames}
+    try:
+        async with anyio.create_task_group() as tg:
+            result["ready_s"] = await daemon.ready()
+            tg.start_soon(daemon.sample_rss)
+            marks: dict[str, float] = {}
+            if outage is not None:
+                steady, down = outage
+                await receiver.wait(1, 60)
+                await anyio.sleep(steady)
+                marks["outage"] = time.monotonic()
+                receiver.failing = True
+                await anyio.sleep(down)
+                receiver.failing = False
+                marks["back"] = time.monotonic()
+                result["backlog_at_return"] = expected - len(receiver.arrivals)
+            done = await receiver.wait(expected, within=max(60.0, frames / 500))
+            sent = await gen.result()
+            end = receiver.arrivals[-1] if receiver.arrivals else time.monotonic()
+            result["complete"] = done
+            result["alerts"] = len(receiver.arrivals)
+            result["events_per_s"] = frames / (end - sent["t0"]) if done else float("nan")
+            result["send_rate"] = frames / (sent["t1"] - sent["t0"])
+            if outage is not None:
+                steady_rss = [r for t, r in daemon.rss if t < marks["outage"]]
+                down_rss = [r for t, r in daemon.rss if marks["outage"] <= t < marks["back"]]
+                result["steady_rss_kb"] = statistics.median(steady_rss[len(steady_rss) // 2 :])
+                result["outage_rss_kb"] = max(down_rss)
+                result["drain_s"] = end - marks["back"]
+                result["drain_per_s"] = result["backlog_at_return"] / max(result["drain_s"], 1e-9)
+            tg.cancel_scope.cancel()
+    finally:
+        gen.close()
+        daemon.stop()
+    result["peak_rss_kb"] = daemon.peak
+    if receiver.latencies:
+        lat = sorted(receiver.latencies)
+        result["latency_ms"] = {
+            "p50": lat[len(lat) // 2] * 1e3,
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+            "max": lat[-1] * 1e3,
+            "samples": len(lat),
+        }
+        result["latencies_ms"] = [x * 1e3 for x in lat]
+    return result
+
+
+STAGES = [  # (stage, pattern on "function (file:line)"), the innermost match wins
+    ("persist", re.compile(r"tocsin/store\.py|sqlite3")),
+    ("deliver", re.compile(r"tocsin/dispatcher\.py|tocsin_builtin/webhook\.py|aiohttp/")),
+    (
+        "match",
+        re.compile(r"tocsin/rules\.py|tocsin/templates\.py|jinja2/|tocsin_builtin/match\.py"),
+    ),
+    ("decode", re.compile(r"tocsin/wsclient\.py|orjson|json/")),
+    ("normalize", re.compile(r"tocsin_eospark/|tocsin/events\.py")),
+    ("receive", re.compile(r"websockets/")),
+    ("daemon", re.compile(r"tocsin/daemon\.py")),
+    ("event loop", re.compile(r"asyncio/|anyio/|selectors\.py")),
+]
+
+
+def stages(raw: Path, rate_hz: int, events: int) -> dict[str, float]:
+    """CPU microseconds per event by stage, from py-spy's raw (collapsed) stacks."""
+    totals: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        stage = "other"
+        for frame in reversed(frames):
+            found = next((name for name, pat in STAGES if pat.search(frame)), None)
+            if found:
+                stage = found
+                break
+        totals[stage] += int(count)
+    return {k: v / rate_hz / events * 1e6 for k, v in totals.most_common()}
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def verdicts(summary: dict[str, float]) -> dict[str, str]:
+    out = {}
+    for key, (op, bound) in TARGETS.items():
+        value = summary.get(key, float("nan"))
+        ok = value >= bound if op == ">=" else value <= bound if op == "<=" else value < bound
+        out[key] = "PASS" if ok else "FAIL"
+    return out
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = [r for r in results["throughput"] if not r["when_only"]]
+    left.plot(
+        [r["rules"] for r in runs],
+        [r["events_per_s"] for r in runs],
+        "o-",
+        label="tocsin, match rules",
+    )
+    for r in results["throughput"]:
+        if r["when_only"]:
+            left.plot(
+                [r["rules"]],
+                [r["events_per_s"]],
+                "s",
+                color="tab:red",
+                label="tocsin, when-only rules",
+            )
+    left.axhline(
+        results["floor"]["events_per_s"], color="gray", ls="--", label="floor (websockets + orjson)"
+    )
+    left.set_xscale("log")
+    left.set_xlabel("rules")
+    left.set_ylabel("events / s")
+    left.set_ylim(bottom=0)
+    left.set_title("Throughput vs rule count (1% matching)")
+    left.legend(fontsize=8)
+    lat = results["latency"].get("latencies_ms", [])
+    if lat:
+        right.hist(lat, bins=50, color="tab:blue")
+        p = results["latency"]["latency_ms"]
+        right.axvline(p["p50"], color="k", ls="--", label=f"p50 {p['p50']:.1f} ms")
+        right.axvline(p["p99"], color="tab:red", ls="--", label=f"p99 {p['p99']:.1f} ms")
+        right.legend(fontsize=8)
+    right.set_xlabel("frame sent -> webhook received (ms)")
+    right.set_title(f"Latency at {results['latency'].get('rate', 0)} events/s (half load)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def main(args: argparse.Namespace) -> None:
+    frames = args.frames
+    results: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                    "platform": platform.platform()},
+        "frames": frames,
+    }  # fmt: skip
+    receiver = Receiver()
+    await receiver.start()
+    work = Path(tempfile.mkdtemp(prefix="tocsin-bench-"))
+    try:
+        print("floor ...", flush=True)
+        results["floor"] = await floor(frames)
+        results["throughput"] = []
+        for rules, when_only, n in ((10, False, frames), (1000, False, frames), (10_000, False, frames),
+                                    (1000, True, max(2000, frames // 20))):  # fmt: skip
+            print(f"daemon, {rules} {'when-only' if when_only else 'match'} rules ...", flush=True)
+            run = await through_daemon(
+                work / f"t{rules}{when_only}", receiver, n, rules, when_only=when_only
+            )
+            run.pop("latencies_ms", None)
+            run.pop("latency_ms", None)
+            results["throughput"].append(run)
+        by = {(r["rules"], r["when_only"]): r for r in results["throughput"]}
+        sustained = by[(1000, False)]["events_per_s"]
+        rate = int(sustained / 2)
+        print(f"latency at {rate}/s ...", flush=True)
+        results["latency"] = await through_daemon(
+            work / "lat", receiver, rate * args.seconds, 1000, rate=rate
+        )
+        results["latency"]["rate"] = rate
+        print("backlog ...", flush=True)
+        results["backlog"] = await through_daemon(
+            work / "backlog",
+            receiver,
+            rate * (args.seconds + 15),
+            1000,
+            rate=rate,
+            outage=(4.0, 10.0),
+        )
+        results["backlog"].pop("latencies_ms", None)
+        if not args.no_profile:
+            print("profile ...", flush=True)
+            raw = HERE / "profile.raw"  # kept for a closer look (py-spy's collapsed stacks)
+            prof = await through_daemon(work / "prof", receiver, frames, 1000, profile=raw)
+            results["stages_us_per_event"] = stages(raw, 250, frames) if raw.exists() else {}
+            results["profile_events_per_s"] = prof["events_per_s"]
+    finally:
+        await receiver.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    floor_rate = results["floor"]["events_per_s"]
+    summary = {
+        "floor_events_per_s": floor_rate,
+        "throughput_1000_events_per_s": sustained,
+        "throughput_1000_vs_floor": sustained / floor_rate,
+        "rules_10000_vs_10": by[(10_000, False)]["events_per_s"] / by[(10, False)]["events_per_s"],
+        "when_only_1000_vs_match_1000": by[(1000, True)]["events_per_s"] / sustained,
+        "latency_p99_ms": results["latency"]["latency_ms"]["p99"],
+        "backlog_rss_vs_steady": results["backlog"]["outage_rss_kb"]
+        / results["backlog"]["steady_rss_kb"],
+        "startup_10000_s": by[(10_000, False)]["ready_s"],
+    }
+    results["summary"] = summary
+    results["verdicts"] = verdicts(summary)
+    chart(results, HERE / "results.png")
+    results["latency"].pop("latencies_ms", None)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
+    s, v = results["summary"], results["verdicts"]
+    fl = results["floor"]
+    print(
+        f"\nfloor (websockets + parse_json): {fl['events_per_s']:,.0f} events/s, {fl['cpu_us_per_event']:.1f} us CPU/event"
+    )
+    print(f"{'run':<28}{'events/s':>11}{'vs floor':>10}{'peak RSS':>11}{'ready':>8}")
+    for r in results["throughput"]:
+        name = f"{r['rules']:,} {'when-only' if r['when_only'] else 'match'} rules"
+        print(f"{name:<28}{r['events_per_s']:>11,.0f}{r['events_per_s'] / fl['events_per_s']:>9.0%}"
+              f"{r['peak_rss_kb'] / 1024:>9.0f}MB{r['ready_s']:>7.2f}s")  # fmt: skip
+    lat = results["latency"]["latency_ms"]
+    print(
+        f"latency at {results['latency']['rate']:,}/s: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms"
+    )
+    b = results["backlog"]
+    print(f"backlog: {b['backlog_at_return']} alerts waiting; RSS {b['steady_rss_kb'] / 1024:.0f} MB steady,"
+          f" {b['outage_rss_kb'] / 1024:.0f} MB in the outage; drained at {b['drain_per_s']:,.0f}/s")  # fmt: skip
+    if results.get("stages_us_per_event"):
+        parts = ", ".join(f"{k} {x:.1f}" for k, x in results["stages_us_per_event"].items())
+        print(f"CPU per event by stage (us, py-spy): {parts}")
+    print("\ntargets:")
+    for key, (op, bound) in TARGETS.items():
+        print(f"  {v[key]}  {key} = {s[key]:.3g} (target {op} {bound})")
+    print(f"\nwrote {HERE / 'results.json'} and {HERE / 'results.png'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=40_000, help="frames per throughput run")
+    parser.add_argument("--seconds", type=int, default=8, help="length of the latency run")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy run")
+    anyio.run(main, parser.parse_args())
