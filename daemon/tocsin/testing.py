@@ -78,6 +78,7 @@ class RecordingContext(EventFactory):
 
     async def save_cursor(self, key: str, value: str) -> None:
         self.cursors[key] = value
+        self._changed()
 
     def states(self) -> list[str]:
         return [what for what, _ in self.status]

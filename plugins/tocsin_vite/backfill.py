@@ -1,0 +1,183 @@
+"""What the source watches, and how it reads what it missed from the ledger.
+
+A **channel** is one server-side subscription (or polling filter): a topic and its
+arguments. A **watch** is one resumable stream inside a channel, with its own cursor in
+the state database: the snapshot chain, one account's chain, or one contract's logs.
+A vmlog subscription naming three addresses is one channel with three watches; an
+``account_block`` subscription with two addresses is two channels of one watch each.
+
+Cursor keys (values are heights, except where noted):
+
+- ``snapshot_block``: the last snapshot height processed;
+- ``account_block:<address>``: the last height of that account's chain processed;
+- ``vmlog:<address>`` (``vmlog:<address>:<topics digest>`` with ``topics``): the last
+  height of the contract's account chain whose logs were processed;
+- ``account_block`` (all accounts) and ``unreceived_block:<address>``: these topics carry
+  no height, so the value is the UTC time the source last processed them (to name the
+  time range of a gap after a restart).
+
+The ledger reads below fetch one page of at most ``MAX_PAGE`` heights each and return
+facts in ascending height order; a failed call raises ``CallFailed`` (the server said
+no) or ``ValueError`` (the answer made no sense), which the source turns into a gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tocsin import stable_id
+
+from .protocol import (
+    ACCOUNT,
+    ACCOUNT_BLOCKS_BY_RANGE,
+    ACCOUNT_BY_ADDRESS,
+    LATEST_ACCOUNT_BLOCK,
+    LATEST_SNAPSHOT,
+    MAX_PAGE,
+    SNAPSHOT,
+    SNAPSHOT_BLOCKS,
+    UNRECEIVED,
+    UNRECEIVED_BLOCKS,
+    VMLOG,
+    VMLOGS_BY_FILTER,
+    Fact,
+    Topic,
+    as_list,
+    filter_param,
+    latest_height,
+    normalize_items,
+)
+from .rpc import RpcConnection
+
+
+@dataclass(eq=False)
+class Watch:
+    """One resumable stream and its cursor (see the module docstring for the keys)."""
+
+    topic: Topic
+    address: str | None
+    topics: tuple[tuple[str, ...], ...]
+    key: str
+    cursor: int | None = None  # height watches
+    seen_at: str | None = None  # heightless watches: when last processed
+    loaded: bool = False  # the cursor was read from the state database
+
+    @property
+    def label(self) -> dict[str, str | int]:
+        """What names this watch in a ``source.gap``'s detail."""
+        detail: dict[str, str | int] = {"topic": self.topic.event_type}
+        if self.address is not None:
+            detail["address"] = self.address
+        return detail
+
+
+@dataclass(eq=False)
+class Channel:
+    """One subscription or filter on the server, feeding one or more watches."""
+
+    topic: Topic
+    args: list[Any]  # the subscription's arguments after its name
+    watches: list[Watch]
+    address: str | None = None  # by-address topics: the address items belong to
+    sub_id: str | None = None  # push: this connection's id for it
+    filter_id: str | None = None  # poll: the filter's id (filters outlive connections)
+    polled_at: float = 0.0  # poll: when the filter last answered (unix seconds)
+    by_address: dict[str, Watch] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_address = {w.address: w for w in self.watches if w.address is not None}
+
+    def watch_for(self, fact: Fact) -> Watch | None:
+        """The watch a fact belongs to (vmlogs: by the log's address)."""
+        if self.topic is VMLOG:
+            return self.by_address.get(fact.address or "")
+        return self.watches[0]
+
+
+def plan(subscriptions: Sequence[Any]) -> list[Channel]:
+    """The channels (and their watches) for the configured subscriptions.
+
+    Each item has ``topic``, ``watched()`` (its addresses) and ``topics``; raises
+    ``ValueError`` naming a cursor key two subscriptions would share.
+    """
+    channels: list[Channel] = []
+    for sub in subscriptions:
+        addresses: list[str] = sub.watched()
+        topics = tuple(tuple(t) for t in (sub.topics or ()))
+        if sub.topic == "snapshot_block":
+            channels.append(Channel(SNAPSHOT, [], [Watch(SNAPSHOT, None, (), "snapshot_block")]))
+        elif sub.topic == "account_block" and not addresses:
+            channels.append(Channel(ACCOUNT, [], [Watch(ACCOUNT, None, (), "account_block")]))
+        elif sub.topic in ("account_block", "unreceived_block"):
+            topic = ACCOUNT_BY_ADDRESS if sub.topic == "account_block" else UNRECEIVED
+            for addr in addresses:
+                watch = Watch(topic, addr, (), f"{sub.topic}:{addr}")
+                channels.append(Channel(topic, [addr], [watch], address=addr))
+        else:
+            suffix = f":{stable_id(*(','.join(t) for t in topics))[:16]}" if topics else ""
+            watches = [Watch(VMLOG, a, topics, f"vmlog:{a}{suffix}") for a in addresses]
+            param = filter_param({a: (0, 0) for a in addresses}, topics)
+            channels.append(Channel(VMLOG, [param], watches))
+    keys = [w.key for c in channels for w in c.watches]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"two subscriptions watch the same thing ({key})")
+    return channels
+
+
+# -- ledger reads ----------------------------------------------------------------------
+
+
+async def latest(conn: RpcConnection, watch: Watch) -> int:
+    """The head a height watch could resume to: the snapshot height, or the account's."""
+    if watch.topic is SNAPSHOT:
+        return latest_height(await conn.call(LATEST_SNAPSHOT))
+    return latest_height(await conn.call(LATEST_ACCOUNT_BLOCK, [watch.address]))
+
+
+async def fetch(conn: RpcConnection, watch: Watch, lo: int, hi: int) -> list[Fact]:
+    """The facts of heights ``lo..hi`` (at most ``MAX_PAGE`` of them), ascending."""
+    if not 0 < lo <= hi < lo + MAX_PAGE:
+        raise ValueError(f"not a ledger page: {lo}..{hi}")
+    if watch.topic is SNAPSHOT:
+        # (height, count): from height downwards [go-vite GetSnapshotBlocksByHeight(h, false, n)]
+        result = await conn.call(SNAPSHOT_BLOCKS, [hi, hi - lo + 1])
+    elif watch.topic is ACCOUNT_BY_ADDRESS:
+        result = await conn.call(ACCOUNT_BLOCKS_BY_RANGE, [watch.address, lo, hi])
+    else:
+        if watch.address is None:
+            raise ValueError("a vmlog watch without an address")
+        param = filter_param({watch.address: (lo, hi)}, watch.topics)
+        result = await conn.call_any("vmlogs", [(m, [param]) for m in VMLOGS_BY_FILTER])
+    facts, rejects = normalize_items(watch.topic, as_list(result), watch.address)
+    if rejects:
+        raise ValueError(rejects[0])
+    # A tolerant server may hand back more than asked: keep the range, and the address.
+    facts = [
+        f
+        for f in facts
+        if f.height is not None
+        and lo <= f.height <= hi
+        and (watch.topic is not VMLOG or f.address == watch.address)
+    ]
+    return sorted(facts, key=lambda f: f.height or 0)  # stable: a block's logs keep their order
+
+
+async def unreceived(conn: RpcConnection, watch: Watch, limit: int) -> tuple[list[Fact], bool]:
+    """The blocks now unreceived by the watch's address (at most ``limit``), and whether
+    there were more than that."""
+    facts: list[Fact] = []
+    page_size = min(MAX_PAGE, limit)
+    index = 0
+    while len(facts) < limit:
+        result = await conn.call(UNRECEIVED_BLOCKS, [watch.address, index, page_size])
+        page, rejects = normalize_items(UNRECEIVED, as_list(result), watch.address)
+        if rejects:
+            raise ValueError(rejects[0])
+        facts += page
+        if len(page) < page_size:
+            return facts[:limit], False
+        index += 1
+    return facts[:limit], True
