@@ -62,7 +62,8 @@ def test_test_command_on_the_example(tmp_path: Path) -> None:
         str(ROOT / "rules.example.toml"),
         str(ROOT / "examples/events.jsonl"),
         TOCSIN_HOOK_SECRET="s",
-        TOCSIN_LOAD_PLUGINS="builtin,eospark,ewallet,ckex",  # the example's sources need them
+        # the example's sources need them
+        TOCSIN_LOAD_PLUGINS="builtin,eospark,ewallet,ckex,vite,bge",
     )
     assert run.returncode == 0, run.stderr
     assert "[firing] incoming transfer -> console, hook" in run.stdout
@@ -70,6 +71,14 @@ def test_test_command_on_the_example(tmp_path: Path) -> None:
     assert "title: consumption cns_01 confirmed" in run.stdout
     assert "title: odds 2.10 on event 219 market 33753655" in run.stdout
     assert "1.85" not in run.stdout.split("odds")[1].splitlines()[0]
+    # Why each rule taking an event did not alert: the first failing check, or what held it.
+    assert "no alert from 'incoming transfer': a duplicate of an alert already made" in run.stdout
+    assert "no alert from 'incoming transfer': throttled (one alert per 1m per group)" in run.stdout
+    assert (
+        'no alert from \'incoming transfer\': match args.to is "someoneelse", not "myaccount"'
+        in run.stdout
+    )
+    assert "no alert from 'odds above 2.0': when is false" in run.stdout
     assert run.stdout.strip().splitlines()[-1] == (
         "9 event(s), 4 alert(s) would be sent, 1 throttled, 1 duplicate(s) skipped"
     )
