@@ -65,17 +65,25 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 class _SecretRegistry:
     """Every secret value seen by this process, so log output can be scrubbed of them."""
 
+    TRANSIENT = 64  # short-lived values kept: a login signature per reconnect
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: frozenset[str] = frozenset()
+        self._transient: tuple[str, ...] = ()
 
-    def add(self, value: str) -> None:
-        if len(value) >= 4:  # shorter strings would scrub ordinary words
-            with self._lock:
+    def add(self, value: str, *, transient: bool = False) -> None:
+        if len(value) < 4:  # shorter strings would scrub ordinary words
+            return
+        with self._lock:
+            if transient:
+                if value not in self._transient:
+                    self._transient = (*self._transient, value)[-self.TRANSIENT :]
+            else:
                 self._values = self._values | {value}
 
     def scrub(self, text: str) -> str:
-        for value in self._values:
+        for value in (*self._values, *self._transient):
             if value in text:
                 text = text.replace(value, "***")
         return text
@@ -84,10 +92,15 @@ class _SecretRegistry:
 secret_registry = _SecretRegistry()
 
 
-def register_secret(value: str) -> None:
+def register_secret(value: str, *, transient: bool = False) -> None:
     """Scrub ``value`` from every log line too: for a derived form of a secret that goes on
-    the wire (a base64 ``Authorization`` header, a URL-quoted token)."""
-    secret_registry.add(value)
+    the wire (a base64 ``Authorization`` header, a URL-quoted token).
+
+    ``transient`` is for a value made anew on each connection (a login signature over a
+    timestamp): only the latest 64 of those are kept, so reconnecting for months does
+    not make every log line slower.
+    """
+    secret_registry.add(value, transient=transient)
 
 
 class SecretValue:

@@ -12,6 +12,7 @@ checked by the source first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ from typing import Any
 
 import orjson
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
 
 from .errors import SourceError
 from .fields import format_duration, secret_registry
@@ -49,7 +50,9 @@ class ScrubbingLogger(logging.LoggerAdapter[logging.Logger]):
     """A logger to pass as websockets' ``logger=``, with credentials masked.
 
     ``headers`` names upgrade headers whose value is masked, ``query`` names query
-    parameters whose value is masked; every registered secret is masked as well.
+    parameters whose value is masked; every registered secret is masked as well, in
+    whole frames too. A frame containing one of ``hide_frames`` (e.g. ``b'"access_sign"'``
+    for a login) is not shown at all.
     """
 
     def __init__(
@@ -58,11 +61,23 @@ class ScrubbingLogger(logging.LoggerAdapter[logging.Logger]):
         *,
         headers: Iterable[str] = (),
         query: Iterable[str] = (),
+        hide_frames: Iterable[bytes] = (),
     ) -> None:
         super().__init__(logging.getLogger(name))
         self.headers = frozenset(h.lower() for h in headers)
+        self.hide_frames = tuple(hide_frames)
         names = "|".join(re.escape(q) for q in query)
         self._query = re.compile(rf"((?:^|[?&])(?:{names})=)[^&\s#]*", re.I) if names else None
+
+    def _frame(self, frame: Frame) -> Frame:
+        if frame.opcode not in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            return frame
+        data = bytes(frame.data)
+        if any(marker in data for marker in self.hide_frames):
+            return dataclasses.replace(frame, data=b"(hidden: it carries credentials)")
+        text = data.decode("utf-8", "replace")
+        scrubbed = self.scrub(text)
+        return frame if scrubbed == text else dataclasses.replace(frame, data=scrubbed.encode())
 
     def scrub(self, text: str) -> str:
         """``text`` with the configured query parameters and every registered secret masked."""
@@ -76,6 +91,9 @@ class ScrubbingLogger(logging.LoggerAdapter[logging.Logger]):
         # websockets logs a header as ("> %s: %s", name, value).
         if len(args) == 2 and isinstance(args[0], str) and args[0].lower() in self.headers:
             args = (args[0], "***")
+        # And a frame as ("> %s", frame), shortened to its start and end when formatted: a
+        # secret cut in two would escape, so frames are scrubbed whole, before that.
+        args = tuple(self._frame(a) if isinstance(a, Frame) else a for a in args)
         text = str(msg) % args if args else str(msg)
         kwargs.setdefault("stacklevel", 2)  # the record names websockets' line, not this one
         self.logger.log(level, "%s", self.scrub(text), **kwargs)

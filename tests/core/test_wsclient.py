@@ -92,3 +92,29 @@ def test_parse_json_is_orjson_with_a_fallback_and_one_error() -> None:
     for bad in ("{", b"\xff\xfe", "[" * 100_000, ""):
         with pytest.raises(ValueError, match=r"^not JSON$"):
             parse_json(bad)
+
+
+def test_frames_are_scrubbed_whole_and_login_frames_hidden(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from websockets.frames import Frame, Opcode
+
+    SecretValue("frame-s3cret-value")
+    logger = ScrubbingLogger("tocsin.test.frames", hide_frames=[b'"access_sign"'])
+    padding = "x" * 200  # websockets shows a long frame's start and end only
+    with caplog.at_level(logging.DEBUG, logger="tocsin.test.frames"):
+        logger.debug("> %s", Frame(Opcode.TEXT, f"{padding}frame-s3cret-value{padding}".encode()))
+        logger.debug("> %s", Frame(Opcode.TEXT, b'{"event":"login","access_sign":"c2ln"}'))
+    assert "frame-s3cret" not in caplog.text and "s3cret-value" not in caplog.text
+    assert "c2ln" not in caplog.text
+    assert "(hidden: it carries credentials)" in caplog.text
+
+
+def test_transient_secrets_are_scrubbed_and_bounded() -> None:
+    from tocsin import register_secret
+    from tocsin.fields import secret_registry
+
+    for i in range(100):
+        register_secret(f"signature-{i:03d}", transient=True)
+    assert secret_registry.scrub("signature-099") == "***"
+    assert secret_registry.scrub("signature-000") == "signature-000"  # long expired

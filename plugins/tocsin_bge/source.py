@@ -1,0 +1,501 @@
+"""The BGE source: one WebSocket to BGE's v2 endpoint, public and private channels.
+
+A thin async loop around ``protocol``, one connection at a time:
+
+- connect (no credential travels in the URL or the headers); when a subscription is
+  private (``biz = "exchange"``) log in first, then send one ``sub`` per subscription and
+  wait for every ack: only then is the source up;
+- answer each ``{"ping": ts}`` with ``{"pong": ts}`` at once (BGE closes a session whose
+  pong is 30 s late);
+- every outgoing message passes a token bucket (at most 40 in any second against BGE's
+  50, with a reserve for pongs), so 1000 subscriptions never trip the limit nor delay
+  a pong;
+- BGE closes a session nothing was pushed on for 30 s, and a quiet channel (orders,
+  assets, a thin market) pushes nothing: after ``keepalive`` without data the source
+  sends a ``req`` for a ticker snapshot, whose answer is only a sign of life;
+- one event per pushed item; a repeated ``seq_id`` is dropped, a skipped one reported as
+  ``source.gap`` (``seq_gaps``);
+- candles resume: the open time of the last candle seen is the cursor
+  (``candles:<PRODUCT>:<interval>``); after a reconnect or a restart a ``req`` with
+  ``from``/``to`` fetches what was missed (at most ``backfill_limit`` candles). Other
+  channels cannot resume: a reconnect emits one ``source.gap`` naming them (orderbook and
+  percent10 are full snapshots and need none).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import anyio
+from anyio.abc import TaskStatus
+from websockets.asyncio.client import ClientConnection, connect
+
+from tocsin import (
+    Backoff,
+    RecentIds,
+    ScrubbingLogger,
+    Source,
+    SourceAuthError,
+    SourceConfig,
+    SourceContext,
+    SourceError,
+    closed_for_size,
+    failure_reason,
+    format_duration,
+    register_secret,
+    utc_iso,
+)
+
+from .config import BGEConfig, BGESubscription
+from .protocol import (
+    EVENT_TYPES,
+    INTERVAL_SECONDS,
+    MAX_FRAME,
+    SEQ_GAP_TYPES,
+    SNAPSHOT_TYPES,
+    ChannelKey,
+    Item,
+    Ping,
+    Push,
+    Reply,
+    SeqTracker,
+    TokenBucket,
+    candle_time,
+    canonical_interval,
+    login_message,
+    normalize,
+    parse_frame,
+    pong_message,
+    refusal,
+    req_message,
+    sign,
+    sub_message,
+)
+
+OPEN_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0  # a dead peer never answers the close handshake: do not wait long
+ANSWER_TIMEOUT = 10.0  # for the login, each sub and each backfill req
+KEEPALIVE_PRODUCT = "BTC_USDT"  # what to ask a ticker of when no subscription names a pair
+GAP_REASON = "reconnected; pushes while disconnected may be missed"
+
+
+def cursor_key(channel: ChannelKey) -> str:
+    """Where a candles channel keeps the open time of its last candle: ``candles:BTC_USDT:15min``."""
+    return f"{channel.type}:{channel.product}:{channel.interval}"
+
+
+def backfill_range(cursor: int, now: int, interval: str, limit: int) -> tuple[int, int, int | None]:
+    """``(from, to, skipped_until)`` for a candles ``req`` resuming at ``cursor``.
+
+    ``from`` is the cursor's own candle (it may have changed since it was last seen);
+    when more than ``limit`` candles are missing, only the newest ``limit`` are fetched
+    and ``skipped_until`` is where the fetched range starts (a gap from the cursor).
+    Candles open on multiples of their interval since the epoch [inferred; a month is
+    taken as 30 days, which only widens the range].
+    """
+    step = INTERVAL_SECONDS[canonical_interval(interval)]
+    if (now - cursor) // step + 1 > limit:
+        start = (now // step - (limit - 1)) * step  # on a candle's open time
+        return start, now, start
+    return cursor, now, None
+
+
+# -- logging ---------------------------------------------------------------------------
+
+
+# websockets logs every frame at debug level; a login frame (key, signature) never shows.
+WS_LOGGER = ScrubbingLogger(hide_frames=[b'"access_sign"', b'"access-sign"'])
+
+
+# -- the source ------------------------------------------------------------------------
+
+
+class BGESource(Source):
+    """Market data and account updates pushed by BGE: one event per pushed item."""
+
+    name = "bge"
+    Config = BGEConfig
+    event_types = EVENT_TYPES
+
+    def __init__(self, config: BGEConfig | SourceConfig, ctx: SourceContext) -> None:
+        if not isinstance(config, BGEConfig):
+            raise TypeError("BGESource needs a BGEConfig")
+        super().__init__(config, ctx)
+        self.bge = config
+        self.channels = {s.key: s for s in config.subscriptions}
+        # Kept across connections: what was emitted lately and the seq_ids seen (several
+        # connections and resubscribes repeat them), and each candles channel's cursor.
+        self.recent = RecentIds()
+        self.seqs = SeqTracker()
+        self.candle_cursors: dict[ChannelKey, int] = {}
+        self.last_push: dict[ChannelKey, str] = {}  # when each channel last pushed (ISO)
+        self.backoff = Backoff(maximum=config.max_backoff)
+        self._task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self._started = False
+        self._up = False
+        self._last_frame = 0.0  # when the last frame arrived (unix seconds)
+        self._lost_since = ""  # start of the current outage, until the next subscription
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._task_status = task_status
+        while True:
+            try:
+                await self._connect()
+                wait = self.backoff.delay()  # went stale: reopen
+            except SourceAuthError as err:
+                await self.ctx.down(str(err))
+                wait = self.backoff.give_up_delay()  # only the user can fix it
+            except Exception as err:  # never BaseException: cancellation must pass through
+                if closed_for_size(err):
+                    self.ctx.reject("oversized frame")
+                await self.ctx.down(failure_reason(err, open_timeout=OPEN_TIMEOUT))
+                wait = self.backoff.delay()
+            if self._up:
+                self._up = False
+                self._lost_since = utc_iso(self._last_frame)
+            await anyio.sleep(wait)
+
+    async def _connect(self) -> None:
+        async with connect(
+            self.bge.url,
+            max_size=MAX_FRAME,
+            open_timeout=OPEN_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            ping_interval=None,  # BGE pings us; our own pings would count as messages
+            logger=WS_LOGGER,
+        ) as ws:
+            self._last_frame = time.time()
+            self.seqs.reset()
+            session = _Session(self, ws, await self._resume_points())
+            await session.run()
+
+    async def _resume_points(self) -> dict[ChannelKey, int]:
+        """The open time of the last candle seen on each candles channel, if any."""
+        points = {}
+        for key in self.channels:
+            if key.type != "candles":
+                continue
+            if key not in self.candle_cursors:
+                saved = await self.ctx.load_cursor(cursor_key(key))
+                if saved is not None and saved.isdigit():
+                    self.candle_cursors[key] = int(saved)
+            if key in self.candle_cursors:
+                points[key] = self.candle_cursors[key]
+        return points
+
+    def frame_arrived(self) -> None:
+        self._last_frame = time.time()
+        self.backoff.healthy()
+
+    async def subscribed(self, session: _Session) -> None:
+        """Every subscription is acked: up, then what the outage may have cost."""
+        self.backoff.connected()
+        self._up = True
+        await self.ctx.up()
+        if not self._started:
+            self._started = True
+            self._task_status.started()  # once: the daemon's start-up waits for it
+        resumable = set(session.resume_from) if self.bge.backfill else set()
+        reconnected, since = bool(self._lost_since), self._lost_since
+        self._lost_since = ""
+        if reconnected:
+            lost = [
+                k.label
+                for k in self.channels
+                if k.type not in SNAPSHOT_TYPES and k not in resumable
+            ]
+            if lost:
+                await self.ctx.gap(
+                    GAP_REASON, since=since, until=utc_iso(), detail={"channels": ", ".join(lost)}
+                )
+        now = int(time.time())
+        for key, cursor in session.resume_from.items():
+            if not self.bge.backfill:
+                if not reconnected:  # a restart: the reconnect gap above covers the rest
+                    await self.ctx.gap(
+                        "backfill is off: candles since the last one seen were not fetched",
+                        since=utc_iso(cursor),
+                        detail={"channel": key.label},
+                    )
+                continue
+            start, end, skipped = backfill_range(
+                cursor, now, self.channels[key].interval, self.bge.backfill_limit
+            )
+            if skipped is not None:
+                await self.ctx.gap(
+                    f"more than backfill_limit ({self.bge.backfill_limit}) candles missed;"
+                    " only the newest were fetched",
+                    since=utc_iso(cursor),
+                    until=utc_iso(skipped),
+                    detail={"channel": key.label, "from_time": cursor, "to_time": skipped},
+                )
+            session.backfill(self.channels[key], start, end)
+
+    async def backfill_lost(self, key: ChannelKey, start: int, end: int, why: str) -> None:
+        await self.ctx.gap(
+            f"candles could not be fetched: {why}",
+            since=utc_iso(start),
+            until=utc_iso(end),
+            detail={"channel": key.label, "from_time": start, "to_time": end},
+        )
+
+    def route(self, channel: ChannelKey) -> ChannelKey | None:
+        """The subscription a push belongs to (``orders`` of ``all`` take every pair's)."""
+        if channel in self.channels:
+            return channel
+        every = ChannelKey("orders", "ALL", "")
+        if channel.type == "orders" and every in self.channels:
+            return every
+        return None
+
+    async def on_push(self, key: ChannelKey, push: Push, *, backfill: bool) -> bool:
+        """Emit the new items of a push (or of a candles backfill answer); False if rejected."""
+        try:
+            items = normalize(push)
+        except ValueError as err:
+            self.ctx.reject(f"malformed {key.type} push: {err}")
+            return False
+        if backfill:
+            items.sort(key=lambda i: candle_time(i.data, push) or 0)
+        elif key.type not in SNAPSHOT_TYPES:  # their seq_id "is ignored" (BGE's docs)
+            items = await self._sequenced(key, items)
+        if not backfill:
+            self.last_push[key] = utc_iso()
+        for item in items:
+            if not self.recent.seen(item.id):
+                await self.ctx.emit(
+                    self.ctx.event(item.type, item.data, id=item.id, time=item.time)
+                )
+        if key.type == "candles":
+            times = [t for i in items if (t := candle_time(i.data, push)) is not None]
+            if times and max(times) > self.candle_cursors.get(key, -1):
+                # Saved as a candle opens (once per interval), after its events.
+                self.candle_cursors[key] = max(times)
+                await self.ctx.save_cursor(cursor_key(key), str(max(times)))
+        return True
+
+    async def _sequenced(self, key: ChannelKey, items: list[Item]) -> list[Item]:
+        """``items`` less those whose ``seq_id`` was seen; a skipped ``seq_id`` is a gap."""
+        seqs = [i.seq_id for i in items if i.seq_id is not None]
+        if not seqs:
+            return items
+        since = self.last_push.get(key, utc_iso())
+        gaps = self.bge.seq_gaps and key.type in SEQ_GAP_TYPES
+        fresh, missing = self.seqs.admit(key, seqs, gaps=gaps)
+        for first, last in missing:
+            await self.ctx.gap(
+                "pushes lost: seq_id skipped",
+                since=since,
+                until=utc_iso(),
+                detail={"channel": key.label, "from_seq": first, "to_seq": last},
+            )
+        return [i for i in items if i.seq_id is None or i.seq_id in fresh]
+
+
+class _Session:
+    """One connection: the outbox behind the token bucket, the answers awaited, timers."""
+
+    def __init__(
+        self, source: BGESource, ws: ClientConnection, resume_from: dict[ChannelKey, int]
+    ) -> None:
+        self.source = source
+        self.ctx = source.ctx
+        self.config = source.bge
+        self.ws = ws
+        self.resume_from = resume_from
+        now = anyio.current_time()
+        self.bucket = TokenBucket(now)
+        self.outbox: deque[tuple[str, ChannelKey | None]] = deque()
+        self.unsent_subs = 0
+        self.next_send: float | None = None
+        self.login_deadline: float | None = None
+        self.acks: dict[ChannelKey, float] = {}  # subs sent -> when their ack is overdue
+        self.backfills: dict[ChannelKey, tuple[int, int, float]] = {}  # from, to, overdue at
+        self.live = False
+        self.last_frame = now
+        self.last_data = now
+
+    async def run(self) -> None:
+        """Log in and subscribe, then handle frames until silence (return) or failure (raise)."""
+        if any(s.private for s in self.config.subscriptions):
+            self.login()
+        else:
+            self.subscribe_all()
+        stale_after, keepalive = self.config.stale_after, self.config.keepalive
+        while True:
+            await self.flush()
+            now = anyio.current_time()
+            await self.check_overdue(now)
+            if now - self.last_frame >= stale_after:
+                await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
+                return
+            # Also while a long queue of subs drains (1000 take 33 s): BGE's idle rule
+            # counts from the first sub.
+            if self.login_deadline is None and now - self.last_data >= keepalive:
+                self.keepalive()
+                self.last_data = now
+                continue
+            wake = [self.last_frame + stale_after, *self.acks.values()]
+            wake += [overdue for _, _, overdue in self.backfills.values()]
+            if self.next_send is not None:
+                wake.append(self.next_send)
+            if self.login_deadline is not None:
+                wake.append(self.login_deadline)
+            if self.login_deadline is None:
+                wake.append(self.last_data + keepalive)
+            raw: str | bytes | None = None
+            with anyio.move_on_after(max(0.0, min(wake) - now)):
+                raw = await self.ws.recv()
+            if raw is None:
+                continue
+            self.last_frame = anyio.current_time()
+            self.source.frame_arrived()
+            await self.handle(raw)
+
+    # -- outgoing ----------------------------------------------------------------------
+
+    def login(self) -> None:
+        access_key, secret_key = self.config.access_key, self.config.secret_key
+        assert access_key is not None and secret_key is not None  # the config checked it
+        timestamp = int(time.time() * 1000)
+        signature = sign(secret_key.get(), timestamp)
+        register_secret(signature, transient=True)  # a live credential until it expires
+        self.outbox.append((login_message(access_key.get(), signature, timestamp), None))
+        self.login_deadline = anyio.current_time() + ANSWER_TIMEOUT
+
+    def subscribe_all(self) -> None:
+        for sub in self.config.subscriptions:
+            message = sub_message(
+                sub.channel_biz, sub.type, sub.product, sub.interval, zip=self.config.zip
+            )
+            self.outbox.append((message, sub.key))
+            self.unsent_subs += 1
+
+    def backfill(self, sub: BGESubscription, start: int, end: int) -> None:
+        message = req_message(
+            "market",
+            "candles",
+            sub.product,
+            sub.interval,
+            zip=self.config.zip,
+            start=start,
+            end=end,
+        )
+        self.outbox.append((message, None))
+        self.backfills[sub.key] = (start, end, anyio.current_time() + ANSWER_TIMEOUT)
+
+    def keepalive(self) -> None:
+        """A ticker snapshot ``req``: its answer is pushed data, which BGE's idle rule wants."""
+        first = self.config.subscriptions[0]
+        product = first.product if first.product != "all" else KEEPALIVE_PRODUCT
+        # First in line: it must not wait behind the queue of subs it keeps alive.
+        self.outbox.appendleft(
+            (req_message("market", "ticker", product, zip=self.config.zip), None)
+        )
+
+    async def flush(self) -> None:
+        """Send what the token bucket allows now; ``next_send`` says when to try again."""
+        self.next_send = None
+        while self.outbox:
+            now = anyio.current_time()
+            wait = self.bucket.take(now)
+            if wait > 0:
+                self.next_send = now + wait
+                return
+            message, key = self.outbox.popleft()
+            await self.ws.send(message)
+            if key is not None:
+                self.unsent_subs -= 1
+                self.acks[key] = anyio.current_time() + ANSWER_TIMEOUT
+
+    async def pong(self, value: int | float | str) -> None:
+        """At once: pongs may spend the reserve the bucket keeps from everything else."""
+        wait = self.bucket.take(anyio.current_time(), priority=True)
+        if wait > 0:  # only when pings flood in faster than the rate
+            await anyio.sleep(wait)
+            self.bucket.spend(anyio.current_time())
+        await self.ws.send(pong_message(value))
+
+    async def check_overdue(self, now: float) -> None:
+        if self.login_deadline is not None and now >= self.login_deadline:
+            raise SourceError(f"no answer to the login within {format_duration(ANSWER_TIMEOUT)}")
+        for key, overdue in self.acks.items():
+            if now >= overdue:
+                raise SourceError(
+                    f"no answer to the subscription to {key.label}"
+                    f" within {format_duration(ANSWER_TIMEOUT)}"
+                )
+        for key, (start, end, overdue) in list(self.backfills.items()):
+            if now >= overdue:
+                del self.backfills[key]
+                await self.source.backfill_lost(key, start, end, "no answer to the req")
+
+    # -- incoming ----------------------------------------------------------------------
+
+    async def handle(self, raw: str | bytes) -> None:
+        try:
+            msg = parse_frame(raw)
+        except ValueError as err:
+            self.ctx.reject(f"malformed frame: {err}")
+            return
+        if isinstance(msg, Ping):
+            await self.pong(msg.value)
+        elif isinstance(msg, Reply):
+            await self.reply(msg)
+        elif isinstance(msg, Push):
+            self.last_data = anyio.current_time()
+            key = self.source.route(msg.channel)
+            if msg.answer:
+                if key is not None and key in self.backfills:
+                    start, end, _ = self.backfills.pop(key)
+                    if not await self.source.on_push(key, msg, backfill=True):
+                        await self.source.backfill_lost(key, start, end, "a malformed answer")
+                # else: the answer to a keepalive req, a sign of life only
+            elif key is None:
+                self.ctx.logger.debug(
+                    "source %r: push on %s, which is not subscribed",
+                    self.ctx.source,
+                    msg.channel.label,
+                )
+            else:
+                await self.source.on_push(key, msg, backfill=False)
+
+    async def reply(self, msg: Reply) -> None:
+        if msg.event == "login":
+            if self.login_deadline is None:
+                return  # not waiting for one
+            if not msg.ok:
+                raise refusal("login", msg.code, msg.msg, None)
+            self.login_deadline = None
+            self.subscribe_all()
+        elif msg.event == "sub":
+            named = msg.channel
+            if named is None and len(self.acks) == 1:
+                named = next(iter(self.acks))  # the only one it can be about
+            if not msg.ok:
+                raise refusal("sub", msg.code, msg.msg, named)
+            if named is None and self.acks:
+                named = next(iter(self.acks))  # an ack that names nothing: the oldest
+            if named not in self.acks:
+                return
+            del self.acks[named]
+            if not self.acks and not self.unsent_subs and not self.live:
+                self.live = True
+                await self.source.subscribed(self)
+        elif msg.event == "req":
+            if msg.channel in self.backfills and not msg.ok:
+                start, end, _ = self.backfills.pop(msg.channel)
+                await self.source.backfill_lost(msg.channel, start, end, f"error {msg.code}")
+        elif not msg.ok:
+            if self.login_deadline is not None:
+                raise refusal("login", msg.code, msg.msg, None)
+            if not self.live:
+                raise refusal(msg.event or "sub", msg.code, msg.msg, msg.channel)
+            self.ctx.logger.warning(
+                "source %r: BGE answered %s with error %s: %s",
+                self.ctx.source,
+                msg.event or "a request",
+                msg.code,
+                msg.msg,
+            )
