@@ -20,7 +20,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# tests/core/test_systemd.py runs systemd-analyze (verify, security). Where it is missing,
+# install Debian's systemd package; where it is there, this does nothing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "installing Debian's systemd package (systemd-analyze, for tests/core/test_systemd.py)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
+	}
+
+test: lint systemd-analyze
 	$(BIN)/pytest
 
 # The bundled provider emulators on loopback and the daemon on rules.example.toml, live;

@@ -32,14 +32,24 @@ def cli_env(**extra: str) -> dict[str, str]:
 def read_until(
     proc: subprocess.Popen[str], done: Callable[[list[str]], bool], deadline: float, what: str
 ) -> list[str]:
-    """Lines of ``proc``'s stdout until ``done(lines)``; fails at ``deadline`` (monotonic)."""
+    """Lines of ``proc``'s stdout until ``done(lines)``; fails at ``deadline`` (monotonic).
+
+    Reads the pipe's file descriptor itself: ``readline()`` on the text wrapper buffers
+    lines that ``select()`` then no longer sees as ready.
+    """
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     lines: list[str] = []
+    pending = b""
     while not done(lines):
         assert time.monotonic() < deadline, f"{what}:\n" + "".join(lines)
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
-            lines.append(proc.stdout.readline())
+            chunk = os.read(fd, 65536)
+            assert chunk, f"{what}: the process closed its output:\n" + "".join(lines)
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            lines += [line.decode() + "\n" for line in complete]
     return lines
 
 
@@ -99,7 +109,6 @@ def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
                 pass  # it listens where it said
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
-            # read(), not communicate(): that reads the pipe past what readline() buffered
             lines += proc.stdout.read().splitlines(keepends=True)
         finally:
             if proc.poll() is None:

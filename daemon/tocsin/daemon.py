@@ -9,8 +9,10 @@ what is not delivered stays in the outbox for the next start.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -26,7 +28,8 @@ from .config import Config, load_config
 from .dispatcher import Dispatcher
 from .errors import ConfigError, SourceAuthError, StateError
 from .events import Event, stable_id, utc_iso
-from .notify import Notifier
+from .fields import format_duration, secret_registry
+from .notify import Notifier, Progress, Watchdog
 from .plugins import Registry
 from .rules import Engine, PendingAlert, compile_rules
 from .source import Backoff, EventFactory, Source, SourceConfig
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 BATCH = 512
 SOURCE_START_WAIT = 5.0
 PURGE_EVERY = 600.0
+STATUS_EVERY = 5.0
+"""Under systemd, ``STATUS=`` is refreshed this often (and at each watchdog ping)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +208,12 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self._send: MemoryObjectSendStream[Event | Checkpoint] | None = None
         self.paused = ""
+        # For STATUS= and the watchdog (notify.py): items the engine took off the intake
+        # stream, when the batch it works on was received, the outbox as last counted.
+        self.taken = 0
+        self.batch_received = 0.0
+        self.outbox: tuple[int, int, float | None] | None = None
+        self._reload_note = ""
 
     # -- intake --------------------------------------------------------------------------
 
@@ -224,7 +235,13 @@ class Daemon:
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                self._took(batch)
                 await self._process(batch)
+
+    def _took(self, batch: list[Event | Checkpoint]) -> None:
+        self.taken += len(batch)
+        first = next((item for item in batch if isinstance(item, Event)), None)
+        self.batch_received = first.received if first is not None else time.time()
 
     async def _process(self, batch: list[Event | Checkpoint]) -> None:
         alerts: list[PendingAlert] = []
@@ -321,6 +338,10 @@ class Daemon:
                     await self._start_source(name)
                 tg.start_soon(self._ticker)
                 tg.start_soon(self._purger)
+                if self.notifier.enabled:
+                    tg.start_soon(self._notify_loop)
+                    with contextlib.suppress(StateError):
+                        self.outbox = await self.store.call(_outbox_depth)
                 if self.config.daemon.http:
                     log.warning(
                         "[daemon] http = %r is not served by this version yet; /healthz,"
@@ -328,7 +349,7 @@ class Daemon:
                         self.config.daemon.http,
                     )
                 self.ready.set()
-                self.notifier.send("READY=1", self.status_line())
+                self.notifier.ready(self.status_line())
                 log.info(
                     "tocsin running: %d source(s), %d rule(s), %d action(s); state in %s",
                     len(self.sources),
@@ -338,7 +359,7 @@ class Daemon:
                 )
                 task_status.started()
                 await self._stop.wait()
-                self.notifier.send("STOPPING=1")
+                self.notifier.stopping(self.status_line())
                 await self._shutdown(tg)
         finally:
             if self._send is not None:
@@ -393,7 +414,6 @@ class Daemon:
             await anyio.sleep(1.0)
             if self.engine.ticking:
                 await self._commit(self.engine.tick(), [])
-            self.notifier.send("WATCHDOG=1")
 
     async def _purger(self) -> None:
         while True:
@@ -409,19 +429,21 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Re-read the config; on any problem keep the running one and return False."""
-        self.notifier.send("RELOADING=1")
+        self.notifier.reloading()
         try:
             try:
                 config = load_config(self.config_path, self.registry, self.environ)
                 engine = Engine(compile_rules(config, self.registry))
             except ConfigError as err:
                 log.error("reload refused, the running config stays:\n%s", err)
+                self._reload_note = "the last reload was refused (see the log)"
                 return False
             await self._apply(config, engine)
+            self._reload_note = ""
             log.info("config reloaded: %d rule(s)", len(engine.rules))
             return True
         finally:
-            self.notifier.send("READY=1", self.status_line())
+            self.notifier.ready(self.status_line())
 
     async def _apply(self, config: Config, engine: Engine) -> None:
         old = self.config
@@ -445,6 +467,77 @@ class Daemon:
         engine.adopt(self.engine)
         self.engine = engine
 
+    # -- systemd notify (notify.py) -----------------------------------------------------
+
+    async def _notify_loop(self) -> None:
+        """Refresh ``STATUS=``, and send ``WATCHDOG=1`` while the daemon makes progress
+        (notify.py says what that means), every ``STATUS_EVERY`` or half of
+        ``$WATCHDOG_USEC``, whichever is shorter."""
+        interval = self.notifier.watchdog_interval
+        watchdog = Watchdog(2 * interval) if interval else None
+        probe: concurrent.futures.Future[tuple[int, int, float | None]] | None = None
+        probe_since = 0.0
+        stalled = ""
+        while True:
+            await anyio.sleep(min(interval or STATUS_EVERY, STATUS_EVERY))
+            if probe is not None and probe.done():
+                with contextlib.suppress(Exception):  # an error is an answer too
+                    self.outbox = probe.result()
+                probe = None
+            if probe is None:  # the store's writer answers this query like any other
+                probe, probe_since = self.store.submit(_outbox_depth), time.monotonic()
+            if watchdog is not None:
+                stats = self._send.statistics() if self._send is not None else None
+                why = watchdog.stalled(
+                    Progress(
+                        taken=self.taken,
+                        waiting=stats.current_buffer_used if stats else 0,
+                        paused=bool(self.paused),
+                        probe_age=time.monotonic() - probe_since if not probe.done() else None,
+                    )
+                )
+                if why and not stalled:
+                    log.error("not pinging the systemd watchdog: %s", why)
+                elif stalled and not why:
+                    log.warning("pinging the systemd watchdog again")
+                stalled = why
+                if not why:
+                    self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+
     def status_line(self) -> str:
+        """One line for ``systemctl status``: sources, outbox, lag, counts."""
+        if self._stop.is_set():
+            return (
+                f"stopping: intake closed, {self.dispatcher.inflight} deliveries in flight,"
+                f" draining for up to {format_duration(self.config.daemon.drain_timeout)}"
+            )
         up = sum(1 for r in self.sources.values() if r.state == "up")
-        return f"STATUS={up}/{len(self.sources)} sources up, {self.engine.stats.alerts} alerts"
+        parts = [f"{up}/{len(self.sources)} sources connected"]
+        if self.outbox is not None:
+            pending, dead, oldest = self.outbox
+            age = f" (oldest {format_duration(max(0.0, time.time() - oldest))})" if oldest else ""
+            parts.append(f"outbox {pending} pending{age}, {dead} dead")
+        # Lag: how long the batch the engine works on has waited (0 when it waits for input).
+        stats = self._send.statistics() if self._send is not None else None
+        waiting = stats.current_buffer_used if stats is not None else 0
+        busy = stats is not None and not stats.tasks_waiting_receive
+        lag = max(0.0, time.time() - self.batch_received) if busy and self.taken else 0.0
+        parts.append(f"intake {waiting} waiting, lag {lag:.1f}s")
+        rejected = sum(sum(r.rejected.values()) for r in self.sources.values())
+        reconnects = sum(r.reconnects for r in self.sources.values())
+        parts.append(f"{rejected} frames rejected, {reconnects} reconnects")
+        if self.paused:
+            parts.append(f"intake paused: {self.paused}")
+        if self._reload_note:
+            parts.append(self._reload_note)
+        return secret_registry.scrub("; ".join(parts))
+
+
+def _outbox_depth(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
+    """(pending, dead, created_at of the oldest pending) deliveries: for ``STATUS=``."""
+    (pending, oldest), (dead,) = (
+        conn.execute("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 0").fetchone(),
+        conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 2").fetchone(),
+    )
+    return int(pending), int(dead), oldest
