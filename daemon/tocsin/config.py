@@ -190,6 +190,9 @@ class _Loader:
         except tomllib.TOMLDecodeError as err:
             self.problem(name, "", f"invalid TOML: {err}")
             return None
+        except UnicodeDecodeError as err:
+            self.problem(name, "", f"not UTF-8 text (byte {err.start}); TOML files are UTF-8")
+            return None
         return resolve_secret_refs(  # type: ignore[no-any-return]
             raw, lambda p, m: self.problem(name, p, m), environ=self.environ
         )

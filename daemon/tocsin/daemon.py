@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,6 +205,7 @@ class Daemon:
         self.ready = anyio.Event()
         self.stopped = anyio.Event()
         self._stop = anyio.Event()
+        self._engine_done = anyio.Event()
         self._tg: TaskGroup | None = None
         self._send: MemoryObjectSendStream[Event | Checkpoint] | None = None
         self.paused = ""
@@ -224,6 +225,12 @@ class Daemon:
             await self._send.send(item)  # closed while stopping: intake is over
 
     async def _engine_loop(self, receive: MemoryObjectReceiveStream[Event | Checkpoint]) -> None:
+        try:
+            await self._evaluate(receive)
+        finally:
+            self._engine_done.set()
+
+    async def _evaluate(self, receive: MemoryObjectReceiveStream[Event | Checkpoint]) -> None:
         async with receive:
             while True:
                 try:
@@ -334,8 +341,7 @@ class Daemon:
                 tg.start_soon(self._engine_loop, receive)
                 for name in self.config.actions:
                     await self._start_action(name)
-                for name in self.config.sources:
-                    await self._start_source(name)
+                await self._start_sources(self.config.sources)
                 tg.start_soon(self._ticker)
                 tg.start_soon(self._purger)
                 if self.notifier.enabled:
@@ -382,9 +388,27 @@ class Daemon:
             await self._send.aclose()  # the engine loop drains what is buffered, then ends
         self.dispatcher.stopping = True
         self.dispatcher.wake(list(self.actions))
-        with anyio.move_on_after(self.config.daemon.drain_timeout):
+        with anyio.move_on_after(self.config.daemon.drain_timeout) as drain:
+            # Events already received are evaluated and their alerts committed (delivered
+            # at the next start if not now), then in-flight deliveries finish.
+            await self._engine_done.wait()
             await self.dispatcher.idle()
+        if drain.cancelled_caught:
+            log.warning(
+                "stopping after the drain timeout (%s): %s",
+                format_duration(self.config.daemon.drain_timeout),
+                "events were still being evaluated"
+                if not self._engine_done.is_set()
+                else f"{self.dispatcher.inflight} delivery(ies) in flight stay queued",
+            )
         tg.cancel_scope.cancel()
+
+    async def _start_sources(self, names: Iterable[str]) -> None:
+        """Start sources side by side: each may take up to ``SOURCE_START_WAIT`` to connect,
+        and one that cannot must not hold up the others, nor READY, by as much again."""
+        async with anyio.create_task_group() as starting:
+            for name in names:
+                starting.start_soon(self._start_source, name)
 
     async def _start_source(self, name: str) -> None:
         assert self._tg is not None
@@ -438,6 +462,10 @@ class Daemon:
                 log.error("reload refused, the running config stays:\n%s", err)
                 self._reload_note = "the last reload was refused (see the log)"
                 return False
+            except Exception as err:  # a plugin's bug: never let a reload end the daemon
+                log.exception("reload refused, the running config stays: %s", type(err).__name__)
+                self._reload_note = "the last reload was refused (see the log)"
+                return False
             await self._apply(config, engine)
             self._reload_note = ""
             log.info("config reloaded: %d rule(s)", len(engine.rules))
@@ -461,9 +489,7 @@ class Daemon:
                 if runner.scope is not None:
                     runner.scope.cancel()
                 del self.sources[name]
-        for name in config.sources:
-            if name not in self.sources:
-                await self._start_source(name)
+        await self._start_sources([n for n in config.sources if n not in self.sources])
         engine.adopt(self.engine)
         self.engine = engine
 

@@ -352,11 +352,6 @@ def test_webhook_urls_must_be_http_or_https(tmp_path: Path) -> None:
         assert f"actions.a{i}.url: url must start with http:// or https://" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py reads the file with tomllib and catches only TOMLDecodeError and OSError:"
-    " a file that is not UTF-8 raises UnicodeDecodeError, a traceback instead of a problem",
-)
 def test_a_config_that_is_not_utf8_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
     config = tmp_path / "t.toml"
     config.write_bytes(b'[daemon]\nstate_dir = "s"\n# caf\xe9\n')

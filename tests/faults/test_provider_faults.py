@@ -8,7 +8,6 @@ import signal
 import socket
 from collections.abc import Callable
 
-import pytest
 from tocsin_eospark import EOSParkEmulator
 from tocsin_eospark.protocol import MAX_FRAME
 
@@ -112,11 +111,6 @@ async def test_provider_faults_are_detected_counted_and_survived(
     assert await tocsin.wait_exit(15) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Daemon.run starts sources one after another, each waiting up to"
-    " SOURCE_START_WAIT (5 s) to connect: a source that cannot connect holds up the others",
-)
 async def test_a_source_that_cannot_connect_does_not_hold_up_the_others(
     emulator: EOSParkEmulator,
     hook: Hook,

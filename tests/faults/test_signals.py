@@ -6,7 +6,6 @@ import signal
 import time
 from collections.abc import Callable
 
-import pytest
 from tocsin_eospark import EOSParkEmulator
 from tocsin_eospark.protocol import action_id
 
@@ -89,11 +88,6 @@ async def test_sigterm_with_a_hanging_receiver_exits_0_after_the_drain_and_keeps
     assert set(hook.ok_keys()) == {h.key for h in held}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon._shutdown cancels the engine as soon as no delivery is in flight:"
-    " events already received but still in the intake stream are dropped, not drained",
-)
 async def test_sigterm_drains_the_events_already_received(
     emulator: EOSParkEmulator,
     hook: Hook,
@@ -212,11 +206,6 @@ async def test_sighup_reloads_keeping_connections_and_rule_state_and_refuses_a_b
     assert await tocsin.wait_exit(15) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Daemon.reload catches only ConfigError; a file that is not UTF-8 raises"
-    " UnicodeDecodeError from config.py, which ends the signal task and the daemon",
-)
 async def test_sighup_with_a_file_that_is_not_utf8_is_refused(
     emulator: EOSParkEmulator,
     hook: Hook,
