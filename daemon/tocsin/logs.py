@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any
 
 import orjson
@@ -50,6 +51,17 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: Any = None) ->
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # An uncaught exception's traceback goes through the scrubbing handler too, not
+    # Python's default printer, so a secret in a local repr never reaches the journal.
+    crash = logging.getLogger("tocsin.crash")
+    sys.excepthook = lambda kind, value, tb: crash.critical(
+        "uncaught exception", exc_info=(kind, value, tb)
+    )
+    threading.excepthook = lambda args: crash.critical(
+        "uncaught exception in thread %s",
+        getattr(args.thread, "name", "?"),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
     # Quiet chatty libraries unless the user asked for debug.
     for name in ("websockets", "aiohttp", "apprise", "asyncio"):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)

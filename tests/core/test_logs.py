@@ -61,3 +61,35 @@ secret = { file = "SECRET" }
     else:
         assert " DEBUG websockets.client: > GET /feed?apikey=*** HTTP/1.1" in lines[0]
         assert all(line.startswith("  ") for line in lines[2:])  # a traceback stays one record
+
+
+def test_uncaught_exceptions_are_logged_scrubbed() -> None:
+    import io
+    import sys
+    import threading
+
+    from tocsin.fields import SecretValue
+    from tocsin.logs import setup_logging
+
+    SecretValue("crash-s3cret-9")
+    stream = io.StringIO()
+    hooks = sys.excepthook, threading.excepthook
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("info", "text", stream)
+        try:
+            raise RuntimeError("failed with crash-s3cret-9")
+        except RuntimeError as err:
+            sys.excepthook(type(err), err, err.__traceback__)
+        thread = threading.Thread(target=lambda: 1 / 0, name="worker")
+        thread.start()
+        thread.join()
+    finally:
+        sys.excepthook, threading.excepthook = hooks
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    text = stream.getvalue()
+    assert "CRITICAL tocsin.crash: uncaught exception" in text
+    assert "uncaught exception in thread worker" in text and "ZeroDivisionError" in text
+    assert "crash-s3cret-9" not in text and "failed with ***" in text
