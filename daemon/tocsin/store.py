@@ -206,6 +206,8 @@ class Store:
                     results.append((future, fn(conn, *args), None))
                     conn.execute("RELEASE op")
                 except Exception as err:
+                    if isinstance(err, sqlite3.Error) and not conn.in_transaction:
+                        raise  # SQLite ended the transaction itself (disk full, I/O error)
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((future, None, err))

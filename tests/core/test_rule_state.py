@@ -92,7 +92,7 @@ class Clock:
         return self.now
 
 
-def engine(tmp_path: Path, clock: Clock, every: int = 2) -> Engine:
+def engine(tmp_path: Path, clock: Callable[[], float], every: int = 2) -> Engine:
     path = write_config(tmp_path / "tocsin.toml", RULES.format(every=every))
     registry = make_registry(TallyPlugin())
     return Engine(compile_rules(load_config(path, registry), registry), clock=clock)
@@ -183,3 +183,18 @@ def test_anchored_clock_starts_at_wall_time_and_runs_monotonically() -> None:
     first = clock()
     assert abs(first - time.time()) < 5
     assert clock() >= first
+
+
+def test_a_wall_clock_jump_does_not_move_throttles_or_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault 9: NTP steps the clock an hour forward, then two hours back, while running."""
+    real = time.time
+    eng = engine(tmp_path, AnchoredClock())
+    first = eng.clock()
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    assert eng.clock() - first < 5  # not an hour later: the windows did not all expire
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)
+    assert eng.clock() >= first  # and never backwards
+    eng.process(ping("ann", 1))
+    assert len(eng.process(ping("ann", 2))) == 1  # the pair still counts as one window
