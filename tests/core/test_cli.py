@@ -63,7 +63,7 @@ def test_test_command_on_the_example(tmp_path: Path) -> None:
         str(ROOT / "examples/events.jsonl"),
         TOCSIN_HOOK_SECRET="s",
         # the example's sources need them
-        TOCSIN_LOAD_PLUGINS="builtin,eospark,ewallet,ckex,vite,bge",
+        TOCSIN_LOAD_PLUGINS="builtin,eospark,ewallet,ckex,vite,bge,rules",
     )
     assert run.returncode == 0, run.stderr
     assert "[firing] incoming transfer -> console, hook" in run.stdout

@@ -1,0 +1,114 @@
+"""``kind = "absence"``: a dead man's switch. Fires when a group seen before (or, without
+``group_by``, the rule since it was loaded) has had no matching event for ``window``;
+resolves when events return.
+
+A group stays while it may fire or resolve, so memory is one small record per key ever
+seen, capped by ``max_groups``. After a restart, the groups that were not firing count
+their silence again from the restart: the daemon heard nothing while it was down, which
+says nothing about the provider. Firing groups stay firing and resolve when events return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from tocsin import Event, Firing, RuleConfig, stable_id, utc_iso
+
+from .config import AbsenceConfig
+from .lifecycle import Alerting, LifecycleKind
+from .stateful import ago
+from .windows import expired
+
+
+@dataclass(slots=True, kw_only=True)
+class AbsenceGroup(Alerting):
+    """When a group's last event came (or its watch began), and its alert; ``event`` is
+    the last event seen."""
+
+    last: float
+
+
+class AbsenceKind(LifecycleKind[AbsenceGroup]):
+    """Fires when a group falls silent for ``window``; resolves on its next event."""
+
+    name = "absence"
+    Config: ClassVar[type[RuleConfig]] = AbsenceConfig
+
+    def __init__(self, config: RuleConfig) -> None:
+        super().__init__(config)
+        self.whole_rule = not config.group_by  # one group, watched from the start
+        self.sources = ",".join(config.source or [])
+
+    def start(self, now: float) -> None:
+        for key, group in self.table.groups.items():
+            if not group.firing and group.last < now:
+                group.last = now
+                self.settle(key, group)
+        if self.whole_rule and "" not in self.table:
+            group = AbsenceGroup(last=now)
+            self.admit("", group)
+            self.settle("", group)
+
+    def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
+        self.begin(now)
+        t = self.moment(event, now)
+        if t is None:
+            return []
+        group = self.table.get(group_key)
+        if group is None:
+            group = AbsenceGroup(last=t, event=event)
+            self.admit(group_key, group)
+            self.settle(group_key, group)
+            return []
+        self.table.seen(group_key)
+        out = self.catch_up(group_key, group, now)
+        if t >= group.last:
+            group.last = t
+            group.event = event
+        if group.firing:  # an accepted event is never older than the window: it is back
+            out.extend(self.resolve(group_key, group, event))
+        self.settle(group_key, group)
+        return out
+
+    def wake(self, key: str, group: AbsenceGroup, now: float) -> list[Firing]:
+        if group.firing:
+            return self.repeat_if_due(key, group, now)
+        if not expired(group.last, self.window, now):
+            return []
+        return self.fire(key, group, group.event or self.placeholder(group, now), now)
+
+    def placeholder(self, group: AbsenceGroup, now: float) -> Event:
+        """The event an alert carries when the rule has seen none since it was loaded."""
+        since = utc_iso(group.last)
+        return Event(
+            id=stable_id(self.rule, "absence", since),
+            source=self.sources,
+            provider="tocsin",
+            type="absence",
+            data={"rule": self.rule, "window": self.span(), "since": since},
+            time=utc_iso(now),
+        )
+
+    def next_due(self, group: AbsenceGroup) -> float | None:
+        return group.next_repeat if group.firing else group.last + self.window
+
+    def needed(self, group: AbsenceGroup) -> bool:
+        return True
+
+    def encode(self, group: AbsenceGroup) -> dict[str, Any]:
+        return {"last": group.last, **self.encode_alerting(group)}
+
+    def decode(self, state: dict[str, Any]) -> AbsenceGroup:
+        return self.decode_alerting(AbsenceGroup(last=float(state["last"])), state)
+
+    def explain(self, group_key: str, now: float) -> str:
+        group = self.table.get(group_key)
+        if group is None:
+            return "no event seen for this group yet; it is watched from its first one"
+        silent = ago(now - group.last)
+        if group.firing:
+            return f"no event for {silent} (window {self.span()}); firing"
+        if group.event is None:
+            return f"no event since the rule started {silent} ago; fires after {self.span()}"
+        return f"last event {silent} ago; fires after {self.span()}"

@@ -1,0 +1,177 @@
+"""Sliding-window arithmetic, with no events, alerts or I/O: plain numbers in and out.
+
+One rule for every window: a point at time ``t`` is inside the window at ``now`` while
+``t + window > now``, and leaves it at ``t + window`` exactly. Every check below is written
+with that one expression, so the time a kind schedules (``t + window``) and the test that
+the point has left can never disagree by a float rounding.
+
+Points are kept in time order in plain lists. With receipt time they arrive in order;
+with event time a late point is inserted where it belongs (``bisect``). Lists rather than
+deques: most groups hold a few points, and an empty deque alone costs 600 bytes, which
+100,000 groups would pay; dropping the expired head is one slice deletion.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Iterable
+from decimal import Decimal
+
+
+def expired(t: float, window: float, now: float) -> bool:
+    """A point at ``t`` has left a ``window`` at ``now``."""
+    return t + window <= now
+
+
+def _gone(times: Iterable[float], window: float, now: float) -> int:
+    """How many of the (time-ordered) leading ``times`` have left the window."""
+    gone = 0
+    for t in times:
+        if not expired(t, window, now):
+            break
+        gone += 1
+    return gone
+
+
+class CountWindow:
+    """The times of the newest ``limit`` events: enough to tell whether ``limit`` of them
+    fall in the window, so memory is bounded by ``limit`` whatever the event rate."""
+
+    __slots__ = ("limit", "times")
+
+    def __init__(self, limit: int, times: Iterable[float] = ()) -> None:
+        self.limit = limit
+        self.times: list[float] = sorted(times)[-limit:] if limit else []
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def add(self, t: float) -> None:
+        times = self.times
+        if not times or t >= times[-1]:
+            times.append(t)
+        else:
+            insort(times, t)
+        if len(times) > self.limit:
+            del times[0]
+
+    def expire(self, window: float, now: float) -> None:
+        """Forget the times that have left the window."""
+        gone = _gone(self.times, window, now)
+        if gone:
+            del self.times[:gone]
+
+    def count(self, window: float, now: float) -> int:
+        """Events in the window at ``now`` (at most ``limit``), without forgetting any."""
+        return len(self.times) - _gone(self.times, window, now)
+
+    def reached(self, window: float, now: float) -> bool:
+        return self.count(window, now) >= self.limit
+
+    def oldest(self) -> float | None:
+        return self.times[0] if self.times else None
+
+    def newest(self) -> float | None:
+        return self.times[-1] if self.times else None
+
+    def dump(self) -> list[float]:
+        return self.times.copy()
+
+
+class SumWindow:
+    """``(time, value)`` points and their running total (exact: ``Decimal``)."""
+
+    __slots__ = ("points", "total")
+
+    def __init__(self, points: Iterable[tuple[float, Decimal]] = ()) -> None:
+        self.points: list[tuple[float, Decimal]] = sorted(points, key=_time)
+        self.total = sum((v for _, v in self.points), Decimal(0))
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def add(self, t: float, value: Decimal) -> None:
+        points = self.points
+        if not points or t >= points[-1][0]:
+            points.append((t, value))
+        else:
+            insort(points, (t, value), key=_time)
+        self.total += value
+
+    def expire(self, window: float, now: float) -> None:
+        points = self.points
+        gone = _gone((t for t, _ in points), window, now)
+        if gone == len(points):
+            points.clear()
+            self.total = Decimal(0)
+        elif gone:
+            self.total -= sum((v for _, v in points[:gone]), Decimal(0))
+            del points[:gone]
+
+    def sum(self, window: float, now: float) -> Decimal:
+        """The total in the window at ``now``, without forgetting any point."""
+        total = self.total
+        for t, value in self.points:
+            if not expired(t, window, now):
+                break
+            total -= value
+        return total
+
+    def oldest(self) -> float | None:
+        return self.points[0][0] if self.points else None
+
+    def newest(self) -> float | None:
+        return self.points[-1][0] if self.points else None
+
+    def dump(self) -> list[list[float | str]]:
+        return [[t, str(v)] for t, v in self.points]
+
+
+class ValueWindow:
+    """The values of a field over a window, oldest first, for ``change``.
+
+    Equal consecutive values are kept as one point holding the newest time of the run:
+    that point stays in the window exactly as long as some value of the run does, so
+    the oldest value in the window is unchanged, and a feed that re-sends the same price
+    costs no memory.
+    """
+
+    __slots__ = ("points",)
+
+    def __init__(self, points: Iterable[tuple[float, Decimal]] = ()) -> None:
+        self.points: list[tuple[float, Decimal]] = list(points)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def add(self, t: float, value: Decimal) -> None:
+        """Append a value no older than the newest one."""
+        points = self.points
+        if points and points[-1][1] == value:
+            points[-1] = (t, value)
+        else:
+            points.append((t, value))
+
+    def restart(self, t: float, value: Decimal) -> None:
+        """Start the window again from one value (the one that fired)."""
+        self.points.clear()
+        self.points.append((t, value))
+
+    def expire(self, window: float, now: float) -> None:
+        gone = _gone((t for t, _ in self.points), window, now)
+        if gone:
+            del self.points[:gone]
+
+    def inside(self, window: float, now: float) -> list[tuple[float, Decimal]]:
+        """The points in the window at ``now``, without forgetting any."""
+        return [p for p in self.points if not expired(p[0], window, now)]
+
+    def newest(self) -> tuple[float, Decimal] | None:
+        return self.points[-1] if self.points else None
+
+    def dump(self) -> list[list[float | str]]:
+        return [[t, str(v)] for t, v in self.points]
+
+
+def _time(point: tuple[float, Decimal]) -> float:
+    return point[0]

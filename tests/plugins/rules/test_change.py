@@ -1,0 +1,130 @@
+"""``kind = "change"``: one alert per move of a field, from the oldest value in the
+window or from the last value; the window starts again from the value that fired."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tocsin_rules.change import ChangeKind
+
+from tocsin import Event
+from tocsin.rules import Engine
+from tocsin.store import Store
+
+from .conftest import Clock, build, event, persist, restart, saved_groups, seen
+
+RULE = """
+[[rules]]
+name = "odds moved"
+kind = "change"
+match = {{ open = true }}
+group_by = ["product"]
+field = "price"
+by = {by}
+window = "5m"
+title = "odds {{{{ price }}}}"
+"""
+
+
+def odds(n: int, price: object, product: str = "1") -> Event:
+    return event(f"o{n}", price=price, product=product, open=True)
+
+
+def kind_of(engine: Engine) -> ChangeKind:
+    kind = engine.rules["odds moved"].kind
+    assert isinstance(kind, ChangeKind)
+    return kind
+
+
+def test_a_percentage_move_fires_once_and_the_window_starts_again(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by='"3%"'), clock)
+    kind = kind_of(engine)
+    assert engine.process(odds(1, "2.10")) == []
+    assert kind.explain('["1"]', clock.now) == (
+        "2.10 is the only value within 5m; fires on a move of 3%"
+    )
+    clock.at(10)
+    assert engine.process(odds(2, "2.125")) == []
+    assert kind.explain('["1"]', clock.now) == "moved 1.19% of 3% (from 2.10 to 2.125)"
+    clock.at(20)
+    (fired,) = engine.process(odds(3, "2.163"))  # exactly 3% above 2.10
+    assert seen([fired]) == [("firing", "o3")]
+    assert fired.alert.title == "odds 2.163"
+    clock.at(30)
+    assert engine.process(odds(4, "2.2")) == []  # 1.7% from 2.163, where it starts again
+    clock.at(40)
+    assert engine.process(odds(5, "2.163")) == []
+    clock.at(50)
+    (down,) = engine.process(odds(6, "2.09"))  # 3.4% below 2.163, the oldest
+    assert seen([down]) == [("firing", "o6")]
+    assert down.alert.id != fired.alert.id
+
+
+def test_a_jump_from_the_last_value_fires_when_the_oldest_is_close(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by='"3%"'), clock)
+    engine.process(odds(1, 100))
+    clock.at(1)
+    assert engine.process(odds(2, 102.9)) == []  # 2.9% from 100
+    clock.at(2)
+    assert seen(engine.process(odds(3, 99.8))) == [("firing", "o3")]  # 0.2% from 100, 3% from 102.9
+
+
+def test_only_values_within_the_window_are_references(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by="0.5"), clock)
+    engine.process(odds(1, 10))
+    clock.at(100)
+    engine.process(odds(2, 10.3))
+    clock.at(301)  # 10 has left the window; 10.3 is the oldest
+    assert engine.process(odds(3, 10.6)) == []
+    clock.at(302)
+    assert seen(engine.process(odds(4, 10.8))) == [("firing", "o4")]  # 0.5 from 10.3
+    clock.at(302 + 300)  # everything has left: the next value has no reference
+    assert engine.process(odds(5, 50)) == []
+    assert len(kind_of(engine).table) == 1
+
+
+def test_a_zero_reference_gives_no_percentage_and_odd_values_are_ignored(
+    tmp_path: Path,
+) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by='"3%"'), clock)
+    kind = kind_of(engine)
+    engine.process(odds(1, "0"))
+    assert engine.process(odds(2, "5")) == []
+    assert (
+        kind.explain('["1"]', clock.now) == "no percentage of a reference value of 0 (from 0 to 5)"
+    )
+    for n, price in enumerate(["SUSPENDED", None, True, "nan", {"x": 1}], 10):
+        assert engine.process(odds(n, price)) == []
+    assert kind.skipped == 5
+    assert seen(engine.process(odds(3, "5.2"))) == [("firing", "o3")]  # 4% from the last, 5
+
+
+def test_state_expires_after_the_window_and_survives_a_restart(tmp_path: Path) -> None:
+    text = RULE.format(by='"10%"')
+    clock = Clock().at(0)
+    store = Store.open(tmp_path / "state")
+    try:
+        first = build(tmp_path, text, clock)
+        first.process(odds(1, "2.00"))
+        first.process(odds(2, "2.00", product="2"))
+        persist(store, first)
+        assert saved_groups(store)['["1"]'] == '{"v":1,"values":[[1800000000.0,"2.00"]]}'
+
+        clock.at(60)
+        second = restart(store, tmp_path, text, clock)
+        assert seen(second.process(odds(3, "2.20"))) == [("firing", "o3")]  # 10% across it
+        clock.at(300)  # product 2's value has left the window
+        assert second.tick() == []
+        assert list(kind_of(second).table) == ['["1"]']
+        persist(store, second)
+        assert set(saved_groups(store)) == {'["1"]'}
+        clock.at(360)
+        second.tick()
+        persist(store, second)
+        assert saved_groups(store) == {}
+    finally:
+        store.close()

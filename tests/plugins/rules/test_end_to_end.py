@@ -1,0 +1,73 @@
+"""Through the real daemon: a threshold rule sends ``firing`` to a webhook, then, on
+time and with no further event, ``resolved``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tocsin_rules
+
+from support import PushServer, Receiver, make_registry, running, wait_for, write_config
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUSH_TOKEN", TOKEN)
+
+
+def config_text(server: PushServer, hook_url: str) -> str:
+    return f"""
+[daemon]
+state_dir = "state"
+drain_timeout = "2s"
+
+[sources.feed]
+plugin = "testpush"
+url = "{server.url}"
+token = {{ env = "PUSH_TOKEN" }}
+
+[actions.hook]
+plugin = "webhook"
+url = "{hook_url}"
+timeout = "2s"
+retry = {{ attempts = 20, backoff = "20ms", max_backoff = "100ms" }}
+
+[[rules]]
+name = "burst out"
+kind = "threshold"
+source = "feed"
+type = "transfer"
+match = {{ "args.from" = "me" }}
+group_by = ["args.to"]
+window = "2s"
+count = 2
+actions = ["hook"]
+title = "2 transfers to {{{{ args.to }}}} within 2s"
+"""
+
+
+def transfer(id: str, to: str = "bob") -> dict[str, object]:
+    return {"id": id, "type": "transfer", "data": {"args": {"from": "me", "to": to}}}
+
+
+async def test_threshold_fires_then_resolves_on_time_through_the_webhook(tmp_path: Path) -> None:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path, make_registry(tocsin_rules)):
+            await wait_for(lambda: server.clients, what="the source to connect")
+            await server.push(transfer("t1"))
+            await server.push(transfer("x1", to="carol"))  # another group: 1 of 2
+            await server.push(transfer("t2"))
+            await wait_for(lambda: receiver.ok(), what="the firing alert")
+            await wait_for(lambda: len(receiver.ok()) == 2, within=6, what="the resolved alert")
+        firing, resolved = (r.json() for r in receiver.ok())
+    assert (firing["status"], resolved["status"]) == ("firing", "resolved")
+    assert firing["title"] == "2 transfers to bob within 2s"
+    assert resolved["title"] == "[resolved] 2 transfers to bob within 2s"
+    assert firing["event"]["id"] == resolved["event"]["id"] == "t2"  # the crossing event
+    assert firing["id"] != resolved["id"]
+    assert [r.headers["Idempotency-Key"] for r in receiver.ok()] == [firing["id"], resolved["id"]]
+    assert len(receiver.requests) == 2  # nothing from the other group

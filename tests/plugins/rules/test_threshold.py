@@ -1,0 +1,244 @@
+"""``kind = "threshold"``: fires at the bound, resolves on time, realerts, survives a
+restart and a reload; windows driven by an injected clock."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tocsin_rules.threshold import ThresholdKind
+
+from tocsin import Event
+from tocsin.rules import Engine
+from tocsin.store import Store
+
+from .conftest import Clock, build, event, persist, restart, saved_groups, seen
+
+RULE = """
+[[rules]]
+name = "burst"
+kind = "threshold"
+match = {{ kind = "out" }}
+group_by = ["who"]
+title = "{{{{ who }}}} sent {{{{ amount }}}}"
+window = "10s"
+count = 3
+{extra}
+"""
+
+
+def out(n: int, who: str = "ann", **data: Any) -> Event:
+    return event(f"e{n}", kind="out", who=who, **data)
+
+
+def kind_of(engine: Engine, name: str = "burst") -> ThresholdKind:
+    kind = engine.rules[name].kind
+    assert isinstance(kind, ThresholdKind)
+    return kind
+
+
+def test_fires_at_the_bound_and_resolves_on_time_with_no_event(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(extra=""), clock)
+    assert engine.process(out(1)) == []
+    clock.at(1)
+    assert engine.process(out(2)) == []
+    clock.at(2)
+    (fired,) = engine.process(out(3, amount=7))
+    assert seen([fired]) == [("firing", "e3")]  # the event that crossed the bound
+    assert fired.alert.title == "ann sent 7"
+    clock.at(9.9)
+    assert engine.tick() == []
+    clock.at(10)  # e1 leaves the window: 2 of 3, resolved with no further event
+    (resolved,) = engine.tick()
+    assert seen([resolved]) == [("resolved", "e3")]
+    assert resolved.alert.title == "[resolved] ann sent 7"
+    assert resolved.alert.id != fired.alert.id
+    assert kind_of(engine).table.groups  # two events still in the window
+    clock.at(12)
+    assert engine.tick() == []
+    assert len(kind_of(engine).table) == 0  # window empty, not firing: forgotten
+
+
+def test_groups_are_separate_and_a_new_crossing_fires_again_with_a_new_id(
+    tmp_path: Path,
+) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(extra=""), clock)
+    ids = []
+    for n in range(3):
+        clock.at(n)
+        if n < 2:
+            assert engine.process(out(100 + n, who="bob")) == []  # other group: no effect
+        ids += [p.alert.id for p in engine.process(out(n))]
+    clock.at(10)
+    ids += [p.alert.id for p in engine.tick()]
+    clock.at(10.5)
+    (again,) = engine.process(out(9))  # e1, e2 and e9 within 10s: 3 again
+    assert again.alert.status == "firing"
+    assert len({*ids, again.alert.id}) == 3
+
+
+def test_sum_of_eos_amounts_reaches_the_bound_exactly(tmp_path: Path) -> None:
+    rule = """
+[[rules]]
+name = "big outflow"
+kind = "threshold"
+match = { kind = "out" }
+window = "1h"
+field = "amount"
+sum = 10000
+"""
+    clock = Clock().at(0)
+    engine = build(tmp_path, rule, clock)
+    kind = kind_of(engine, "big outflow")
+    for n, amount in enumerate(["4000.0000 EOS", "oops", -5000, None, 3999.9]):
+        assert engine.process(out(n, amount=amount)) == []
+    assert kind.skipped == 3  # "oops", a negative value and a missing field count nothing
+    assert kind.explain("", clock.now) == "sum 7999.9 of 10000 within 1h"
+    (fired,) = engine.process(out(9, amount="2000.1"))  # 10000.0: the bound, exactly
+    assert seen([fired]) == [("firing", "e9")]
+    assert kind.explain("", clock.now) == "sum 10000 of 10000 within 1h; firing"
+    clock.at(3600)
+    (resolved,) = engine.tick()
+    assert seen([resolved]) == [("resolved", "e9")]
+
+
+def test_realert_repeats_while_firing_and_backoff_doubles(tmp_path: Path) -> None:
+    extra = 'realert = "1m"\nrealert_backoff = true'
+    clock = Clock().at(0)
+    rule = RULE.format(extra=extra).replace('window = "10s"', 'window = "1h"')
+    engine = build(tmp_path, rule, clock)
+    ids = []
+    for n in range(3):
+        ids += [p.alert.id for p in engine.process(out(n))]
+    repeats = []
+    for second in range(1, 1000):
+        clock.at(second)
+        for pending in engine.tick():
+            assert seen([pending]) == [("firing", "e2")]  # a repeat carries the crossing
+            repeats.append(second)
+            ids.append(pending.alert.id)
+    assert repeats == [60, 180, 420, 900]  # 1m, then 2m, 4m, 8m
+    assert len(set(ids)) == len(ids) == 5
+
+
+def test_realert_without_backoff_and_no_resolved_alert_when_not_wanted(
+    tmp_path: Path,
+) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(extra='realert = "4s"\nsend_resolved = false'), clock)
+    fired = [p for n in range(3) for p in engine.process(out(n))]
+    assert len(fired) == 1
+    sent = []
+    for second in range(1, 20):
+        clock.at(second)
+        sent += [(second, p.alert.status) for p in engine.tick()]
+    assert sent == [(4, "firing"), (8, "firing")]  # resolved at 10, silently
+    assert not kind_of(engine).table.get('["ann"]')
+    clock.at(20)
+    again = [p for n in range(10, 13) for p in engine.process(out(n))]
+    assert seen(again) == [("firing", "e12")]  # it tracked the resolution: fires anew
+    assert again[0].alert.id != fired[0].alert.id
+
+
+def test_event_time_windows_ignore_late_events_and_count_unreadable_times(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock().at(100)
+    engine = build(tmp_path, RULE.format(extra='time_field = "event"'), clock)
+    kind = kind_of(engine)
+    assert engine.process(event("late", 89.5, kind="out", who="ann")) == []
+    assert kind.late == 1 and len(kind.table) == 0  # older than the window: ignored
+    with caplog.at_level(logging.WARNING, logger="tocsin_rules"):
+        assert engine.process(event("a", "yesterday", kind="out", who="ann")) == []
+        assert engine.process(event("b", "2027-13-01T00:00:00Z", kind="out", who="ann")) == []
+    assert kind.untimed == 2  # counted at receipt time (100)
+    assert caplog.text.count("has no readable time") == 1  # one line per rule, not per event
+    (fired,) = engine.process(event("c", 95.0, kind="out", who="ann"))  # 5 s old, in window
+    assert fired.alert.status == "firing"
+    clock.at(105)  # the event-time point (95) leaves at 105, before the receipt ones
+    (resolved,) = engine.tick()
+    assert seen([resolved]) == [("resolved", "c")]
+
+
+def test_future_event_times_count_as_now(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(extra='time_field = "event"'), clock)
+    for n in range(3):
+        engine.process(event(f"f{n}", 3600.0, kind="out", who="ann"))  # a clock an hour ahead
+    clock.at(10)
+    assert seen(engine.tick()) == [("resolved", "f2")]  # not an hour later
+
+
+def test_a_firing_threshold_survives_a_restart_and_resolves_once(tmp_path: Path) -> None:
+    text = RULE.format(extra='realert = "5s"')
+    clock = Clock().at(0)
+    store = Store.open(tmp_path / "state")
+    try:
+        first = build(tmp_path, text, clock)
+        fired = []
+        for n in range(3):
+            clock.at(n)
+            fired += first.process(out(n))
+        persist(store, first)
+        assert '"firing":true' in saved_groups(store)['["ann"]']
+
+        clock.at(7)  # a restart: a new engine on the same database
+        second = restart(store, tmp_path, text, clock)
+        (repeat,) = second.tick()  # the realert time (2 + 5 s) came back too
+        assert repeat.alert.status == "firing" and repeat.alert.id != fired[0].alert.id
+        persist(store, second)
+        clock.at(9)
+        third = restart(store, tmp_path, text, clock)
+        assert third.tick() == []
+        clock.at(10)  # e0 leaves the window
+        (resolved,) = third.tick()
+        assert seen([resolved]) == [("resolved", "e2")]
+        assert third.tick() == []
+        persist(store, third)
+        assert '"firing":false' in saved_groups(store)['["ann"]']  # e1, e2 still count
+        clock.at(12)
+        assert third.tick() == []
+        persist(store, third)
+        assert saved_groups(store) == {}  # expired state is deleted
+
+        clock.at(20)  # after yet another restart, the next firing has a new id
+        fourth = restart(store, tmp_path, text, clock)
+        again = [p for n in range(20, 23) for p in fourth.process(out(n))]
+        ids = [fired[0].alert.id, repeat.alert.id, resolved.alert.id, again[0].alert.id]
+        assert len(set(ids)) == 4
+    finally:
+        store.close()
+
+
+def test_reload_keeps_unchanged_rules_and_starts_changed_ones_fresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock().at(0)
+    text = RULE.format(extra="")
+    old = build(tmp_path, text, clock)
+    for n in range(2):
+        old.process(out(n))
+    same = build(tmp_path, text, clock)
+    same.adopt(old)
+    assert seen(same.process(out(2))) == [("firing", "e2")]  # kept its 2 of 3
+
+    changed = build(tmp_path, text.replace("count = 3", "count = 4"), clock)
+    with caplog.at_level(logging.INFO, logger="tocsin.rules"):
+        changed.adopt(same)
+    assert "rule 'burst' changed: its windows and firing alerts start fresh" in caplog.text
+    assert changed.process(out(3)) == []
+    assert kind_of(changed).explain('["ann"]', clock.now) == "1 of 4 within 10s"
+
+
+def test_explain_gives_the_window_count(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(extra=""), clock)
+    engine.process(out(1))
+    assert engine.explain(out(2)) == [("burst", "", "1 of 3 within 10s")]
+    assert engine.explain(out(2, who="bob")) == [("burst", "", "0 of 3 within 10s")]
+    clock.at(10)
+    assert engine.explain(out(2)) == [("burst", "", "0 of 3 within 10s")]
