@@ -76,6 +76,9 @@ def test_uncaught_exceptions_are_logged_scrubbed() -> None:
     hooks = sys.excepthook, threading.excepthook
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    libraries = {
+        n: logging.getLogger(n).level for n in ("websockets", "aiohttp", "apprise", "asyncio")
+    }
     try:
         setup_logging("info", "text", stream)
         try:
@@ -89,6 +92,8 @@ def test_uncaught_exceptions_are_logged_scrubbed() -> None:
         sys.excepthook, threading.excepthook = hooks
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+        for name, level in libraries.items():  # setup_logging quiets these: undo it
+            logging.getLogger(name).setLevel(level)
     text = stream.getvalue()
     assert "CRITICAL tocsin.crash: uncaught exception" in text
     assert "uncaught exception in thread worker" in text and "ZeroDivisionError" in text
