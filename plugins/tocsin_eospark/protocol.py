@@ -11,6 +11,7 @@ See PROTOCOLS.md section 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -243,6 +244,7 @@ def action_id(trx_id: str, action_index: int) -> str:
     return stable_id("eospark", trx_id, action_index)
 
 
+@functools.lru_cache(maxsize=1024)  # every action of a block shares its timestamp
 def event_time(trx_timestamp: str) -> str:
     """``"2018-11-06T06:30:50.000"`` (UTC, EOS block time) -> ``"2018-11-06T06:30:50.000Z"``.
 
