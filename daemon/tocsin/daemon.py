@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -347,7 +346,7 @@ class Daemon:
                 if self.notifier.enabled:
                     tg.start_soon(self._notify_loop)
                     with contextlib.suppress(StateError):
-                        self.outbox = await self.store.call(_outbox_depth)
+                        self.outbox = await self.store.call(Store.depth)
                 if self.config.daemon.http:
                     log.warning(
                         "[daemon] http = %r is not served by this version yet; /healthz,"
@@ -511,7 +510,7 @@ class Daemon:
                     self.outbox = probe.result()
                 probe = None
             if probe is None:  # the store's writer answers this query like any other
-                probe, probe_since = self.store.submit(_outbox_depth), time.monotonic()
+                probe, probe_since = self.store.submit(Store.depth), time.monotonic()
             if watchdog is not None:
                 stats = self._send.statistics() if self._send is not None else None
                 why = watchdog.stalled(
@@ -558,12 +557,3 @@ class Daemon:
         if self._reload_note:
             parts.append(self._reload_note)
         return secret_registry.scrub("; ".join(parts))
-
-
-def _outbox_depth(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
-    """(pending, dead, created_at of the oldest pending) deliveries: for ``STATUS=``."""
-    (pending, oldest), (dead,) = (
-        conn.execute("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = 0").fetchone(),
-        conn.execute("SELECT COUNT(*) FROM outbox WHERE state = 2").fetchone(),
-    )
-    return int(pending), int(dead), oldest

@@ -61,11 +61,15 @@ class Rule:
     def name(self) -> str:
         return self.config.name
 
+    def takes(self, event: Event) -> bool:
+        """The event's source and type are among the rule's."""
+        return (self.sources is None or event.source in self.sources) and (
+            self.types is None or event.type in self.types
+        )
+
     def selects(self, event: Event) -> bool:
         """Source, type and every ``match`` key hold (``when`` is checked apart)."""
-        if self.sources is not None and event.source not in self.sources:
-            return False
-        if self.types is not None and event.type not in self.types:
+        if not self.takes(event):
             return False
         data = event.data
         for path, values in self.match:
@@ -271,11 +275,11 @@ class Engine:
                 continue
             if what == "throttle":
                 try:
-                    age = now - float(value)
+                    last = float(value)
                 except ValueError:
                     continue
-                if rule.config.throttle is not None and 0 <= age < rule.config.throttle:
-                    self._throttle[(rule_name, group_key)] = now - age
+                if rule.config.throttle is not None and 0 <= now - last < rule.config.throttle:
+                    self._throttle[(rule_name, group_key)] = last
             elif what == "kind":
                 try:
                     rule.kind.load_state(group_key, orjson.loads(value))
@@ -371,9 +375,7 @@ class Engine:
         context: dict[str, Any] | None = None
         now = self.clock()
         for rule in self.index.rules:
-            if (rule.sources is not None and event.source not in rule.sources) or (
-                rule.types is not None and event.type not in rule.types
-            ):
+            if not rule.takes(event):
                 continue
             reason = ""
             for path, values in rule.match:

@@ -401,6 +401,15 @@ class Store:
         return out
 
     @staticmethod
+    def depth(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
+        """(pending, dead, created_at of the oldest pending) deliveries: for ``STATUS=``."""
+        pending, oldest = conn.execute(
+            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE state = ?", (PENDING,)
+        ).fetchone()
+        (dead,) = conn.execute("SELECT COUNT(*) FROM outbox WHERE state = ?", (DEAD,)).fetchone()
+        return int(pending), int(dead), oldest
+
+    @staticmethod
     def retry(conn: sqlite3.Connection, seqs: Iterable[int] | None) -> int:
         """Send dead-lettered deliveries again (all when ``seqs`` is None)."""
         now = time.time()
