@@ -38,7 +38,15 @@ from .fields import (
 )
 from .hookspecs import hookimpl, hookspec
 from .rulekind import Firing, RuleConfig, RuleKind
-from .source import Backoff, ResumableSourceConfig, Source, SourceConfig, SourceContext
+from .source import (
+    Backoff,
+    EventFactory,
+    FrameParser,
+    ResumableSourceConfig,
+    Source,
+    SourceConfig,
+    SourceContext,
+)
 from .wsclient import ScrubbingLogger, closed_for_size, failure_reason, parse_json, printable
 
 __all__ = [
@@ -53,7 +61,9 @@ __all__ = [
     "Duration",
     "Emulator",
     "Event",
+    "EventFactory",
     "Firing",
+    "FrameParser",
     "PermanentDelivery",
     "PluginError",
     "Problem",

@@ -142,6 +142,9 @@ class SourceRunner(EventFactory):
         level = logging.WARNING if self.rejected[reason] == 1 else logging.DEBUG
         self.logger.log(level, "source %r: frame rejected: %s", self.source, reason)
 
+    def received(self, frame: str | bytes) -> None:
+        pass  # only ``tocsin record`` keeps raw frames
+
     async def load_cursor(self, key: str) -> str | None:
         return await self.daemon.store.call(Store.get_cursor, self.source, key)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import anyio
@@ -90,6 +90,14 @@ class SourceContext(Protocol):
         """Count a frame that could not be parsed (malformed, oversized...) and go on."""
         ...
 
+    def received(self, frame: str | bytes) -> None:
+        """Called with every raw data frame as it arrives, before it is parsed.
+
+        ``tocsin record`` saves these frames; in the daemon it does nothing. A source calls
+        it for each frame it reads from the provider (not for frames it sends).
+        """
+        ...
+
     async def load_cursor(self, key: str) -> str | None:
         """The cursor saved under ``key`` for this source, or None on first start."""
         ...
@@ -125,6 +133,12 @@ class EventFactory:
         )
 
 
+FrameParser = Callable[[str | bytes], list[Event]]
+"""Turns one recorded raw frame into the events the source would emit for it (``[]`` for
+control frames: acks, heartbeats, pongs); raises ``ValueError`` for a malformed frame.
+It may keep state between frames (e.g. subscription ids learnt from recorded answers)."""
+
+
 class Source:
     """A live connection (or set of connections) to one provider.
 
@@ -148,6 +162,15 @@ class Source:
         wait for it forever). Raise nothing but cancellation: failures are reconnected here.
         """
         raise NotImplementedError
+
+    @classmethod
+    def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser | None:
+        """A parser for frames saved by ``tocsin record``, for ``tocsin test --frames``.
+
+        ``factory.event(...)`` builds the events, as ``SourceContext.event`` does in ``run``.
+        The default, None, means this source cannot replay recorded frames.
+        """
+        return None
 
 
 class Backoff:

@@ -32,6 +32,7 @@ class RecordingContext(EventFactory):
         self.logger = logging.getLogger(f"tocsin.testing.{source}")
         self.events: list[Event] = []
         self.rejects: list[str] = []
+        self.frames: list[str | bytes] = []
         self.status: list[tuple[str, str]] = []
         self.cursors: dict[str, str] = {}
         self.gaps: list[dict[str, str | int]] = []
@@ -72,6 +73,9 @@ class RecordingContext(EventFactory):
     def reject(self, reason: str) -> None:
         self.rejects.append(reason)
         self._changed()
+
+    def received(self, frame: str | bytes) -> None:
+        self.frames.append(frame)
 
     async def load_cursor(self, key: str) -> str | None:
         return self.cursors.get(key)
