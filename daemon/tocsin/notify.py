@@ -15,8 +15,8 @@ Progress means all of:
   within the watchdog timeout. An error is an answer: a full disk or a lock held by
   another process is a state the daemon reports and retries, and a restart would not
   cure it;
-- the engine keeps up: while events wait in the intake stream it takes some off, or it is
-  paused on a commit failure it reports (intake pauses on a full disk by design, and a
+- the engine keeps up: while events wait in the intake stream, or while it holds a batch
+  it has not finished, it takes more off, or it is paused on a commit failure it reports (intake pauses on a full disk by design, and a
   restart would drop the events waiting in memory).
 
 The delivery workers are not checked on their own: they wait only on the event loop, the
@@ -129,6 +129,8 @@ class Progress:
     """The engine is retrying a commit that failed (reported in ``STATUS=``)."""
     probe_age: float | None
     """How long the store probe in flight has waited (seconds), None when none is."""
+    busy: bool = False
+    """The engine holds a batch it has not finished evaluating and committing."""
 
 
 class Watchdog:
@@ -147,12 +149,14 @@ class Watchdog:
     def stalled(self, progress: Progress) -> str:
         """Why no ``WATCHDOG=1`` should be sent now; ``""`` when everything made progress."""
         now = self.clock()
-        if progress.taken != self._taken or not progress.waiting or progress.paused:
+        idle = not progress.waiting and not progress.busy
+        if progress.taken != self._taken or idle or progress.paused:
             self._engine_ok = now
         self._taken = progress.taken
         if progress.probe_age is not None and progress.probe_age >= self.timeout:
             return f"the state database has not answered for {progress.probe_age:.1f}s"
         stuck = now - self._engine_ok
         if stuck >= self.timeout:
-            return f"the engine has taken no event for {stuck:.1f}s with {progress.waiting} waiting"
+            held = ", a batch in hand" if progress.busy else ""
+            return f"the engine has taken no event for {stuck:.1f}s with {progress.waiting} waiting{held}"
         return ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -161,9 +162,13 @@ class Clock:
 
 
 def progress(
-    taken: int = 0, waiting: int = 0, paused: bool = False, probe: float | None = None
+    taken: int = 0,
+    waiting: int = 0,
+    paused: bool = False,
+    probe: float | None = None,
+    busy: bool = False,
 ) -> Progress:
-    return Progress(taken=taken, waiting=waiting, paused=paused, probe_age=probe)
+    return Progress(taken=taken, waiting=waiting, paused=paused, probe_age=probe, busy=busy)
 
 
 def test_an_idle_daemon_makes_progress() -> None:
@@ -186,6 +191,18 @@ def test_an_engine_taking_nothing_while_events_wait_stalls_after_the_timeout() -
     )
     clock.now += 1
     assert dog.stalled(progress(taken=2, waiting=80)) == ""  # it took one: progress
+
+
+def test_an_engine_stuck_on_the_last_batch_stalls_with_nothing_waiting() -> None:
+    # Every event was taken in one batch and the engine never finished it.
+    clock = Clock()
+    dog = Watchdog(10.0, clock)
+    assert dog.stalled(progress(taken=3, busy=True)) == ""
+    clock.now += 10
+    assert dog.stalled(progress(taken=3, busy=True)) == (
+        "the engine has taken no event for 10.0s with 0 waiting, a batch in hand"
+    )
+    assert dog.stalled(progress(taken=3, busy=False)) == ""  # it finished: idle again
 
 
 def test_a_paused_engine_is_not_stalled() -> None:
@@ -270,7 +287,9 @@ actions = ["hook"]
             seen = len(notify.poll())
             await wait_for(lambda: ticks_since(notify, seen) >= 3, what="three more ticks")
             assert not [m for m in notify.messages[seen:] if "WATCHDOG" in m]
-            assert "intake 2 waiting" in notify.statuses()[-1]
+            # The three events wait in the stream or in the batch the engine holds.
+            lag = re.search(r"intake \d+ waiting, lag ([0-9.]+)s", notify.statuses()[-1])
+            assert lag and float(lag[1]) > 0
 
             gate.set()
             await wait_for(
