@@ -373,3 +373,42 @@ async def test_a_crashing_rule_kind_costs_only_its_own_rule(tmp_path: Path) -> N
             await wait_for(lambda: len(receiver.ok()) == 2)
             assert daemon.engine.stats.kind_errors == 2
         assert {r.json()["rule"] for r in receiver.ok()} == {"incoming transfer"}
+
+
+async def test_a_full_intake_keeps_what_a_timed_out_source_handed_over(tmp_path: Path) -> None:
+    # A source's own deadline (stale, ack) may pass while it waits on a full intake: the
+    # event it handed over must still be evaluated, not dropped with the cancelled wait.
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).replace(
+            'drain_timeout = "2s"', 'drain_timeout = "2s"\nqueue_size = 10'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients, what="the source to connect")
+            gate = anyio.Event()
+            process = daemon._process
+
+            async def held(batch: list[object]) -> None:
+                await gate.wait()
+                await process(batch)  # type: ignore[arg-type]
+
+            daemon._process = held  # type: ignore[method-assign]
+            runner = daemon.sources["feed"]
+            ids = [f"full{i}" for i in range(30)]
+            deadline = anyio.CancelScope()
+
+            async def emit_all() -> None:
+                with deadline:
+                    for i in ids:
+                        data = {"args": {"to": "me", "from": "alice", "amount": 1}}
+                        await runner.emit(runner.event("transfer", data, id=i))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(emit_all)
+                await wait_for(lambda: daemon._full_waits, what="a wait on the full intake")
+                deadline.cancel()  # the source's deadline passes while it waits
+                gate.set()
+            sent = runner.events
+            assert sent >= 11  # the stream's 10, the batch in hand, and the one that waited
+            await wait_for(lambda: len(receiver.requests) >= sent, what="every handed-over event")
+        assert [r.json()["event"]["id"] for r in receiver.requests] == ids[:sent]
