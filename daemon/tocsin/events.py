@@ -24,11 +24,9 @@ def utc_iso(ts: float | None = None) -> str:
 
 def stable_id(*parts: object) -> str:
     """A stable hex id from ``parts``: the same parts always give the same id."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        digest.update(str(part).encode())
-        digest.update(b"\x1f")
-    return digest.hexdigest()
+    # Each part followed by \x1f, hashed in one call (an update per part cost twice as much).
+    text = "\x1f".join(map(str, parts)) + "\x1f" if parts else ""
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(slots=True)

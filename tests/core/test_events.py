@@ -1,0 +1,18 @@
+"""Event ids: stable across versions, since alert ids and dedup depend on them."""
+
+from __future__ import annotations
+
+from tocsin.events import stable_id
+
+
+def test_stable_ids_do_not_change_between_versions() -> None:
+    # Values computed by the first implementation (one blake2b update per part and per
+    # separator): a faster one must give the same ids, or a restart re-alerts everything.
+    assert stable_id("eospark", "abc", 0) == "a8b6d16d8a611662c1cbe41009f565ce"
+    assert stable_id("x") == "19675772e5038e59df06224c82201ba6"
+    assert stable_id() == "cae66941d9efbd404e4d88758ea67670"
+    assert stable_id("é", 1.5, None) == "294121d32cd3799ee570c76f40b3d4fc"
+
+
+def test_parts_are_separated() -> None:
+    assert stable_id("ab", "c") != stable_id("a", "bc")
