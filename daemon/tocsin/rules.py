@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from .action import Alert
-from .config import Config, RuleEntry
+from .config import Config, RuleEntry, collector_paused
 from .events import Event, RecentIds, get_path, split_path, stable_id, utc_iso
 from .fields import format_duration
 from .plugins import Registry
@@ -88,11 +88,12 @@ class Rule:
 def compile_rules(config: Config, registry: Registry) -> list[Rule]:
     """The enabled rules of a loaded ``config``, ready for the engine."""
     all_actions = tuple(config.actions)
-    return [
-        _compile(entry, position, registry, all_actions)
-        for position, entry in enumerate(config.rules)
-        if entry.config.enabled
-    ]
+    with collector_paused():
+        return [
+            _compile(entry, position, registry, all_actions)
+            for position, entry in enumerate(config.rules)
+            if entry.config.enabled
+        ]
 
 
 def _compile(
