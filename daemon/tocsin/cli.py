@@ -484,15 +484,19 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _relative(ts: float, now: float) -> str:
-    """``"in 12s"``, ``"3m ago"``, ``"now"``: a time near ``now``, to a human."""
+    """``"in 12s"``, ``"3m20s ago"``, ``"now"``: a time near ``now``, to a human (two units)."""
     delta = ts - now
-    seconds = abs(delta)
-    if seconds < 1:
+    rest = int(abs(delta))
+    if rest < 1:
         return "now"
+    parts: list[tuple[int, str]] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            amount = f"{int(seconds // size)}{unit}"
+        if rest >= size or parts:
+            parts.append((rest // size, unit))
+            rest %= size
+        if len(parts) == 2:
             break
+    amount = "".join(f"{n}{unit}" for n, unit in parts if n or (n, unit) == parts[0])
     return f"in {amount}" if delta > 0 else f"{amount} ago"
 
 

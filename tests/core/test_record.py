@@ -180,3 +180,42 @@ def test_record_for_a_duration_with_the_provider_down(tmp_path: Path) -> None:
     assert run.stdout.strip() == f"recorded 0 frame(s), 0 event(s) from 'eos' to {out}"
     assert "is down" in run.stderr
     assert out.read_text() == ""
+
+
+def test_a_source_that_cannot_replay_is_recorded_with_a_warning(tmp_path: Path) -> None:
+    config = tmp_path / "t.toml"
+    config.write_text(
+        '[sources.feed]\nplugin = "testpush"\nurl = "ws://127.0.0.1:1/"\ntoken = "t"\n'
+    )
+    out = tmp_path / "f.jsonl"
+    # The tests' own source plugin has no frame parser; not being installed, it reaches the
+    # CLI through the tests' registry.
+    script = (
+        "import sys; from support import make_registry; from tocsin import cli;"
+        " cli._registry = make_registry; sys.exit(cli.main(sys.argv[1:]))"
+    )
+    args = [
+        "record",
+        "-c",
+        str(config),
+        "--source",
+        "feed",
+        "--out",
+        str(out),
+        "--duration",
+        "200ms",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines()[0] == (
+        "tocsin: warning: plugin testpush has no frame parser: these frames can be kept"
+        " but not replayed by tocsin test --frames"
+    )
+    assert run.stdout.strip() == f"recorded 0 frame(s), 0 event(s) from 'feed' to {out}"
