@@ -196,7 +196,9 @@ class _Output:
 
     def __init__(self, total: int) -> None:
         self.bar: tqdm[NoReturn] | None = None
+        self._around_bar: set[int] = set()  # the streams printed through the bar
         if sys.stderr.isatty():
+            self._around_bar = {2} | ({1} if sys.stdout.isatty() else set())
             self.bar = tqdm(
                 total=total,
                 unit="B",
@@ -213,7 +215,7 @@ class _Output:
 
     def line(self, text: str, *, err: bool = False) -> None:
         stream = sys.stderr if err else sys.stdout
-        if self.bar is not None and stream.isatty():
+        if self.bar is not None and (2 if err else 1) in self._around_bar:
             self.bar.write(text, file=stream)
         else:
             print(text, file=stream)
