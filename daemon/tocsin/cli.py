@@ -415,6 +415,9 @@ def cmd_record(args: argparse.Namespace) -> int:
         + (f", {seen.rejected} frame(s) rejected" if seen.rejected else "")
         + f" from {args.source!r} to {out}"
     )
+    if seen.error:
+        print(f"tocsin: stopped: cannot write {out}: {seen.error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -63,6 +63,7 @@ class Recorded:
     frames: int = 0
     events: int = 0
     rejected: int = 0
+    error: str = ""  # why the file could not be written, which stopped the recording
 
 
 class Recorder(EventFactory):
@@ -82,8 +83,13 @@ class Recorder(EventFactory):
     def received(self, frame: str | bytes) -> None:
         if self.done.is_set():
             return  # the count is reached: the source is being stopped
-        self.out.write(frame_record(time.time(), frame))
-        self.out.flush()
+        try:
+            self.out.write(frame_record(time.time(), frame))
+            self.out.flush()
+        except OSError as err:  # a full disk: stop, rather than lose frames silently
+            self.seen.error = err.strerror or type(err).__name__
+            self.done.set()
+            return
         self.seen.frames += 1
         if self.count is not None and self.seen.frames >= self.count:
             self.done.set()

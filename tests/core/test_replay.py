@@ -90,3 +90,15 @@ def test_envelopes_skip_blank_and_bad_lines(tmp_path: Path) -> None:
     events = list(envelopes(numbered_lines(path), lambda w, r: skipped.append((w, r))))
     assert [(w, e.id) for w, e in events] == [(f"{path}:2", "a")]
     assert skipped == [(f"{path}:4", "missing or non-string field(s): id, source, type")]
+
+
+def test_a_file_that_cannot_be_written_stops_the_recording() -> None:
+    class Full(io.BytesIO):
+        def write(self, data: object) -> int:
+            raise OSError(28, "No space left on device")
+
+    recorder = Recorder("feed", "demo", Full(), count=None)
+    recorder.received("frame")
+    assert recorder.done.is_set()
+    assert recorder.seen.error == "No space left on device"
+    assert recorder.seen.frames == 0
