@@ -6,26 +6,43 @@ User errors (usage, config, state) exit 2 with a message and never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
 import orjson
+from tqdm import tqdm
 
 from . import __version__
 from .config import DEFAULT_CONFIG, Config, load_config
 from .errors import ConfigError, PluginError, StateError, TocsinError, UsageError
-from .events import Event
+from .events import Event, utc_iso
+from .fields import parse_duration
 from .logs import LEVELS, setup_logging
 from .notify import Notifier
 from .plugins import Registry, build_registry, make_plugin_manager, plugin_versions
+from .record import configured_source, frame_parser, record
+from .replay import (
+    ReplayFactory,
+    Skip,
+    envelopes,
+    frames,
+    golden_diff,
+    golden_line,
+    numbered_lines,
+    read_golden,
+    write_golden,
+)
 from .rules import Engine, PendingAlert, compile_rules
-from .store import DEAD, PENDING, Store
+from .store import DEAD, PENDING, Delivery, Store
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +76,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     test = sub.add_parser("test", help="dry run: which rules fire for events in a JSONL file")
     _config_arg(test)
-    test.add_argument("events", metavar="EVENTS.jsonl", help="one event envelope (JSON) per line")
+    test.add_argument(
+        "events", metavar="EVENTS.jsonl", nargs="?", help="one event envelope (JSON) per line"
+    )
+    test.add_argument(
+        "--frames",
+        metavar="FRAMES.jsonl",
+        nargs="?",
+        const="",
+        help="read raw frames saved by 'tocsin record' instead of events (needs --source)",
+    )
+    test.add_argument("--source", metavar="NAME", help="the [sources.NAME] the frames came from")
+    golden = test.add_mutually_exclusive_group()
+    golden.add_argument(
+        "--expect", metavar="GOLDEN.jsonl", help="exit 1, with a diff, unless the alerts match"
+    )
+    golden.add_argument(
+        "--write-golden", metavar="GOLDEN.jsonl", help="write the alerts as a golden file"
+    )
+
+    explain = sub.add_parser("explain", help="why a rule does or does not fire for one event")
+    _config_arg(explain)
+    explain.add_argument("--rule", metavar="NAME", required=True, help="the rule's name")
+    explain.add_argument("event", metavar="EVENT.json", help="one event envelope ('-': stdin)")
+
+    record = sub.add_parser("record", help="save the raw frames of one source to a file")
+    _config_arg(record)
+    record.add_argument("--source", metavar="NAME", required=True, help="a [sources.NAME]")
+    record.add_argument("--out", metavar="FRAMES.jsonl", required=True, help="where to write")
+    record.add_argument("--count", type=_positive, metavar="N", help="stop after N frames")
+    record.add_argument(
+        "--duration", type=_duration, metavar="D", help='stop after D (e.g. "30s", "5m")'
+    )
 
     sub.add_parser("plugins", help="list plugins, versions and what each registers")
 
@@ -89,7 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("seq", nargs="*", type=int, help="delivery numbers (first column of list)")
     outbox.add_argument("--all", action="store_true", help="every dead-lettered delivery")
     outbox.add_argument("--dead", action="store_true", help="list only dead-lettered deliveries")
+    outbox.add_argument("--json", action="store_true", help="list as JSON (one document)")
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, not {text!r}")
+    return int(text)
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("expected a duration above 0")
+    return seconds
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -122,55 +187,123 @@ def _event_clock(event: Event) -> float:
         return event.received
 
 
+class _Output:
+    """Prints results, with a progress bar on stderr while stderr is a terminal.
+
+    The bar (tqdm, redrawn at most 10 times a second) follows the bytes read. A line
+    printed to a terminal the bar is on clears the bar first, so they never mix.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.bar: tqdm[NoReturn] | None = None
+        self._around_bar: set[int] = set()  # the streams printed through the bar
+        if sys.stderr.isatty():
+            self._around_bar = {2} | ({1} if sys.stdout.isatty() else set())
+            self.bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                mininterval=0.1,
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def line(self, text: str, *, err: bool = False) -> None:
+        stream = sys.stderr if err else sys.stdout
+        if self.bar is not None and (2 if err else 1) in self._around_bar:
+            self.bar.write(text, file=stream)
+        else:
+            print(text, file=stream)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _test_input(
+    args: argparse.Namespace, config: Config, registry: Registry
+) -> tuple[Path, Callable[[Iterable[tuple[str, bytes]], Skip], Iterator[tuple[str, Event]]]]:
+    """The file ``tocsin test`` reads, and what turns its lines into events."""
+    if args.frames is None:
+        if args.source:
+            raise UsageError("--source goes with --frames (events name their own source)")
+        if not args.events:
+            raise UsageError("test needs an EVENTS.jsonl file, or --frames FILE --source NAME")
+        return Path(args.events), envelopes
+    name = args.frames or args.events
+    if not name or (args.frames and args.events):
+        raise UsageError("test --frames reads one file: --frames FRAMES.jsonl --source NAME")
+    if not args.source:
+        raise UsageError("--frames needs --source NAME, the [sources.NAME] that was recorded")
+    parse, factory = frame_parser(config, registry, args.source)
+    return Path(name), lambda lines, skip: frames(lines, parse, factory, skip)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
-    _config, engine = _load(args, _registry())
+    registry = _registry()
+    config, engine = _load(args, registry)
+    path, read = _test_input(args, config, registry)
+    golden = Path(args.expect) if args.expect else None
+    expected = read_golden(golden) if golden else None  # a bad golden file stops us first
     now = [0.0]
     # Throttles and windows follow the events' own times, so a file replays as it happened.
     engine.clock = engine.wall = lambda: now[0]
-    path = Path(args.events)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror}") from None
     events = fired = bad = 0
+    sent: list[str] = []
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # numbered_lines says why it cannot be read
+    lines = numbered_lines(path)
+    out = _Output(size)
+
+    def skip(where: str, reason: str) -> None:
+        nonlocal bad
+        bad += 1
+        out.line(f"{where}: skipped: {reason}", err=True)
 
     def show(where: str, pending: PendingAlert) -> None:
+        nonlocal fired
+        fired += 1
+        sent.append(golden_line(pending))
         alert = pending.alert
-        print(
+        out.line(
             f"{where}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}"
         )
-        print(f"    title: {alert.title}")
+        out.line(f"    title: {alert.title}")
         for body_line in alert.body.splitlines() or [""]:
-            print(f"    body:  {body_line}")
+            out.line(f"    body:  {body_line}")
 
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            event = Event.from_envelope(orjson.loads(line))
-        except (orjson.JSONDecodeError, ValueError) as err:
-            bad += 1
-            print(f"{path}:{number}: skipped: {err}", file=sys.stderr)
-            continue
-        events += 1
-        now[0] = max(now[0], _event_clock(event))  # never backwards, as in the daemon
-        where = f"{path}:{number}"
-        for pending in engine.tick():  # what time alone caused before this event
-            fired += 1
-            show(f"{where} (before)", pending)
-        engine.suppressed.clear()
-        alerts = engine.process(event)
-        for pending in alerts:
-            fired += 1
-            show(where, pending)
-        sent = {p.alert.rule for p in alerts}
-        for rule, reason, state in engine.explain(event):
-            if rule in sent:
-                if state:
-                    print(f"    {rule}: {state}")
-                continue
-            why = reason or engine.suppressed.get(rule) or state or "matched; no alert yet"
-            print(f"{where}: no alert from {rule!r}: {why}")
+    def counted(lines: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+        for where, line in lines:
+            out.advance(len(line))
+            yield where, line
+
+    try:
+        for where, event in read(counted(lines), skip):
+            events += 1
+            now[0] = max(now[0], _event_clock(event))  # never backwards, as in the daemon
+            for pending in engine.tick():  # what time alone caused before this event
+                show(f"{where} (before)", pending)
+            engine.suppressed.clear()
+            alerts = engine.process(event)
+            for pending in alerts:
+                show(where, pending)
+            rules_sent = {p.alert.rule for p in alerts}
+            for rule, reason, state in engine.explain(event):
+                if rule in rules_sent:
+                    if state:
+                        out.line(f"    {rule}: {state}")
+                    continue
+                why = reason or engine.suppressed.get(rule) or state or "matched; no alert yet"
+                out.line(f"{where}: no alert from {rule!r}: {why}")
+    finally:
+        out.close()
     stats = engine.stats
     print(
         f"{events} event(s), {fired} alert(s) would be sent"
@@ -178,6 +311,113 @@ def cmd_test(args: argparse.Namespace) -> int:
         + (f", {stats.duplicates} duplicate(s) skipped" if stats.duplicates else "")
         + (f", {bad} line(s) skipped" if bad else "")
     )
+    if args.write_golden:
+        write_golden(Path(args.write_golden), sent)
+        print(f"wrote {len(sent)} alert(s) to {args.write_golden}")
+    if golden is None or expected is None:
+        return 0
+    diff = golden_diff(expected, sent, golden)
+    if not diff:
+        print(f"{golden}: the {len(sent)} alert(s) are as expected")
+        return 0
+    for line in diff:
+        print(line)
+    print(f"{golden}: the alerts differ (- expected, + this run); --write-golden to accept them")
+    return 1
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    config, engine = _load(args, _registry())
+    name = args.rule
+    entry = next((e for e in config.rules if e.config.name == name), None)
+    if entry is None:
+        close = difflib.get_close_matches(name, [e.config.name for e in config.rules], n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise UsageError(f"{config.path} has no rule {name!r}{hint}")
+    if name not in engine.rules:
+        print(f"rule {name!r} is disabled (enabled = false): it fires for no event")
+        return 0
+    event = _read_event(args.event)
+    now = _event_clock(event)
+    engine.clock = engine.wall = lambda: now
+    rule = engine.rules[name]
+    print(f"rule {name!r} on event {event.id} ({event.type} from {event.source}, {event.time})")
+    steps = engine.trace(rule, event)
+    for step in steps:
+        print(f"  {'ok' if step.ok else 'FAIL':<4}  {step.what}: {step.detail}")
+    alerts = [p for p in engine.process(event) if p.alert.rule == name]
+    for pending in alerts:
+        alert = pending.alert
+        print(f"fires: [{alert.status}] {alert.title}")
+        print(f"    to:    {', '.join(pending.actions) or '(no action)'}")
+        for body_line in alert.body.splitlines() or [""]:
+            print(f"    body:  {body_line}")
+    if alerts:
+        return 0
+    failed = next((s for s in steps if not s.ok), None)
+    if failed is not None:
+        why = f"{failed.what}: {failed.detail}"
+    else:  # every check held: the kind (a window not full yet) or a duplicate kept it
+        state = rule.kind.explain(rule.group_key(event), now)
+        why = engine.suppressed.get(name) or (
+            f"matched; {rule.config.kind}: {state}" if state else "matched; no alert"
+        )
+    print(f"does not fire: {why}")
+    return 0
+
+
+def _read_event(name: str) -> Event:
+    try:
+        text = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as err:
+        raise UsageError(f"cannot read {name}: {err.strerror}") from None
+    try:
+        return Event.from_envelope(orjson.loads(text))
+    except ValueError as err:
+        raise UsageError(f"{name}: not one event envelope (SPEC section 4): {err}") from None
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    setup_logging("info")
+    registry = _registry()
+    config = load_config(_config_path(args), registry)
+    cls = configured_source(config, registry, args.source)
+    source_config = config.sources[args.source]
+    try:
+        replayable = cls.frame_parser(source_config, ReplayFactory(args.source, cls.name))
+    except Exception:  # a parser that cannot even be built cannot replay either
+        replayable = None
+    if replayable is None:
+        print(
+            f"tocsin: warning: plugin {cls.name} has no frame parser: these frames can be"
+            " kept but not replayed by tocsin test --frames",
+            file=sys.stderr,
+        )
+    out = Path(args.out)
+    try:
+        handle = out.open("wb")
+    except OSError as err:
+        raise UsageError(f"cannot write {out}: {err.strerror}") from None
+    with handle:
+        seen = anyio.run(
+            functools.partial(
+                record,
+                source_config,
+                cls,
+                args.source,
+                handle,
+                count=args.count,
+                duration=args.duration,
+            )
+        )
+    print(
+        f"recorded {seen.frames} frame(s), {seen.events} event(s)"
+        + (f", {seen.rejected} frame(s) rejected" if seen.rejected else "")
+        + f" from {args.source!r} to {out}"
+    )
+    if seen.error:
+        print(f"tocsin: stopped: cannot write {out}: {seen.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -248,8 +488,94 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+def _relative(ts: float, now: float) -> str:
+    """``"in 12s"``, ``"3m20s ago"``, ``"now"``: a time near ``now``, to a human (two units)."""
+    delta = ts - now
+    rest = int(abs(delta))
+    if rest < 1:
+        return "now"
+    parts: list[tuple[int, str]] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size or parts:
+            parts.append((rest // size, unit))
+            rest %= size
+        if len(parts) == 2:
+            break
+    amount = "".join(f"{n}{unit}" for n, unit in parts if n or (n, unit) == parts[0])
+    return f"in {amount}" if delta > 0 else f"{amount} ago"
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters, ``…`` marking a cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
+    """Columns as wide as their widest cell (header included); the last one unpadded."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    out = []
+    for row in (header, *rows):
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        cells[-1] = row[-1]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _delivery_row(d: Delivery, rule: str, now: float) -> list[str]:
+    pending = d.state == PENDING
+    return [
+        str(d.seq),
+        d.state_name,
+        str(d.attempts),
+        _relative(d.created_at, now),
+        _relative(d.due_at, now) if pending else "-",
+        _cut(d.action, 16),
+        _cut(rule, 28),
+        _cut(d.label, 48),
+        _cut(d.last_error, 60),
+    ]
+
+
+def _outbox_list(args: argparse.Namespace, store: Store) -> int:
+    states = [DEAD] if args.dead else [PENDING, DEAD]
+    rows = store.call_sync(Store.list_deliveries, states)
+    counts = store.call_sync(Store.counts)
+    if args.json:
+        deliveries = [
+            {
+                "seq": d.seq,
+                "state": d.state_name,
+                "attempts": d.attempts,
+                "alert_id": d.alert_id,
+                "rule": orjson.loads(d.payload).get("rule", ""),
+                "action": d.action,
+                "target": d.label,
+                "created_at": utc_iso(d.created_at),
+                "due_at": utc_iso(d.due_at) if d.state == PENDING else None,
+                "last_error": d.last_error,
+            }
+            for d in rows
+        ]
+        print(orjson.dumps({"counts": counts, "deliveries": deliveries}).decode())
+        return 0
+    listed = counts["dead"] if args.dead else counts["pending"] + counts["dead"]
+    shown = f"; the first {len(rows)} listed" if len(rows) < listed else ""
+    print(
+        f"{counts['pending']} pending, {counts['dead']} dead-lettered, {counts['done']} delivered"
+        + shown
+    )
+    if not rows:
+        return 0
+    now = time.time()
+    header = ["#", "state", "tries", "queued", "next try", "action", "rule", "target", "last error"]
+    table = [_delivery_row(d, str(orjson.loads(d.payload).get("rule", "")), now) for d in rows]
+    for line in _table(header, table, right={0, 2}):
+        print(line)
+    return 0
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -257,25 +583,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     store = Store.open(config.daemon.resolved_state_dir(), fsync=config.daemon.fsync)
     try:
         if args.verb == "list":
-            states = [DEAD] if args.dead else [PENDING, DEAD]
-            rows = store.call_sync(Store.list_deliveries, states)
-            counts = store.call_sync(Store.counts)
-            print(
-                f"{counts['pending']} pending, {counts['dead']} dead-lettered, {counts['done']} delivered"
-            )
-            if rows:
-                print(
-                    f"{'#':>6}  {'state':<7} {'tries':>5}  {'next/last':<19}  {'action':<12} {'rule':<24} target / last error"
-                )
-            for d in rows:
-                payload = orjson.loads(d.payload)
-                when = _when(d.due_at if d.state == PENDING else d.created_at)
-                print(
-                    f"{d.seq:>6}  {d.state_name:<7} {d.attempts:>5}  {when:<19}  {d.action:<12} {payload['rule'][:24]:<24} {d.label}"
-                )
-                if d.last_error:
-                    print(f"{'':>42}last error: {d.last_error[:200]}")
-            return 0
+            return _outbox_list(args, store)
         if not args.seq and not args.all:
             raise UsageError(f"outbox {args.verb} needs delivery numbers or --all")
         seqs = None if args.all else args.seq
@@ -344,6 +652,8 @@ COMMANDS = {
     "run": cmd_run,
     "check": cmd_check,
     "test": cmd_test,
+    "explain": cmd_explain,
+    "record": cmd_record,
     "plugins": cmd_plugins,
     "init": cmd_init,
     "outbox": cmd_outbox,

@@ -40,6 +40,23 @@ def _show(value: Any) -> str:
     return "missing" if value is None else orjson.dumps(value, default=str).decode()[:80]
 
 
+def _any_of(values: Iterable[Any]) -> str:
+    return " or ".join(sorted(_show(v) for v in values))
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One check of a rule against an event, as ``tocsin explain`` shows it.
+
+    ``what`` names the check (``"source"``, ``"type"``, ``"match args.to"``, ``"when"``,
+    ``"kind"``, ``"throttle"``); ``ok`` is False when it stops the rule; ``detail`` says why.
+    """
+
+    what: str
+    ok: bool
+    detail: str
+
+
 @dataclass(eq=False)
 class Rule:
     """A rule ready to evaluate: names resolved, paths split, templates compiled."""
@@ -66,6 +83,15 @@ class Rule:
         return (self.sources is None or event.source in self.sources) and (
             self.types is None or event.type in self.types
         )
+
+    def match_results(self, data: Mapping[str, Any]) -> Iterable[tuple[str, str, Any, bool]]:
+        """Each ``match`` key against ``data``: ``(path, wanted, actual value, holds)``.
+
+        The slow, explaining twin of ``selects`` (which stays lean: it runs per event).
+        """
+        for path, values in self.match:
+            value = get_path(data, path)
+            yield ".".join(path), _any_of(values), value, _hashable(value) and value in values
 
     def selects(self, event: Event) -> bool:
         """Source, type and every ``match`` key hold (``when`` is checked apart)."""
@@ -379,28 +405,90 @@ class Engine:
             if not rule.takes(event):
                 continue
             reason = ""
-            for path, values in rule.match:
-                value = get_path(event.data, path)
-                if not _hashable(value) or value not in values:
-                    wanted = " or ".join(sorted(_show(v) for v in values))
-                    reason = f"match {'.'.join(path)} is {_show(value)}, not {wanted}"
+            for path, wanted, value, ok in rule.match_results(event.data):
+                if not ok:
+                    reason = f"match {path} is {_show(value)}, not {wanted}"
                     break
             if not reason and rule.when is not None:
                 if context is None:
                     context = self.context(event)
-                try:
-                    if not rule.when(context):
-                        reason = "when is false"
-                except Exception as err:
-                    reason = f"when failed: {type(err).__name__}: {err}"
+                passed, error = self._when(rule, context)
+                if error is not None:
+                    reason = f"when failed: {type(error).__name__}: {error}"
+                elif not passed:
+                    reason = "when is false"
             state = ""
             if not reason:
-                try:
-                    state = rule.kind.explain(rule.group_key(event), now)
-                except Exception as err:
-                    state = f"the kind cannot explain: {type(err).__name__}"
+                state = self._kind_state(rule, event, now)
             out.append((rule.name, reason, state))
         return out
+
+    def trace(self, rule: Rule, event: Event) -> list[Step]:
+        """Every check of ``rule`` on ``event``, in the engine's order; no state changes.
+
+        Unlike ``process`` it goes on after a failing check, so each one is shown: source,
+        type, each ``match`` key, ``when`` (its value or its error), the kind's state of the
+        event's group before the event, and the throttle.
+        """
+
+        def among(field: str, value: str, allowed: frozenset[str] | None) -> Step:
+            if allowed is None:
+                return Step(field, True, f"any {field} (the event's: {_show(value)})")
+            listed = _any_of(allowed)
+            if value in allowed:
+                return Step(field, True, f"{_show(value)} is {listed}")
+            return Step(field, False, f"{_show(value)} is not {listed}")
+
+        steps = [
+            among("source", event.source, rule.sources),
+            among("type", event.type, rule.types),
+        ]
+        for path, wanted, value, ok in rule.match_results(event.data):
+            steps.append(Step(f"match {path}", ok, f"wanted {wanted}, got {_show(value)}"))
+        if rule.when is None:
+            steps.append(Step("when", True, "none"))
+        else:
+            passed, error = self._when(rule, self.context(event))
+            expression = rule.config.when
+            if error is not None:
+                detail = f"{expression} failed: {type(error).__name__}: {error}"
+                steps.append(Step("when", False, detail))
+            else:
+                steps.append(Step("when", bool(passed), f"{expression} is {_show(passed)}"))
+        now = self.clock()
+        group_key = rule.group_key(event)
+        state = self._kind_state(rule, event, now)
+        kind = rule.config.kind
+        steps.append(Step("kind", True, f"{kind}: {state}" if state else kind))
+        throttle = rule.config.throttle
+        last = self._throttle.get((rule.name, group_key))
+        if throttle is None:
+            steps.append(Step("throttle", True, "none"))
+        elif last is not None and now - last < throttle:
+            detail = (
+                f"throttled: the group's last alert was {format_duration(now - last)} ago,"
+                f" one per {format_duration(throttle)}"
+            )
+            steps.append(Step("throttle", False, detail))
+        else:
+            steps.append(
+                Step("throttle", True, f"not throttled (one alert per {format_duration(throttle)})")
+            )
+        return steps
+
+    def _when(self, rule: Rule, context: dict[str, Any]) -> tuple[Any, Exception | None]:
+        """``rule.when``'s value in ``context``, or the error it raised."""
+        assert rule.when is not None
+        try:
+            return rule.when(context), None
+        except Exception as err:
+            return None, err
+
+    def _kind_state(self, rule: Rule, event: Event, now: float) -> str:
+        try:
+            return rule.kind.explain(rule.group_key(event), now)
+        except Exception as err:
+            return f"the kind cannot explain: {type(err).__name__}"
 
     def context(self, event: Event) -> dict[str, Any]:
         """Names a rule's ``when``, ``title`` and ``body`` see: the data, and ``event``."""

@@ -5,6 +5,9 @@ frame as liveness and reconnect after ``stale_after`` of silence; re-register ev
 ``resubscribe_every`` (the server stops quoting a market about an hour after it was
 registered) and after every reconnect. The server replays nothing, so each reconnect
 emits ``source.gap`` for the time the source was away.
+
+``frame_parser`` turns frames saved by ``tocsin record`` into the same events, through
+``quote_events`` and a ``QuoteBook`` of its own, as the live loop does.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from tocsin import (
     Backoff,
     ConfigModel,
     Duration,
+    Event,
+    EventFactory,
+    FrameParser,
     ScrubbingLogger,
     Secret,
     SecretValue,
@@ -130,6 +136,23 @@ class CkexConfig(SourceConfig):
         return self
 
 
+def quote_events(
+    frame: Quotes, book: QuoteBook, factory: SourceContext | EventFactory
+) -> list[Event]:
+    """The events of a pushed batch: one per quote that is news to ``book`` (which it updates)."""
+    events = []
+    for quote in frame.quotes:
+        previous = book.news(quote)
+        if previous is None:
+            continue  # a repeated snapshot, or an out-of-order fancy quote
+        type_, data, id_ = quote_event(quote, previous)
+        ts = event_time(quote)
+        events.append(
+            factory.event(type_, data, id=id_, time=utc_iso(ts) if ts is not None else "")
+        )
+    return events
+
+
 # websockets logs the request line, query (the token) and all, at debug level.
 WEBSOCKETS_LOGGER = ScrubbingLogger(query=["authorization"])
 
@@ -146,6 +169,21 @@ class CkexSource(Source):
         self.book = QuoteBook()  # kept across reconnects: a re-sent snapshot is no news
         self.errors = 0  # error frames received
         self._error_logged = -ERROR_LOG_EVERY
+
+    @classmethod
+    def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser:
+        """Recorded frames -> events, with a ``QuoteBook`` kept across frames as in ``run``.
+
+        Keepalives and error frames give no event; a batch's malformed items are skipped
+        (the live source counts them as rejected) and its good quotes kept.
+        """
+        book = QuoteBook()
+
+        def parse(raw: str | bytes) -> list[Event]:
+            frame = parse_frame(raw)
+            return quote_events(frame, book, factory) if isinstance(frame, Quotes) else []
+
+        return parse
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -199,6 +237,7 @@ class CkexSource(Source):
             raw: str | bytes | None = None
             with anyio.move_on_after(min(last_frame + config.stale_after, next_register) - now):
                 raw = await ws.recv()
+                self.ctx.received(raw)
             now = anyio.current_time()
             if raw is None:
                 if now >= last_frame + config.stale_after:
@@ -230,15 +269,8 @@ class CkexSource(Source):
         assert isinstance(frame, Quotes)
         for _ in range(frame.invalid):
             self.ctx.reject("malformed quote")
-        for quote in frame.quotes:
-            previous = self.book.news(quote)
-            if previous is None:
-                continue  # a repeated snapshot, or an out-of-order fancy quote
-            type_, data, id_ = quote_event(quote, previous)
-            ts = event_time(quote)
-            await self.ctx.emit(
-                self.ctx.event(type_, data, id=id_, time=utc_iso(ts) if ts is not None else "")
-            )
+        for event in quote_events(frame, self.book, self.ctx):
+            await self.ctx.emit(event)
 
     def _server_error(self, message: str) -> None:
         """Count an error frame; the connection stays (the server keeps it open too)."""

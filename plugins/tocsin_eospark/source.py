@@ -5,6 +5,9 @@ header, send one ``subscribe`` per configured subscription, wait for every ack, 
 one ``action`` event per action of each pushed transaction. The server sends a heartbeat
 every 10 s; ``stale_after`` (default 30 s) of silence means the connection is dead.
 EOSPark cannot replay, so every reconnect emits ``source.gap``.
+
+``frame_parser`` turns frames saved by ``tocsin record`` into the same events, through
+``transaction_events``, the function the live loop uses.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from tocsin import (
     Backoff,
     ConfigModel,
     Duration,
+    Event,
+    EventFactory,
+    FrameParser,
     RecentIds,
     ScrubbingLogger,
     Secret,
@@ -167,6 +173,17 @@ def refusal_error(msg: Refusal) -> SourceError:
     return SourceError(f"EOSPark error {msg.errno} on {msg.msg_type}: {msg.errmsg}")
 
 
+def transaction_events(
+    trx: Transaction, recent: RecentIds, factory: SourceContext | EventFactory
+) -> list[Event]:
+    """The events of a pushed transaction, less the actions already seen (a re-push)."""
+    return [
+        factory.event(event.type, event.data, id=event.id, time=event.time)
+        for event in normalize(trx)
+        if not recent.seen(event.id)
+    ]
+
+
 class EOSParkSource(Source):
     """EOS actions pushed by EOSPark: one ``action`` event per action of a transaction."""
 
@@ -184,6 +201,17 @@ class EOSParkSource(Source):
         self._up = False  # the current connection is subscribed
         self._last_frame = 0.0  # when the last frame arrived (unix seconds)
         self._lost_since = ""  # start of the current gap, until the next subscription
+
+    @classmethod
+    def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser:
+        """Recorded frames -> events: pushes as in ``run`` (re-pushes dropped), others none."""
+        recent = RecentIds()
+
+        def parse(raw: str | bytes) -> list[Event]:
+            msg = parse_frame(raw)
+            return transaction_events(msg, recent, factory) if isinstance(msg, Transaction) else []
+
+        return parse
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         backoff = Backoff(maximum=self.eospark.max_backoff)
@@ -274,11 +302,8 @@ class EOSParkSource(Source):
     ) -> int:
         """Act on one message; returns how many subscribe acks are still awaited."""
         if isinstance(msg, Transaction):
-            for event in normalize(msg):
-                if not self.recent.seen(event.id):
-                    await self.ctx.emit(
-                        self.ctx.event(event.type, event.data, id=event.id, time=event.time)
-                    )
+            for event in transaction_events(msg, self.recent, self.ctx):
+                await self.ctx.emit(event)
         elif isinstance(msg, Refusal):
             raise refusal_error(msg)
         elif isinstance(msg, Ack) and msg.msg_type.startswith("subscribe") and pending:
