@@ -3,6 +3,8 @@
 ``[sources.NAME]`` with ``plugin = "bge"`` connects to BGE's v2 WebSocket API and emits
 one event per pushed item: ``ticker``, ``fills``, ``orderbook``, ``candles``,
 ``percent10`` (public) and ``orders``, ``assets`` (private, after a signed login).
+Recorded frames replay (``tocsin test --frames``): the ``source`` module docstring says
+what does and what does not.
 """
 
 from __future__ import annotations

@@ -20,6 +20,17 @@ A thin async loop around ``protocol``, one connection at a time:
   ``from``/``to`` fetches what was missed (at most ``backfill_limit`` candles). Other
   channels cannot resume: a reconnect emits one ``source.gap`` naming them (orderbook and
   percent10 are full snapshots and need none).
+
+Record and replay: every frame read, compressed ones as the bytes received, goes to
+``ctx.received``; ``BGESource.frame_parser`` turns such frames back into events through
+the same ``PushIntake`` (``intake.py``): zip frames inflated with the same sniffing and
+size cap, repeated ``seq_id`` and recently emitted ids dropped as live, candles ``req``
+answers (the backfill) replayed like the live source emits them. Pings, acks, login
+replies and the keepalive's ticker answers give no event. Not replayed: ``source.gap``
+and the other status events (a skipped ``seq_id`` is only noticed, not reported), and
+the ``time`` of items that carry none (orderbook, percent10, and orders or assets
+without ``ts``: live, the receipt time; on replay, the replay's). A candles answer that
+came after the source had given up on it (10 s) was dropped live but replays.
 """
 
 from __future__ import annotations
@@ -33,7 +44,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tocsin import (
     Backoff,
-    RecentIds,
+    Event,
+    EventFactory,
+    FrameParser,
     ScrubbingLogger,
     Source,
     SourceAuthError,
@@ -48,6 +61,7 @@ from tocsin import (
 )
 
 from .config import BGEConfig, BGESubscription
+from .intake import PushIntake
 from .protocol import (
     EVENT_TYPES,
     INTERVAL_SECONDS,
@@ -55,16 +69,13 @@ from .protocol import (
     SEQ_GAP_TYPES,
     SNAPSHOT_TYPES,
     ChannelKey,
-    Item,
     Ping,
     Push,
     Reply,
-    SeqTracker,
     TokenBucket,
     candle_time,
     canonical_interval,
     login_message,
-    normalize,
     parse_frame,
     pong_message,
     refusal,
@@ -126,8 +137,7 @@ class BGESource(Source):
         self.channels = {s.key: s for s in config.subscriptions}
         # Kept across connections: what was emitted lately and the seq_ids seen (several
         # connections and resubscribes repeat them), and each candles channel's cursor.
-        self.recent = RecentIds()
-        self.seqs = SeqTracker()
+        self.intake = PushIntake(self.channels)
         self.candle_cursors: dict[ChannelKey, int] = {}
         self.last_push: dict[ChannelKey, str] = {}  # when each channel last pushed (ISO)
         self.backoff = Backoff(maximum=config.max_backoff)
@@ -166,7 +176,7 @@ class BGESource(Source):
             logger=WS_LOGGER,
         ) as ws:
             self._last_frame = time.time()
-            self.seqs.reset()
+            self.intake.seqs.reset()
             session = _Session(self, ws, await self._resume_points())
             await session.run()
 
@@ -240,57 +250,60 @@ class BGESource(Source):
             detail={"channel": key.label, "from_time": start, "to_time": end},
         )
 
-    def route(self, channel: ChannelKey) -> ChannelKey | None:
-        """The subscription a push belongs to (``orders`` of ``all`` take every pair's)."""
-        if channel in self.channels:
-            return channel
-        every = ChannelKey("orders", "ALL", "")
-        if channel.type == "orders" and every in self.channels:
-            return every
-        return None
+    @classmethod
+    def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser:
+        """Recorded frames back into events (the module docstring says what replays)."""
+        if not isinstance(config, BGEConfig):
+            raise TypeError("BGESource needs a BGEConfig")
+        intake = PushIntake(s.key for s in config.subscriptions)
+
+        def parse(raw: str | bytes) -> list[Event]:
+            try:
+                msg = parse_frame(raw)
+            except ValueError as err:
+                raise ValueError(f"malformed frame: {err}") from None
+            if not isinstance(msg, Push):
+                return []  # pings, acks, login replies
+            key = intake.route(msg.channel)
+            if key is None or (msg.answer and key.type != "candles"):
+                return []  # not subscribed, or the keepalive's ticker answer
+            try:
+                taken = intake.take(key, msg, factory, backfill=msg.answer, gaps=False)
+            except ValueError as err:
+                raise ValueError(f"malformed {key.type} push: {err}") from None
+            return taken.events
+
+        return parse
 
     async def on_push(self, key: ChannelKey, push: Push, *, backfill: bool) -> bool:
-        """Emit the new items of a push (or of a candles backfill answer); False if rejected."""
+        """Emit the new items of a push (or of a candles backfill answer); False if rejected.
+
+        A skipped ``seq_id`` is a gap."""
+        since = self.last_push.get(key, "")
+        gaps = self.bge.seq_gaps and key.type in SEQ_GAP_TYPES
         try:
-            items = normalize(push)
+            taken = self.intake.take(key, push, self.ctx, backfill=backfill, gaps=gaps)
         except ValueError as err:
             self.ctx.reject(f"malformed {key.type} push: {err}")
             return False
-        if backfill:
-            items.sort(key=lambda i: candle_time(i.data, push) or 0)
-        elif key.type not in SNAPSHOT_TYPES:  # their seq_id "is ignored" (BGE's docs)
-            items = await self._sequenced(key, items)
+        for first, last in taken.missing:
+            await self.ctx.gap(
+                "pushes lost: seq_id skipped",
+                since=since or utc_iso(),
+                until=utc_iso(),
+                detail={"channel": key.label, "from_seq": first, "to_seq": last},
+            )
         if not backfill:
             self.last_push[key] = utc_iso()
-        for item in items:
-            if not self.recent.seen(item.id):
-                await self.ctx.emit(
-                    self.ctx.event(item.type, item.data, id=item.id, time=item.time)
-                )
+        for event in taken.events:
+            await self.ctx.emit(event)
         if key.type == "candles":
-            times = [t for i in items if (t := candle_time(i.data, push)) is not None]
+            times = [t for i in taken.items if (t := candle_time(i.data, push)) is not None]
             if times and max(times) > self.candle_cursors.get(key, -1):
                 # Saved as a candle opens (once per interval), after its events.
                 self.candle_cursors[key] = max(times)
                 await self.ctx.save_cursor(cursor_key(key), str(max(times)))
         return True
-
-    async def _sequenced(self, key: ChannelKey, items: list[Item]) -> list[Item]:
-        """``items`` less those whose ``seq_id`` was seen; a skipped ``seq_id`` is a gap."""
-        seqs = [i.seq_id for i in items if i.seq_id is not None]
-        if not seqs:
-            return items
-        since = self.last_push.get(key, utc_iso())
-        gaps = self.bge.seq_gaps and key.type in SEQ_GAP_TYPES
-        fresh, missing = self.seqs.admit(key, seqs, gaps=gaps)
-        for first, last in missing:
-            await self.ctx.gap(
-                "pushes lost: seq_id skipped",
-                since=since,
-                until=utc_iso(),
-                detail={"channel": key.label, "from_seq": first, "to_seq": last},
-            )
-        return [i for i in items if i.seq_id is None or i.seq_id in fresh]
 
 
 class _Session:
@@ -434,6 +447,7 @@ class _Session:
     # -- incoming ----------------------------------------------------------------------
 
     async def handle(self, raw: str | bytes) -> None:
+        self.ctx.received(raw)
         try:
             msg = parse_frame(raw)
         except ValueError as err:
@@ -445,7 +459,7 @@ class _Session:
             await self.reply(msg)
         elif isinstance(msg, Push):
             self.last_data = anyio.current_time()
-            key = self.source.route(msg.channel)
+            key = self.source.intake.route(msg.channel)
             if msg.answer:
                 if key is not None and key in self.backfills:
                     start, end, _ = self.backfills.pop(key)

@@ -11,6 +11,9 @@ once even when eWallet broadcasts it to several of them::
     auth_token = { env = "EWALLET_AUTH_TOKEN" }    # access_key + secret_key
     channels = ["transaction_request:txr_01...", "user:usr_01..."]
     heartbeat = "30s"
+
+Recorded frames replay (``tocsin test --frames``): the ``source`` module docstring says
+what does and what does not.
 """
 
 from __future__ import annotations

@@ -3,6 +3,17 @@
 A thin async loop around ``protocol``: connect with the credentials in the upgrade
 headers, join every channel, heartbeat, and reconnect with ``Backoff`` when the socket
 dies, goes silent, or stops answering heartbeats.
+
+Record and replay: every frame read (join replies, heartbeat replies, broadcasts) goes
+to ``ctx.received``; ``EWalletSource.frame_parser`` turns such frames back into the
+events the source emitted, through the same ``consumption`` function: one event per
+``transaction_consumption_request``/``_finalized`` broadcast, a repeat of one seen lately
+(the same broadcast on another joined topic) dropped as live. Replies, heartbeat replies,
+``phx_close``/``phx_error`` give no event. Not replayed: ``source.up``/``down``/``gap``
+(they come from the connection, not from a frame), and the ``time`` of an event whose
+consumption has no ``updated_at`` (live, the receipt time; on replay, the replay's).
+Phoenix V2 array frames are not eWallet's format (its serializer writes objects): they
+are malformed here as they are live.
 """
 
 from __future__ import annotations
@@ -18,6 +29,9 @@ from websockets.exceptions import InvalidStatus
 from tocsin import (
     Backoff,
     Duration,
+    Event,
+    EventFactory,
+    FrameParser,
     RecentIds,
     ScrubbingLogger,
     Secret,
@@ -40,6 +54,7 @@ from .protocol import (
     PHOENIX_TOPIC,
     PROVIDER_SCHEME,
     ReplyError,
+    ServerFrame,
     authorization,
     check_topic,
     consumption_event,
@@ -143,6 +158,23 @@ class EWalletConfig(SourceConfig):
         return value
 
 
+def consumption(
+    frame: ServerFrame, recent: RecentIds, factory: SourceContext | EventFactory
+) -> Event | None:
+    """The event of a consumption broadcast, or None when it was seen lately (the same
+    broadcast on another joined topic, or a repeat); ``ValueError`` when malformed.
+
+    The live source and the replay parser both go through here.
+    """
+    try:
+        found = consumption_event(frame)
+    except ValueError as err:
+        raise ValueError(f"malformed consumption: {err}") from None
+    if recent.seen(found.id):
+        return None
+    return factory.event(found.type, found.data, id=found.id, time=found.time)
+
+
 def _pair(first: SecretValue | None, second: SecretValue | None, a: str, b: str) -> bool:
     if (first is None) != (second is None):
         given, missing = (a, b) if second is None else (b, a)
@@ -216,6 +248,25 @@ class EWalletSource(Source):
             if started and not lost_at:
                 lost_at = utc_iso()
             await anyio.sleep(wait)
+
+    @classmethod
+    def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser:
+        """Recorded frames back into events (the module docstring says what replays)."""
+        if not isinstance(config, EWalletConfig):
+            raise TypeError("EWalletSource needs an EWalletConfig")
+        recent = RecentIds()
+
+        def parse(raw: str | bytes) -> list[Event]:
+            try:
+                frame = parse_frame(raw)
+            except ValueError as err:
+                raise ValueError(f"malformed frame: {err}") from None
+            if frame.event not in CONSUMPTION_EVENTS:
+                return []  # replies, heartbeat replies, phx_close, phx_error
+            event = consumption(frame, recent, factory)
+            return [] if event is None else [event]
+
+        return parse
 
     def _describe(self, err: Exception) -> str:
         if closed_for_size(err):
@@ -338,6 +389,7 @@ class _Session:
         )
 
     async def handle(self, raw: str | bytes) -> None:
+        self.ctx.received(raw)
         try:
             frame = parse_frame(raw)
         except ValueError as err:
@@ -349,15 +401,12 @@ class _Session:
             self._channel_closed(frame.topic, frame.event)
         elif frame.event in CONSUMPTION_EVENTS:
             try:
-                event = consumption_event(frame)
+                event = consumption(frame, self.source.recent, self.ctx)
             except ValueError as err:
-                self.ctx.reject(f"malformed consumption: {err}")
+                self.ctx.reject(str(err))
                 return
-            if self.source.recent.seen(event.id):
-                return  # the same broadcast on another joined topic, or a duplicate
-            await self.ctx.emit(
-                self.ctx.event(event.type, event.data, id=event.id, time=event.time)
-            )
+            if event is not None:
+                await self.ctx.emit(event)
         else:
             self.ctx.logger.debug(
                 "source %r: ignored %s on %s", self.ctx.source, frame.event, frame.topic

@@ -4,7 +4,8 @@
 (push subscriptions, or polling filters with ``mode = "poll"``) and emits
 ``snapshot_block``, ``account_block``, ``unreceived_block`` and ``vmlog`` events, with
 rollbacks as ``removed`` events; it resumes from saved heights after a reconnect or a
-restart (SPEC sections 3 and 4, PROTOCOLS.md section 3).
+restart (SPEC sections 3 and 4, PROTOCOLS.md section 3). Recorded pushes replay
+(``tocsin test --frames``); backfilled facts do not: the ``pushes`` module says why.
 """
 
 from __future__ import annotations

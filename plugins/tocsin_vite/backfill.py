@@ -95,6 +95,19 @@ class Channel:
             return self.by_address.get(fact.address or "")
         return self.watches[0]
 
+    def facts(self, items: list[Any]) -> tuple[list[tuple[Watch, list[Fact]]], list[str]]:
+        """A pushed or polled result list as facts grouped by watch (in the order each
+        watch first appears), and the reject reasons of the items that were not facts."""
+        facts, rejects = normalize_items(self.topic, items, self.address)
+        by_watch: dict[int, tuple[Watch, list[Fact]]] = {}
+        for fact in facts:
+            watch = self.watch_for(fact)
+            if watch is None:
+                rejects.append("vmlog of an address not subscribed")
+                continue
+            by_watch.setdefault(id(watch), (watch, []))[1].append(fact)
+        return list(by_watch.values()), rejects
+
 
 def plan(subscriptions: Sequence[Any]) -> list[Channel]:
     """The channels (and their watches) for the configured subscriptions.

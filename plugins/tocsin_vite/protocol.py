@@ -357,6 +357,14 @@ def as_list(value: object, reason: str = "expected a list") -> list[Any]:
     raise ValueError(reason)
 
 
+def created_id(result: object) -> str | None:
+    """The id in the answer to ``subscribe_subscribe`` or a filter-creating call, or None
+    when the answer holds none (a string of at most 200 characters: any length is fine)."""
+    if isinstance(result, str) and result and len(result) <= _MAX_ID:
+        return result
+    return None
+
+
 def poll_changes(result: object) -> list[Any]:
     """The items of a ``getChangesByFilterId`` answer ``{"result":[..],"subscription":id}``."""
     if isinstance(result, dict) and ("result" in result or "subscription" in result):

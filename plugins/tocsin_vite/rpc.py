@@ -44,11 +44,13 @@ class RpcConnection:
         timeout: float,
         reject: Callable[[str], None],
         on_frame: Callable[[], None],
+        received: Callable[[str | bytes], None],
     ) -> None:
         self.ws = ws
         self.timeout = timeout
         self.reject = reject
         self.on_frame = on_frame
+        self.received = received  # every frame read, before parsing (``tocsin record``)
         self.pending: deque[Notification] = deque()
         self.spelling: dict[str, str] = {}  # family -> the name this server answered to
         self.last_frame = time.monotonic()
@@ -115,7 +117,10 @@ class RpcConnection:
         return self.pending.popleft()
 
     def _messages(self, raw: str | bytes) -> list[Response]:
-        """Parse one frame: keep its notifications, return its responses."""
+        """Parse one frame: keep its notifications, return its responses.
+
+        Every frame read passes here once, whether a call or the push loop read it."""
+        self.received(raw)
         self.last_frame = time.monotonic()
         self.on_frame()
         try:

@@ -30,12 +30,17 @@ After a restart ``since`` of a height gap is the source's start time (the height
 socket; after ``stale_after`` without a frame the source asks for the snapshot height,
 and a snapshot subscription silent for ``stale_after`` is stale (blocks come every
 second).
+
+Record and replay: every frame read (answers and pushes alike) goes to ``ctx.received``
+(in ``RpcConnection``); ``ViteSource.frame_parser`` is ``pushes.ViteFrameParser``, which
+replays pushes (rollbacks as ``removed`` events) and poll answers through the same
+``Channel.facts``/``new_events`` as this loop, learning the subscription ids from the
+recorded answers. Backfilled facts do not replay: ``pushes`` says why, and what else.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -48,6 +53,8 @@ from tocsin import (
     Backoff,
     ConfigModel,
     Duration,
+    EventFactory,
+    FrameParser,
     ResumableSourceConfig,
     ScrubbingLogger,
     Source,
@@ -72,11 +79,12 @@ from .protocol import (
     SUBSCRIBE,
     UNRECEIVED,
     Fact,
-    normalize_items,
+    created_id,
     poll_changes,
     topic_hash,
     vite_address,
 )
+from .pushes import FactMemory, ViteFrameParser, new_events
 from .rpc import CallFailed, RpcConnection
 
 DEFAULT_URL = "wss://node.vite.net/gvite/ws"
@@ -84,7 +92,6 @@ OPEN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 CALL_TIMEOUT = 10.0
 PING_INTERVAL = 20.0  # websockets' keepalive ping: go-vite has no heartbeat of its own
-REMEMBERED = 50_000  # fact ids remembered to drop re-pushed facts
 
 GAP_LIMIT = "more heights were missed than backfill_limit; the oldest were not fetched"
 GAP_OFF = "backfill is off; heights missed while away were not fetched"
@@ -176,25 +183,6 @@ class ViteConfig(ResumableSourceConfig):
 # -- the source ------------------------------------------------------------------------
 
 
-class FactMemory:
-    """The recent facts emitted, each with its last ``removed`` flag (bounded)."""
-
-    def __init__(self, size: int = REMEMBERED) -> None:
-        self.size = size
-        self._facts: OrderedDict[str, bool] = OrderedDict()
-
-    def is_new(self, fact_id: str, removed: bool) -> bool:
-        """True unless this fact was last emitted with the same flag; remembers it."""
-        if self._facts.get(fact_id) is removed:
-            self._facts.move_to_end(fact_id)
-            return False
-        self._facts[fact_id] = removed
-        self._facts.move_to_end(fact_id)
-        if len(self._facts) > self.size:
-            self._facts.popitem(last=False)
-        return True
-
-
 class ViteSource(Source):
     """Vite chain events: ``snapshot_block``, ``account_block``, ``unreceived_block``,
     ``vmlog`` (SPEC section 4), resumed from saved heights after a reconnect or restart."""
@@ -218,6 +206,14 @@ class ViteSource(Source):
         self._lost_at = ""  # when the last good connection ended
         self._last_snapshot = time.monotonic()
         self._backoff: Backoff | None = None
+
+    @classmethod
+    def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser:
+        """Recorded frames back into events (``pushes`` says what replays and what not)."""
+        if not isinstance(config, ViteConfig):
+            raise TypeError("ViteSource needs a ViteConfig")
+        channels = backfill.plan(config.subscriptions)
+        return ViteFrameParser(channels, push=config.mode == "push", factory=factory)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         backoff = self._backoff = Backoff(maximum=self.vite.max_backoff)
@@ -247,7 +243,11 @@ class ViteSource(Source):
             logger=_ws_logger,
         ) as ws:
             conn = RpcConnection(
-                ws, timeout=CALL_TIMEOUT, reject=self.ctx.reject, on_frame=self._on_frame
+                ws,
+                timeout=CALL_TIMEOUT,
+                reject=self.ctx.reject,
+                on_frame=self._on_frame,
+                received=self.ctx.received,
             )
             self._last_frame = time.time()
             if self.vite.mode == "push":
@@ -314,9 +314,10 @@ class ViteSource(Source):
                     " and SubscribeEnabled true?"
                 ) from None
             raise SourceError(f"the node refused {names}: {err.error}") from None
-        if not isinstance(result, str) or not result or len(result) > 200:
+        created = created_id(result)
+        if created is None:
             raise SourceError(f"the node answered {names} without an id")
-        return result
+        return created
 
     # -- resuming ------------------------------------------------------------------------
 
@@ -459,17 +460,10 @@ class ViteSource(Source):
             await anyio.sleep(self.vite.poll_interval)
 
     async def _handle(self, channel: Channel, items: list[Any]) -> None:
-        facts, rejects = normalize_items(channel.topic, items, channel.address)
+        groups, rejects = channel.facts(items)
         for reason in rejects:
             self.ctx.reject(reason)
-        by_watch: dict[int, tuple[Watch, list[Fact]]] = {}
-        for fact in facts:
-            watch = channel.watch_for(fact)
-            if watch is None:
-                self.ctx.reject("vmlog of an address not subscribed")
-                continue
-            by_watch.setdefault(id(watch), (watch, []))[1].append(fact)
-        for watch, group in by_watch.values():
+        for watch, group in groups:
             await self._deliver(watch, group)
             if watch.topic.heights and watch.cursor is not None:
                 await self._save(watch, watch.cursor)
@@ -478,12 +472,9 @@ class ViteSource(Source):
 
     async def _deliver(self, watch: Watch, facts: list[Fact]) -> None:
         """Emit the facts not emitted yet, in order, and move the watch's cursor."""
+        for event in new_events(self.memory, self.ctx, facts):
+            await self.ctx.emit(event)
         for fact in facts:
-            if self.memory.is_new(fact.id, fact.removed):
-                event = self.ctx.event(
-                    fact.type, fact.data, id=fact.id, time=fact.time, removed=fact.removed
-                )
-                await self.ctx.emit(event)
             if watch.topic.heights and fact.height is not None:
                 cursor = watch.cursor
                 if fact.removed:  # rolled back: the heights from it on must be read again
