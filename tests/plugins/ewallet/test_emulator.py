@@ -10,7 +10,6 @@ from typing import Any
 
 import anyio
 import pytest
-from ewallet_helpers import REQUEST_TOPIC
 from tocsin_ewallet.emulator import (
     DEMO_ACCESS_KEY,
     DEMO_API_KEY,
@@ -23,6 +22,8 @@ from tocsin_ewallet.ledger import Party
 from tocsin_ewallet.protocol import ACCEPT, authorization
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .ewallet_helpers import REQUEST_TOPIC
 
 CLIENT_AUTH = authorization("OMGClient", DEMO_API_KEY, DEMO_AUTH_TOKEN)
 PROVIDER_AUTH = authorization("OMGProvider", DEMO_ACCESS_KEY, DEMO_SECRET_KEY)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import tocsin_ewallet
-from ewallet_helpers import REQUEST_TOPIC
 from tocsin_ewallet.emulator import DEMO_API_KEY, DEMO_AUTH_TOKEN, DEMO_USER, EWalletEmulator
 
 import tocsin_builtin
 from support import Receiver, running, wait_for, write_config
 from tocsin.testing import Registry, build_registry, make_plugin_manager
+
+from .ewallet_helpers import REQUEST_TOPIC
 
 USER_TOPIC = f"user:{DEMO_USER}"
 

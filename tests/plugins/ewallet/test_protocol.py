@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from ewallet_helpers import FIXTURES, fixture_json, fixture_text
 from hypothesis import given
 from hypothesis import strategies as st
 from tocsin_ewallet.protocol import (
@@ -31,6 +30,8 @@ from tocsin_ewallet.protocol import (
 )
 
 from tocsin import RecentIds
+
+from .ewallet_helpers import FIXTURES, fixture_json, fixture_text
 
 
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.json")), ids=lambda p: p.stem)

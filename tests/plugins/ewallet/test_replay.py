@@ -7,7 +7,6 @@ from typing import Any
 
 import anyio
 import pytest
-from ewallet_helpers import REQUEST_TOPIC, make_config, running_source, source_class
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tocsin_ewallet.emulator import DEMO_USER, EWalletEmulator
@@ -15,6 +14,8 @@ from tocsin_ewallet.protocol import FINALIZED_EVENT, REQUEST_EVENT, server_frame
 
 from tocsin import Event, EventFactory, FrameParser
 from tocsin.testing import RecordingContext
+
+from .ewallet_helpers import REQUEST_TOPIC, make_config, running_source, source_class
 
 USER_TOPIC = f"user:{DEMO_USER}"
 

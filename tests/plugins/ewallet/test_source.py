@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 import pytest
-from ewallet_helpers import REQUEST_TOPIC, make_config, running_source
 from pydantic import ValidationError
 from tocsin_ewallet.emulator import (
     DEMO_ACCESS_KEY,
@@ -20,6 +19,8 @@ from tocsin_ewallet.emulator import (
 from tocsin_ewallet.protocol import ACCEPT, authorization
 
 from support import wait_for
+
+from .ewallet_helpers import REQUEST_TOPIC, make_config, running_source
 
 USER_TOPIC = f"user:{DEMO_USER}"
 
