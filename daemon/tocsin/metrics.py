@@ -129,8 +129,9 @@ class DaemonCollector(Collector):
         yield info
         yield GaugeMetricFamily(
             "tocsin_ready",
-            "1 once the state is open and the sources are started, until stopping",
-            value=int(daemon.ready.is_set() and not daemon.stopping),
+            "1 once the state is open and the sources are started, while intake is not"
+            " paused and until stopping",
+            value=int(daemon.ready.is_set() and not daemon.stopping and not daemon.paused),
         )
         yield GaugeMetricFamily(
             "tocsin_intake_waiting",
