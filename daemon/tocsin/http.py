@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import __version__
 from .errors import ServeError
 from .fields import secret_registry
-from .metrics import OUTCOMES, LoopLag, OutboxProbe, make_registry
+from .metrics import OUTCOMES, LoopLag, OutboxProbe, answer, make_registry
 from .store import DEAD, Delivery, RecentAlert, Store
 
 if TYPE_CHECKING:
@@ -275,8 +275,8 @@ class HTTPEndpoint:
     async def _from_store(self) -> tuple[list[RecentAlert], list[DeadLetter], str]:
         """The latest alerts and dead letters, or why they cannot be shown now."""
         store = self.daemon.store
-        recent = asyncio.wrap_future(store.submit(Store.recent_alerts, RECENT_ALERTS))
-        dead = asyncio.wrap_future(store.submit(Store.list_deliveries, [DEAD], DEAD_SHOWN))
+        recent = answer(store.submit(Store.recent_alerts, RECENT_ALERTS))
+        dead = answer(store.submit(Store.list_deliveries, [DEAD], DEAD_SHOWN))
         both: list[asyncio.Future[Any]] = [recent, dead]
         with anyio.move_on_after(PAGE_QUERY_WITHIN):
             await asyncio.wait(both)

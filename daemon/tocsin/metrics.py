@@ -13,10 +13,11 @@ seconds and without waiting on a stuck database for longer than ``ANSWER_WITHIN`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,10 +30,20 @@ from .store import Store
 if TYPE_CHECKING:
     from .daemon import Daemon
 
+T = TypeVar("T")
+
 SOURCE_STATES = ("starting", "up", "down", "stale")
 REJECT_REASONS = 20
 """Rejection reasons shown per source (the most frequent); the rest count as ``other``."""
 OUTCOMES = {"delivered": "delivered", "retry": "retried", "dead": "dead"}
+
+
+def answer(future: concurrent.futures.Future[T]) -> asyncio.Future[T]:
+    """An awaitable for a store operation whose error is read even if nobody waits any
+    more (asyncio would log it as never retrieved)."""
+    wrapped = asyncio.wrap_future(future)
+    wrapped.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return wrapped
 
 
 class OutboxProbe:
@@ -57,7 +68,7 @@ class OutboxProbe:
         if time.monotonic() - self._at < self.FRESH:
             return
         if self._pending is None:
-            self._pending = asyncio.wrap_future(self.daemon.store.submit(Store.depth))
+            self._pending = answer(self.daemon.store.submit(Store.depth))
             self._submitted = time.monotonic()
         pending = self._pending
         with anyio.move_on_after(self.ANSWER_WITHIN):
