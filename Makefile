@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint demo venv clean bench
+.PHONY: test lint demo venv clean bench systemd-analyze chromium
 
 venv: $(STAMP)
 
@@ -30,7 +30,16 @@ systemd-analyze:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
 	}
 
-test: lint systemd-analyze
+# tests/core/test_status_page.py loads the status page in headless Chromium. Where it is
+# missing, install Debian's chromium package; where it is there, this does nothing.
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+	  echo "installing Debian's chromium package (headless, for tests/core/test_status_page.py)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	}
+
+test: lint systemd-analyze chromium
 	$(BIN)/pytest
 
 # The bundled provider emulators on loopback and the daemon on rules.example.toml, live;

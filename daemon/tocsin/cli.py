@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import DEFAULT_CONFIG, Config, load_config
-from .errors import ConfigError, PluginError, StateError, TocsinError, UsageError
+from .errors import ConfigError, PluginError, ServeError, StateError, TocsinError, UsageError
 from .events import Event, utc_iso
 from .fields import parse_duration
 from .logs import LEVELS, setup_logging
@@ -626,7 +626,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             await daemon.run()
             tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    try:
+        anyio.run(main)
+    except BaseExceptionGroup as group:
+        # Start-up errors (the state database, the http address) come out of the task
+        # groups wrapped; the user reads the one sentence, not a traceback.
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, TocsinError):
+            raise error from None
+        raise
     return 0
 
 
@@ -673,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         count = len(err.problems)
         print(f"{count} problem{'s' if count != 1 else ''}; nothing was started", file=sys.stderr)
         return 2
-    except (UsageError, PluginError, StateError) as err:
+    except (UsageError, PluginError, StateError, ServeError) as err:
         print(f"tocsin: {err}", file=sys.stderr)
         return 2
     except TocsinError as err:

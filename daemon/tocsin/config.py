@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import gc
 import glob
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -54,9 +55,16 @@ class DaemonConfig(ConfigModel):
     def _http_address(cls, value: str | None) -> str | None:
         if value is not None:
             host, _, port = value.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not host or not port.isdigit() or not 0 <= int(port) < 65536:
                 raise ValueError(f'expected "HOST:PORT", e.g. "127.0.0.1:9187", not {value!r}')
         return value
+
+    def http_address(self) -> tuple[str, int] | None:
+        """``http`` as (host, port), the brackets of ``[::1]`` taken off; None when unset."""
+        if self.http is None:
+            return None
+        host, _, port = self.http.rpartition(":")
+        return host.removeprefix("[").removesuffix("]"), int(port)
 
     def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
         """``state_dir``, else ``$STATE_DIRECTORY`` (systemd), else ``~/.local/state/tocsin``."""
@@ -92,6 +100,16 @@ class Config:
     actions: dict[str, ActionConfig] = field(default_factory=dict)
     rules: list[RuleEntry] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or an address in 127.0.0.0/8 or ``::1``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
@@ -287,6 +305,15 @@ def _load_config(
         daemon = daemon.model_copy(update={"state_dir": str(main.parent / daemon.state_dir)})
     config = Config(path=main, daemon=daemon)
     config.files.append(main)
+    address = daemon.http_address()
+    if address is not None and not daemon.http_allow_remote and not is_loopback(address[0]):
+        loader.problem(
+            name,
+            "daemon.http",
+            f'"{address[0]}" is not a loopback address (127.0.0.0/8, ::1, localhost): the'
+            " status page and metrics would be open to the network; set"
+            " http_allow_remote = true to serve them there anyway",
+        )
 
     for kind, known, into in (
         ("source", registry.sources, config.sources),

@@ -29,6 +29,7 @@ from .dispatcher import Dispatcher
 from .errors import ConfigError, SourceAuthError, StateError
 from .events import Event, stable_id, utc_iso
 from .fields import format_duration, secret_registry
+from .http import HTTPEndpoint
 from .notify import Notifier, Progress, Watchdog
 from .plugins import Registry
 from .rules import Engine, PendingAlert, compile_rules
@@ -77,6 +78,7 @@ class SourceRunner(EventFactory):
         self.since = utc_iso()
         self.last_event: float | None = None
         self.events = 0
+        self.types: Counter[str] = Counter()  # events emitted per type, for /metrics
         self.rejected: Counter[str] = Counter()
         self.reconnects = 0
         self.scope: anyio.CancelScope | None = None
@@ -86,6 +88,7 @@ class SourceRunner(EventFactory):
 
     async def emit(self, event: Event) -> None:
         self.events += 1
+        self.types[event.type] += 1
         self.last_event = time.time()
         await self.daemon.intake(event)
 
@@ -93,6 +96,7 @@ class SourceRunner(EventFactory):
         since = self.since if state == self.state else utc_iso()
         self.state, self.since = state, since
         data = {"source": self.source, "reason": reason, "since": since, **extra}
+        self.types[type_] += 1
         await self.daemon.intake(
             self.event(type_, data, id=stable_id(self.source, type_, since, *extra.values()))
         )
@@ -136,7 +140,20 @@ class SourceRunner(EventFactory):
         }
         self.logger.warning("source %r: events may be missing: %s", self.source, reason)
         key = stable_id(self.source, "gap", since, data["until"], *map(str, extra.values()))
+        self.types["source.gap"] += 1
         await self.daemon.intake(self.event("source.gap", data, id=key))
+
+    @property
+    def down_reason(self) -> str:
+        """Why the source is down (its last ``down()``), ``""`` while it is up."""
+        return self._down_reason
+
+    def carry_counts(self, old: SourceRunner) -> None:
+        """Go on counting from ``old``, the runner this one replaces (a reload changed it)."""
+        self.events += old.events
+        self.types.update(old.types)
+        self.rejected.update(old.rejected)
+        self.reconnects += old.reconnects
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -203,6 +220,7 @@ class Daemon:
         self.store: Store = None  # type: ignore[assignment]  # opened by run()
         self.dispatcher: Dispatcher = None  # type: ignore[assignment]
         self.sources: dict[str, SourceRunner] = {}
+        self._replaced: dict[str, SourceRunner] = {}  # by a reload: their counts carry over
         self.actions: dict[str, Action] = {}
         self._action_scopes: dict[str, anyio.CancelScope] = {}
         self.ready = anyio.Event()
@@ -220,6 +238,8 @@ class Daemon:
         self.batch_received = 0.0
         self.outbox: tuple[int, int, float | None] | None = None
         self._reload_note = ""
+        address = self.config.daemon.http_address()
+        self.http = HTTPEndpoint(self, *address) if address is not None else None
 
     # -- intake --------------------------------------------------------------------------
 
@@ -391,6 +411,8 @@ class Daemon:
         """Start the engine, actions and sources; wait for ``stop()``; drain."""
         self._tg = tg
         tg.start_soon(self._engine_loop, receive)
+        if self.http is not None:
+            await tg.start(self.http.serve)  # /readyz says "starting" from here on
         for name in self.config.actions:
             await self._start_action(name)
         await self._start_sources(self.config.sources)
@@ -400,12 +422,6 @@ class Daemon:
             tg.start_soon(self._notify_loop)
             with contextlib.suppress(StateError):
                 self.outbox = await self.store.call(Store.depth)
-        if self.config.daemon.http:
-            log.warning(
-                "[daemon] http = %r is not served by this version yet; /healthz,"
-                " /readyz and /metrics come with the operator issue",
-                self.config.daemon.http,
-            )
         # What start-up built (rules, indexes, plugins) lives until exit: keep it out of
         # the collector's full passes, which otherwise walk it every few thousand events.
         gc.freeze()
@@ -426,6 +442,17 @@ class Daemon:
     def stop(self) -> None:
         """Ask the daemon to stop (safe to call more than once)."""
         self._stop.set()
+
+    @property
+    def intake_waiting(self) -> int:
+        """Events and cursors received and not yet taken by the engine."""
+        stats = self._send.statistics() if self._send is not None else None
+        return stats.current_buffer_used if stats is not None else 0
+
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` was called: intake is closing or closed."""
+        return self._stop.is_set()
 
     async def _shutdown(self, tg: TaskGroup) -> None:
         for runner in self.sources.values():
@@ -463,6 +490,9 @@ class Daemon:
         if not config.enabled:
             return
         runner = SourceRunner(self, name, config, self.registry.source(config.plugin))
+        replaced = self._replaced.pop(name, None)
+        if replaced is not None:
+            runner.carry_counts(replaced)
         self.sources[name] = runner
         await self._tg.start(runner.run)
 
@@ -523,6 +553,8 @@ class Daemon:
     async def _apply(self, config: Config, engine: Engine) -> None:
         old = self.config
         self.config = config
+        if config.daemon.http != old.daemon.http:
+            log.warning("[daemon] http changed: the new address is served after a restart")
         for name, action in list(self.actions.items()):
             if config.actions.get(name) != old.actions.get(name):
                 self._action_scopes.pop(name).cancel()
@@ -535,7 +567,7 @@ class Daemon:
             if config.sources.get(name) != old.sources.get(name):
                 if runner.scope is not None:
                     runner.scope.cancel()
-                del self.sources[name]
+                self._replaced[name] = self.sources.pop(name)
         await self._start_sources([n for n in config.sources if n not in self.sources])
         engine.adopt(self.engine)
         self.engine = engine

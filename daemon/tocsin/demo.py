@@ -137,6 +137,10 @@ async def run_demo(
         for emulator in emulators:
             say(f"{emulator.name} emulator on {emulator.url}")
         say("tocsin is running on " + config_path + "; alerts print here. Ctrl-C stops.")
+        address = daemon.config.daemon.http_address()
+        if address is not None:
+            host = f"[{address[0]}]" if ":" in address[0] else address[0]
+            say(f"status page: http://{host}:{address[1]}/ (and /metrics)")
         for emulator in emulators:
             tg.start_soon(emulator.demo_traffic)
         await daemon.run()

@@ -5,6 +5,7 @@
     ├── PluginError            plugins could not be loaded or registered (duplicate names...)
     ├── UsageError             the command line is wrong (exit 2, one sentence)
     ├── StateError             the state database cannot be opened or written
+    ├── ServeError             the [daemon] http endpoint cannot listen (address in use...)
     ├── SourceError            a source failed
     │   └── SourceAuthError    the provider refused the credentials (only the user can fix it)
     └── DeliveryError          an action failed to deliver an alert
@@ -56,6 +57,10 @@ class UsageError(TocsinError):
 
 class StateError(TocsinError):
     """The state database cannot be opened or written."""
+
+
+class ServeError(TocsinError):
+    """The ``[daemon] http`` endpoint cannot listen on its address; start-up stops."""
 
 
 class SourceError(TocsinError):

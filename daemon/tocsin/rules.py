@@ -202,6 +202,8 @@ class PendingAlert:
 
 @dataclass
 class EngineStats:
+    """Plain counters of the engine, read by /metrics; a reload carries them over."""
+
     events: int = 0
     examined: int = 0
     matched: int = 0
@@ -211,7 +213,18 @@ class EngineStats:
     when_errors: int = 0
     kind_errors: int = 0
     template_errors: int = 0
-    per_rule: Counter[str] = field(default_factory=Counter)
+    per_rule: Counter[str] = field(default_factory=Counter)  # events each rule matched
+    evaluated: Counter[str] = field(default_factory=Counter)  # events each rule examined
+    alerts_per_rule: Counter[str] = field(default_factory=Counter)
+    alerts_per_status: Counter[str] = field(default_factory=Counter)
+    last_fired: dict[str, float] = field(default_factory=dict)  # rule -> unix time
+
+    def made(self, rule: str, status: str, at: float) -> None:
+        """Count an alert the engine made."""
+        self.alerts += 1
+        self.alerts_per_rule[rule] += 1
+        self.alerts_per_status[status] += 1
+        self.last_fired[rule] = at
 
 
 def summary(event: Event, limit: int = 300) -> str:
@@ -271,6 +284,7 @@ class Engine:
     def adopt(self, old: Engine) -> None:
         """Keep the clock, and the state of rules unchanged since ``old`` (a reload)."""
         self.clock = old.clock
+        self.stats = old.stats  # counters run on across reloads, as /metrics expects
         same = {
             n
             for n, r in self.rules.items()
@@ -342,7 +356,9 @@ class Engine:
             return []
         out: list[PendingAlert] = []
         context: dict[str, Any] | None = None
+        evaluated = self.stats.evaluated
         for rule in candidates:
+            evaluated[rule.name] += 1
             if not rule.selects(event):
                 continue
             if rule.when is not None:
@@ -524,7 +540,7 @@ class Engine:
             if len(self._throttle) > _RECENT_ALERTS:
                 self._expire_throttles(now)
         self._recent.seen(alert_id)
-        self.stats.alerts += 1
+        self.stats.made(rule.name, firing.status, self.wall())
         return PendingAlert(
             alert=self.render(rule, firing.status, event, alert_id),
             event_id=event.id,
@@ -543,7 +559,7 @@ class Engine:
         self.generations[key] = self.generations.get(key, 0) + 1
         alert_id = stable_id(rule_name, firing_id, "retracted")
         self._recent.seen(alert_id)
-        self.stats.alerts += 1
+        self.stats.made(rule_name, "retracted", self.wall())
         return PendingAlert(
             alert=self.render(rule, "retracted", event, alert_id),
             event_id=event.id,

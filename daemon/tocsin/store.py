@@ -122,6 +122,21 @@ class Delivery:
         return STATE_NAMES[self.state]
 
 
+@dataclass(frozen=True, slots=True)
+class RecentAlert:
+    """An alert as the status page lists it, with how its deliveries stand."""
+
+    id: str
+    rule: str
+    status: str
+    created_at: float
+    title: str
+    retracted: bool
+    pending: int
+    delivered: int
+    dead: int
+
+
 _DELIVERY_COLUMNS = (
     "o.seq, o.alert_id, o.action, o.target, o.label, o.grp, o.state, o.attempts,"
     " o.created_at, o.due_at, o.last_error, a.payload"
@@ -398,6 +413,28 @@ class Store:
         for state, n in conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"):
             out[STATE_NAMES[state]] = n
         (out["alerts"],) = conn.execute("SELECT COUNT(*) FROM alerts").fetchone()
+        return out
+
+    @staticmethod
+    def recent_alerts(conn: sqlite3.Connection, limit: int = 50) -> list[RecentAlert]:
+        """The latest ``limit`` alerts, newest first, with their deliveries per state."""
+        out = []
+        for row in conn.execute(
+            "SELECT a.id, a.rule, a.status, a.created_at, a.payload, a.retracted,"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.alert_id = a.id AND o.state = ?),"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.alert_id = a.id AND o.state = ?),"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.alert_id = a.id AND o.state = ?)"
+            " FROM alerts a ORDER BY a.created_at DESC LIMIT ?",
+            (PENDING, DONE, DEAD, limit),
+        ):
+            alert_id, rule, status, created_at, payload, retracted, *counts = row
+            try:
+                title = str(orjson.loads(payload).get("title", ""))
+            except (orjson.JSONDecodeError, AttributeError):
+                title = ""
+            out.append(
+                RecentAlert(alert_id, rule, status, created_at, title, bool(retracted), *counts)
+            )
         return out
 
     @staticmethod

@@ -158,6 +158,45 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1:9187", "127.3.2.1:1", "localhost:9187", "LocalHost:80", "::1:9187", "[::1]:9187"],
+)
+def test_http_on_loopback_is_accepted(tmp_path: Path, address: str) -> None:
+    path = write_config(tmp_path / "t.toml", f'[daemon]\nhttp = "{address}"\n')
+    host, _, port = address.rpartition(":")
+    config = load_config(path, make_registry())
+    assert config.daemon.http_address() == (host.strip("[]"), int(port))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "[::]", "example.com", "10.0.0.1"])
+def test_http_elsewhere_is_refused_unless_allowed(tmp_path: Path, host: str) -> None:
+    path = write_config(tmp_path / "t.toml", f'[daemon]\nhttp = "{host}:9187"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, make_registry())
+    [problem] = caught.value.problems
+    assert problem.path == "daemon.http"
+    bare = host.strip("[]")
+    assert f'"{bare}" is not a loopback address' in problem.message
+    assert "http_allow_remote = true" in problem.message
+    allowed = write_config(
+        tmp_path / "t.toml", f'[daemon]\nhttp = "{host}:9187"\nhttp_allow_remote = true\n'
+    )
+    assert load_config(allowed, make_registry()).daemon.http_address() == (bare, 9187)
+
+
+def test_check_command_refuses_remote_http(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "t.toml", '[daemon]\nhttp = "0.0.0.0:9187"\n')
+    run = subprocess.run(
+        [sys.executable, "-m", "tocsin.cli", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f'{path}: daemon.http: "0.0.0.0" is not a loopback address' in run.stderr
+
+
+@pytest.mark.parametrize(
     "text, seconds",
     [
         ("500ms", 0.5),
