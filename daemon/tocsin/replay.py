@@ -24,7 +24,7 @@ from typing import IO, Any
 import orjson
 
 from .errors import UsageError
-from .events import Event
+from .events import Event, utc_iso
 from .rules import PendingAlert
 from .source import EventFactory, FrameParser
 
@@ -88,16 +88,11 @@ class ReplayFactory(EventFactory):
         time: str = "",
         removed: bool = False,
     ) -> Event:
-        return Event(
-            id=id,
-            source=self.source,
-            provider=self.provider,
-            type=type,
-            data=data,
-            time=time,
-            removed=removed,
-            received=self.at,
-        )
+        event = super().event(type, data, id=id, time=time, removed=removed)
+        event.received = self.at
+        if not time:
+            event.time = utc_iso(self.at)  # as live: no provider time, receipt time
+        return event
 
 
 def frame_record(t: float, frame: str | bytes) -> bytes:

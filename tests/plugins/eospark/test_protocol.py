@@ -25,7 +25,7 @@ from tocsin_eospark.protocol import (
     unsubscribe_message,
 )
 
-from tocsin import RecentIds
+from tocsin import RecentIds, stable_id
 
 from .conftest import fixture_json, fixture_text
 
@@ -272,3 +272,9 @@ names = st.sampled_from(["msg_type", "errno", "data", "trx_id", "actions", "acco
 def test_any_envelope_gives_a_message_or_value_error(msg_type: str, errno: Any, data: Any) -> None:
     frame = {"errno": errno, "msg_type": msg_type, "errmsg": "", "data": data}
     _parses_or_value_error(json.dumps(frame))
+
+
+@given(st.text(max_size=80), st.integers(min_value=0, max_value=10_000))
+def test_action_id_is_the_stable_id_of_the_transaction_and_index(trx_id: str, index: int) -> None:
+    # action_id spells stable_id out for speed: it must never give another id.
+    assert action_id(trx_id, index) == stable_id("eospark", trx_id, index)
