@@ -11,6 +11,8 @@ Measured, each as a ratio to the floor of the same run where it applies (the flo
 the match-rule runs are repeated ``--repeat`` times, interleaved, and the median kept):
 
 - floor: a plain websockets + ``parse_json`` loop receiving the same frames;
+- hand-written: the floor plus one rule checked by hand and an aiohttp POST per match
+  (``bench/handwritten.py``), the loop a user might write instead: a reference, no target;
 - throughput: the daemon with 10 / 1,000 / 10,000 rules with distinct ``match`` values,
   and 1,000 ``when``-only rules, 1% of the frames matching, alerts POSTed to the
   receiver; events/s from the first frame sent to the last webhook received;
@@ -258,6 +260,33 @@ async def floor(frames: int) -> dict[str, Any]:
     return {"events_per_s": frames / seconds, "cpu_us_per_event": client["cpu"] / frames * 1e6}
 
 
+async def handwritten(receiver: Receiver, frames: int, rules: int = 1000) -> dict[str, Any]:
+    """The hand-written loop (``bench/handwritten.py``): one rule checked, matches POSTed."""
+    receiver.reset()
+    gen = Generator(frames, rules=rules)
+    hook = f"http://127.0.0.1:{receiver.port}/hook"
+    try:
+        out = await anyio.run_process(
+            [PY, str(HERE / "handwritten.py"), gen.url, str(frames), str(rules), hook]
+        )
+        client = json.loads(out.stdout)
+        sent = await gen.result()
+    finally:
+        gen.close()
+    end = receiver.arrivals[-1]
+    return {
+        "events_per_s": frames / (end - sent["t0"]),
+        "cpu_us_per_event": client["cpu"] / frames * 1e6,
+        "alerts": len(receiver.arrivals),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (all its threads), from procfs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def through_daemon(
     work: Path,
     receiver: Receiver,
@@ -278,6 +307,7 @@ async def through_daemon(
     try:
         async with anyio.create_task_group() as tg:
             result["ready_s"] = await daemon.ready()
+            cpu_at_ready = cpu_seconds(daemon.target_pid())
             tg.start_soon(daemon.sample_rss)
             marks: dict[str, float] = {}
             if outage is not None:
@@ -294,6 +324,10 @@ async def through_daemon(
             sent = await gen.result()
             end = receiver.arrivals[-1] if receiver.arrivals else time.monotonic()
             result["complete"] = done
+            # Every thread of the daemon, from READY to the last webhook: start-up excluded.
+            result["cpu_us_per_event"] = (
+                (cpu_seconds(daemon.target_pid()) - cpu_at_ready) / frames * 1e6
+            )
             result["alerts"] = len(receiver.arrivals)
             result["events_per_s"] = frames / (end - sent["t0"]) if done else float("nan")
             result["send_rate"] = frames / (sent["t1"] - sent["t0"])
@@ -429,11 +463,14 @@ async def main(args: argparse.Namespace) -> None:
         # The floor and the match runs are repeated, interleaved, and their medians kept:
         # on a shared 2-core machine one run can be 30% off the next.
         floors: list[dict[str, Any]] = []
+        hands: list[dict[str, Any]] = []
         runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
         plan = [(10, False, frames), (1000, False, frames), (10_000, False, frames)]
         for round_ in range(args.repeat):
             print(f"round {round_ + 1}/{args.repeat}: floor ...", flush=True)
             floors.append(await floor(frames))
+            print("  hand-written loop ...", flush=True)
+            hands.append(await handwritten(receiver, frames))
             for rules, when_only, n in plan + ([(1000, True, max(2000, frames // 20))] if round_ == 0 else []):  # fmt: skip
                 print(f"  daemon, {rules} {'when-only' if when_only else 'match'} rules ...", flush=True)  # fmt: skip
                 run = await through_daemon(
@@ -444,6 +481,8 @@ async def main(args: argparse.Namespace) -> None:
                 runs.setdefault((rules, when_only), []).append(run)
         results["floor"] = median_run(floors)
         results["floor"]["samples"] = [f["events_per_s"] for f in floors]
+        results["handwritten"] = median_run(hands)
+        results["handwritten"]["samples"] = [h["events_per_s"] for h in hands]
         results["throughput"] = []
         for group in runs.values():
             chosen = median_run(group)
@@ -483,6 +522,9 @@ async def main(args: argparse.Namespace) -> None:
         "floor_events_per_s": floor_rate,
         "throughput_1000_events_per_s": sustained,
         "throughput_1000_vs_floor": sustained / floor_rate,
+        "throughput_1000_vs_handwritten": sustained / results["handwritten"]["events_per_s"],
+        "cpu_per_event_1000_vs_handwritten": by[(1000, False)]["cpu_us_per_event"]
+        / results["handwritten"]["cpu_us_per_event"],
         "rules_10000_vs_10": by[(10_000, False)]["events_per_s"] / by[(10, False)]["events_per_s"],
         "when_only_1000_vs_match_1000": by[(1000, True)]["events_per_s"] / sustained,
         "latency_p99_ms": results["latency"]["latency_ms"]["p99"],
@@ -506,12 +548,22 @@ def report(results: dict[str, Any]) -> None:
     )
     if len(fl.get("samples", [])) > 1:
         print("  (median of " + ", ".join(f"{x:,.0f}" for x in fl["samples"]) + ")")
-    print(f"{'run':<28}{'events/s':>11}{'vs floor':>10}{'peak RSS':>11}{'ready':>8}  runs")
+    hw = results["handwritten"]
+    print(
+        f"hand-written loop (one rule, aiohttp POST, nothing durable): {hw['events_per_s']:,.0f}"
+        f" events/s, {hw['cpu_us_per_event']:.1f} us CPU/event"
+    )
+    print(f"{'run':<28}{'events/s':>11}{'vs floor':>10}{'CPU/event':>11}{'peak RSS':>10}{'ready':>8}  runs")  # fmt: skip
     for r in results["throughput"]:
         name = f"{r['rules']:,} {'when-only' if r['when_only'] else 'match'} rules"
         samples = ", ".join(f"{x:,.0f}" for x in r.get("samples", []))
         print(f"{name:<28}{r['events_per_s']:>11,.0f}{r['events_per_s'] / fl['events_per_s']:>9.0%}"
-              f"{r['peak_rss_kb'] / 1024:>9.0f}MB{r['ready_s']:>7.2f}s  {samples}")  # fmt: skip
+              f"{r.get('cpu_us_per_event', float('nan')):>9.1f}us"
+              f"{r['peak_rss_kb'] / 1024:>8.0f}MB{r['ready_s']:>7.2f}s  {samples}")  # fmt: skip
+    print(
+        f"1,000 rules vs the hand-written loop: {s['throughput_1000_vs_handwritten']:.0%} of its"
+        f" rate, {s['cpu_per_event_1000_vs_handwritten']:.2f}x its CPU per event"
+    )
     lat = results["latency"]["latency_ms"]
     print(
         f"latency at {results['latency']['rate']:,}/s: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms"
