@@ -24,10 +24,11 @@ from tqdm import tqdm
 from . import __version__
 from .config import DEFAULT_CONFIG, Config, load_config
 from .errors import ConfigError, PluginError, ServeError, StateError, TocsinError, UsageError
-from .events import Event, utc_iso
+from .events import Event
 from .fields import parse_duration
 from .logs import LEVELS, setup_logging
 from .notify import Notifier
+from .outbox_view import outbox_json, outbox_lines
 from .plugins import Registry, build_registry, make_plugin_manager, plugin_versions
 from .record import configured_source, frame_parser, record
 from .replay import (
@@ -42,7 +43,7 @@ from .replay import (
     write_golden,
 )
 from .rules import Engine, PendingAlert, compile_rules
-from .store import DEAD, PENDING, Delivery, Store
+from .store import DEAD, PENDING, Store
 
 
 class _Parser(argparse.ArgumentParser):
@@ -488,102 +489,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relative(ts: float, now: float) -> str:
-    """``"in 12s"``, ``"3m20s ago"``, ``"now"``: a time near ``now``, to a human (two units)."""
-    delta = ts - now
-    rest = int(abs(delta))
-    if rest < 1:
-        return "now"
-    parts: list[tuple[int, str]] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if rest >= size or parts:
-            parts.append((rest // size, unit))
-            rest %= size
-        if len(parts) == 2:
-            break
-    amount = "".join(f"{n}{unit}" for n, unit in parts if n or (n, unit) == parts[0])
-    return f"in {amount}" if delta > 0 else f"{amount} ago"
-
-
-def _cut(text: str, width: int) -> str:
-    """``text`` on one line, at most ``width`` characters, ``…`` marking a cut."""
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    """Columns as wide as their widest cell (header included); the last one unpadded."""
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    out = []
-    for row in (header, *rows):
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        cells[-1] = row[-1]
-        out.append("  ".join(cells).rstrip())
-    return out
-
-
-def _delivery_row(d: Delivery, rule: str, now: float) -> list[str]:
-    pending = d.state == PENDING
-    return [
-        str(d.seq),
-        d.state_name,
-        str(d.attempts),
-        _relative(d.created_at, now),
-        _relative(d.due_at, now) if pending else "-",
-        _cut(d.action, 16),
-        _cut(rule, 28),
-        _cut(d.label, 48),
-        _cut(d.last_error, 60),
-    ]
-
-
-def _outbox_list(args: argparse.Namespace, store: Store) -> int:
-    states = [DEAD] if args.dead else [PENDING, DEAD]
-    rows = store.call_sync(Store.list_deliveries, states)
-    counts = store.call_sync(Store.counts)
-    if args.json:
-        deliveries = [
-            {
-                "seq": d.seq,
-                "state": d.state_name,
-                "attempts": d.attempts,
-                "alert_id": d.alert_id,
-                "rule": orjson.loads(d.payload).get("rule", ""),
-                "action": d.action,
-                "target": d.label,
-                "created_at": utc_iso(d.created_at),
-                "due_at": utc_iso(d.due_at) if d.state == PENDING else None,
-                "last_error": d.last_error,
-            }
-            for d in rows
-        ]
-        print(orjson.dumps({"counts": counts, "deliveries": deliveries}).decode())
-        return 0
-    listed = counts["dead"] if args.dead else counts["pending"] + counts["dead"]
-    shown = f"; the first {len(rows)} listed" if len(rows) < listed else ""
-    print(
-        f"{counts['pending']} pending, {counts['dead']} dead-lettered, {counts['done']} delivered"
-        + shown
-    )
-    if not rows:
-        return 0
-    now = time.time()
-    header = ["#", "state", "tries", "queued", "next try", "action", "rule", "target", "last error"]
-    table = [_delivery_row(d, str(orjson.loads(d.payload).get("rule", "")), now) for d in rows]
-    for line in _table(header, table, right={0, 2}):
-        print(line)
-    return 0
-
-
 def cmd_outbox(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args), _registry())
     store = Store.open(config.daemon.resolved_state_dir(), fsync=config.daemon.fsync)
     try:
         if args.verb == "list":
-            return _outbox_list(args, store)
+            states = [DEAD] if args.dead else [PENDING, DEAD]
+            rows = store.call_sync(Store.list_deliveries, states)
+            counts = store.call_sync(Store.counts)
+            if args.json:
+                print(orjson.dumps(outbox_json(rows, counts)).decode())
+            else:
+                for line in outbox_lines(rows, counts, dead_only=args.dead, now=time.time()):
+                    print(line)
+            return 0
         if not args.seq and not args.all:
             raise UsageError(f"outbox {args.verb} needs delivery numbers or --all")
         seqs = None if args.all else args.seq
