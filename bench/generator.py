@@ -51,9 +51,14 @@ def frame(i: int, to: str, memo: str) -> str:
     return data_frame(trx)
 
 
-def stamped(i: int, rules: int) -> str:
-    """A matching frame, its memo holding the send time (monotonic seconds)."""
-    return frame(i, account(i % rules), f"t={time.monotonic():.6f}")
+def stamped(i: int, rules: int, match_every: int) -> str:
+    """A matching frame, its memo holding the send time (monotonic seconds).
+
+    The n-th matching frame goes to rule ``n % rules``: the matches spread over every rule
+    (``i % rules`` would put all of them on one rule whenever ``rules`` divides
+    ``match_every``, and deliveries of one rule reach the webhook one after the other).
+    """
+    return frame(i, account(i // match_every % rules), f"t={time.monotonic():.6f}")
 
 
 async def pump(emu: EOSParkEmulator, args: argparse.Namespace) -> None:
@@ -68,7 +73,7 @@ async def pump(emu: EOSParkEmulator, args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     batch = max(1, args.rate // 100) if args.rate else 0
     for i, text in enumerate(plain):
-        await send(text if text is not None else stamped(i, args.rules))
+        await send(text if text is not None else stamped(i, args.rules, args.match_every))
         if batch and i % batch == batch - 1:
             # Paced: ``batch`` frames per 10 ms slot, catching up if a slot ran late.
             due = t0 + (i + 1) / args.rate

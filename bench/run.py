@@ -20,7 +20,8 @@ the match-rule runs are repeated ``--repeat`` times, interleaved, and the median
 - backlog: the receiver answers 503 for a while at half load: RSS during the outage
   against steady state, and the drain rate once it answers again;
 - start-up: spawn to ``READY=1`` (systemd notify protocol) with 10,000 rules;
-- peak RSS of each run, and CPU per event by stage from a py-spy profile.
+- peak RSS of each run, and CPU per event by stage: the shares of a py-spy profile
+  attached at READY (start-up left out) times the run's measured CPU per event.
 
 Writes ``bench/results.json`` and ``bench/results.png``, prints a table with PASS/FAIL
 per target. Timings are never asserted by the test suite.
@@ -166,38 +167,16 @@ def config_text(gen_url: str, hook_port: int, rules: int, when_only: bool) -> st
 class Daemon:
     """``tocsin run`` on a fresh state directory, with a notify socket and an RSS sampler."""
 
-    def __init__(self, work: Path, text: str, profile: Path | None = None) -> None:
+    def __init__(self, work: Path, text: str) -> None:
         work.mkdir(parents=True)
         (work / "tocsin.toml").write_text(text)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(work / "notify"))
         env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify")}
         env.pop("TOCSIN_LOAD_PLUGINS", None)
-        cmd = [
-            PY,
-            "-m",
-            "tocsin.cli",
-            "run",
-            "-c",
-            str(work / "tocsin.toml"),
-            "--log-level",
-            "warning",
-        ]
-        if profile is not None:
-            spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
-            cmd = [
-                spy,
-                "record",
-                "-r",
-                "250",
-                "--format",
-                "raw",
-                "--threads",
-                "-o",
-                str(profile),
-                "--",
-                *cmd,
-            ]
+        cmd = [PY, "-m", "tocsin.cli", "run", "-c", str(work / "tocsin.toml"),
+               "--log-level", "warning"]  # fmt: skip
+        self.spy: subprocess.Popen[bytes] | None = None
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=env, stderr=open(work / "stderr.log", "w"))  # noqa: SIM115
         self.pid = self.proc.pid
@@ -213,18 +192,17 @@ class Daemon:
                 self.ready_after = time.monotonic() - self.spawned
                 return self.ready_after
 
-    def target_pid(self) -> int:
-        """The daemon's pid (under py-spy, its child)."""
-        try:
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        except OSError:
-            return self.pid
-        if Path(f"/proc/{self.pid}/exe").resolve().name.startswith("py-spy") and children:
-            return int(children[0])
-        return self.pid
+    def profile(self, raw: Path) -> None:
+        """Attach py-spy now (after READY: start-up imports stay out of the stages)."""
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        self.spy = subprocess.Popen(
+            [spy, "record", "-r", "250", "--format", "raw", "--threads", "--nonblocking",
+             "-o", str(raw), "--pid", str(self.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
 
     async def sample_rss(self) -> None:
-        pid = self.target_pid()
+        pid = self.pid
         while True:
             try:
                 status = Path(f"/proc/{pid}/status").read_text()  # noqa: ASYNC240  # procfs: no disk
@@ -237,7 +215,10 @@ class Daemon:
             await anyio.sleep(0.1)
 
     def stop(self) -> None:
-        os.kill(self.target_pid(), signal.SIGTERM)
+        if self.spy is not None:  # py-spy writes its file on SIGINT
+            self.spy.send_signal(signal.SIGINT)
+            self.spy.wait(30)
+        os.kill(self.pid, signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -302,12 +283,14 @@ async def through_daemon(
     receiver.reset()
     expected = len(range(0, frames, MATCH_EVERY))
     gen = Generator(frames, rate, rules)
-    daemon = Daemon(work, config_text(gen.url, receiver.port, rules, when_only), profile)
+    daemon = Daemon(work, config_text(gen.url, receiver.port, rules, when_only))
     result: dict[str, Any] = {"rules": rules, "when_only": when_only, "frames": frames}
     try:
         async with anyio.create_task_group() as tg:
             result["ready_s"] = await daemon.ready()
-            cpu_at_ready = cpu_seconds(daemon.target_pid())
+            if profile is not None:
+                daemon.profile(profile)
+            cpu_at_ready = cpu_seconds(daemon.pid)
             tg.start_soon(daemon.sample_rss)
             marks: dict[str, float] = {}
             if outage is not None:
@@ -325,9 +308,7 @@ async def through_daemon(
             end = receiver.arrivals[-1] if receiver.arrivals else time.monotonic()
             result["complete"] = done
             # Every thread of the daemon, from READY to the last webhook: start-up excluded.
-            result["cpu_us_per_event"] = (
-                (cpu_seconds(daemon.target_pid()) - cpu_at_ready) / frames * 1e6
-            )
+            result["cpu_us_per_event"] = (cpu_seconds(daemon.pid) - cpu_at_ready) / frames * 1e6
             result["alerts"] = len(receiver.arrivals)
             result["events_per_s"] = frames / (end - sent["t0"]) if done else float("nan")
             result["send_rate"] = frames / (sent["t1"] - sent["t0"])
@@ -370,8 +351,9 @@ STAGES = [  # (stage, pattern on "function (file:line)"), the innermost match wi
 ]
 
 
-def stages(raw: Path, rate_hz: int, events: int) -> dict[str, float]:
-    """CPU microseconds per event by stage, from py-spy's raw (collapsed) stacks."""
+def stages(raw: Path, cpu_us_per_event: float) -> dict[str, float]:
+    """CPU microseconds per event by stage: each stage's share of py-spy's samples (its raw,
+    collapsed stacks, taken from READY on) times the run's measured CPU per event."""
     totals: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -383,7 +365,8 @@ def stages(raw: Path, rate_hz: int, events: int) -> dict[str, float]:
                 stage = found
                 break
         totals[stage] += int(count)
-    return {k: v / rate_hz / events * 1e6 for k, v in totals.most_common()}
+    total = sum(totals.values()) or 1
+    return {k: v / total * cpu_us_per_event for k, v in totals.most_common()}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -510,8 +493,10 @@ async def main(args: argparse.Namespace) -> None:
         if not args.no_profile:
             print("profile ...", flush=True)
             raw = HERE / "profile.raw"  # kept for a closer look (py-spy's collapsed stacks)
-            prof = await through_daemon(work / "prof", receiver, frames, 1000, profile=raw)
-            results["stages_us_per_event"] = stages(raw, 250, frames) if raw.exists() else {}
+            prof = await through_daemon(work / "prof", receiver, 3 * frames, 1000, profile=raw)
+            results["stages_us_per_event"] = (
+                stages(raw, prof["cpu_us_per_event"]) if raw.exists() else {}
+            )
             results["profile_events_per_s"] = prof["events_per_s"]
     finally:
         await receiver.close()
