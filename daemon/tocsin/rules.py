@@ -31,8 +31,13 @@ Path = tuple[str, ...]
 _RECENT_ALERTS = 65_536
 
 
+_SCALARS = (str, int, float)  # bool is an int
+
+
 def _hashable(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool) or value is None
+    # A tuple, not ``str | int | ...``: the union would be built again at every call
+    # (twice per event on the hot path: a quarter of a microsecond each, make bench).
+    return isinstance(value, _SCALARS) or value is None
 
 
 def _show(value: Any) -> str:
