@@ -74,7 +74,11 @@ async def test_random_kill9s_during_a_stream_of_matches(
 
         # A last run without kills delivers whatever is left, then stops cleanly.
         await wait_for(lambda: not emulator.clients, what="the old connection to go")
+        readies = notify.count("READY")
         tocsin.start()
+        # Every delivery may already be done by the killed runs: without waiting for READY
+        # the SIGTERM below could come before the daemon handles it (and kill it, -15).
+        await notify.wait("READY", n=readies + 1)
         await wait_for(
             lambda: state.alert_ids() and state.count(0) == 0,
             within=30,
