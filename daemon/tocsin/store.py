@@ -85,6 +85,15 @@ CREATE TABLE IF NOT EXISTS generations (
 """
 SCHEMA_VERSION = "1"
 
+# Is a delivery of this (action, group) already at the head? Pinned to outbox_group: left
+# to itself SQLite picks outbox_ready (action, head, state) and walks every pending head of
+# the action, so each commit and each finished delivery cost O(groups waiting) (make
+# bench's backlog: 75 -> 230 us per alert between 400 and 4,000 waiting groups).
+_GROUP_BUSY = (
+    "SELECT 1 FROM outbox INDEXED BY outbox_group"
+    " WHERE action = ? AND grp = ? AND state = 0 AND head = 1 LIMIT 1"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class NewAlert:
@@ -314,7 +323,7 @@ class Store:
                 )
             for action, target, label in alert.deliveries:
                 busy = conn.execute(
-                    "SELECT 1 FROM outbox WHERE action = ? AND grp = ? AND state = 0 AND head = 1 LIMIT 1",
+                    _GROUP_BUSY,
                     (action, alert.group),
                 ).fetchone()
                 conn.execute(
@@ -373,7 +382,7 @@ class Store:
     @staticmethod
     def _promote(conn: sqlite3.Connection, action: str, group: str) -> None:
         if conn.execute(
-            "SELECT 1 FROM outbox WHERE action = ? AND grp = ? AND state = 0 AND head = 1 LIMIT 1",
+            _GROUP_BUSY,
             (action, group),
         ).fetchone():
             return

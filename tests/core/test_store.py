@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,42 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
 
 def test_pending_constant_matches_schema_default() -> None:
     assert PENDING == 0
+
+
+def _steps(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], object]) -> int:
+    """SQLite virtual machine steps ``fn`` takes on ``conn`` (work done, not time)."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 1)
+    try:
+        fn(conn)
+    finally:
+        conn.set_progress_handler(None, 1)
+    return steps
+
+
+@pytest.mark.parametrize("op", ["commit", "finish"])
+def test_group_bookkeeping_does_not_grow_with_the_groups_waiting(tmp_path: Path, op: str) -> None:
+    """A commit and a finished delivery look up their own group only (not every head
+    until one of their group turns up, or none does): with 2,000 groups
+    waiting (a webhook outage on many rules) they cost what they cost with 20."""
+    costs = []
+    for groups in (20, 2000):
+        store = Store.open(tmp_path / f"s{groups}")
+        store.call_sync(Store.commit_alerts, [alert(f"x{i}", f"g{i}") for i in range(groups)])
+        store.close()
+        conn = sqlite3.connect(store.path, isolation_level=None)
+        (seq,) = conn.execute("SELECT seq FROM outbox WHERE alert_id = 'x7'").fetchone()
+        if op == "commit":
+            costs.append(
+                _steps(conn, lambda c: Store.commit_alerts(c, [alert("new", "a new group")]))
+            )
+        else:
+            costs.append(_steps(conn, lambda c, s=seq: Store.finish(c, s, DONE)))
+        conn.close()
+    assert costs[1] < 2 * costs[0], costs
