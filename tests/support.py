@@ -21,6 +21,8 @@ import tocsin_builtin
 from tocsin import (
     Backoff,
     Emulator,
+    Event,
+    FrameParser,
     Secret,
     Source,
     SourceAuthError,
@@ -238,6 +240,19 @@ async def running(config: Path, registry: Registry | None = None) -> AsyncIterat
             yield daemon
         finally:
             daemon.stop()
+
+
+def replay_frames(parse: FrameParser, frames: list[str | bytes]) -> tuple[list[Event], list[str]]:
+    """The events a plugin's frame parser makes of ``frames``, and the reasons of the
+    frames it refused with ``ValueError`` (what ``tocsin test --frames`` reports)."""
+    events: list[Event] = []
+    malformed: list[str] = []
+    for frame in frames:
+        try:
+            events += parse(frame)
+        except ValueError as err:
+            malformed.append(str(err))
+    return events, malformed
 
 
 def write_config(path: Path, text: str) -> Path:

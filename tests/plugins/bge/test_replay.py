@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tocsin_bge import BGEEmulator, BGESource
 from tocsin_bge.protocol import MAX_FRAME, MAX_INFLATED
 
+from support import replay_frames as replay
 from tocsin import Event, FrameParser
 from tocsin.testing import RecordingContext
 
@@ -43,18 +44,6 @@ def parser(**overrides: Any) -> FrameParser:
     made = BGESource.frame_parser(config, RecordingContext("market", "bge"))
     assert made is not None
     return made
-
-
-def replay(parse: FrameParser, frames: list[str | bytes]) -> tuple[list[Event], list[str]]:
-    """The events of ``frames``, and the reasons of those that raised ``ValueError``."""
-    events: list[Event] = []
-    malformed: list[str] = []
-    for frame in frames:
-        try:
-            events += parse(frame)
-        except ValueError as err:
-            malformed.append(str(err))
-    return events, malformed
 
 
 def envelope(event: Event) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from tocsin_vite.protocol import (
     snapshot_id,
 )
 
+from support import replay_frames as replay
 from support import wait_for
 from tocsin import Event, FrameParser
 from tocsin.testing import RecordingContext
@@ -37,18 +38,6 @@ def parser(config: ViteConfig) -> FrameParser:
     made = ViteSource.frame_parser(config, RecordingContext("chain", "vite"))
     assert made is not None
     return made
-
-
-def replay(parse: FrameParser, frames: list[str | bytes]) -> tuple[list[Event], list[str]]:
-    """The events of ``frames``, and the reasons of those that raised ``ValueError``."""
-    events: list[Event] = []
-    malformed: list[str] = []
-    for frame in frames:
-        try:
-            events += parse(frame)
-        except ValueError as err:
-            malformed.append(str(err))
-    return events, malformed
 
 
 def envelope(event: Event) -> dict[str, Any]:
