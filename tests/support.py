@@ -15,6 +15,7 @@ import anyio
 import websockets
 from aiohttp import web
 from anyio.abc import TaskStatus
+from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection
 
 import tocsin_builtin
@@ -240,6 +241,16 @@ async def running(config: Path, registry: Registry | None = None) -> AsyncIterat
             yield daemon
         finally:
             daemon.stop()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+"""Any JSON-like value (NaN and huge integers included): what a hostile frame may hold."""
 
 
 def replay_frames(parse: FrameParser, frames: list[str | bytes]) -> tuple[list[Event], list[str]]:

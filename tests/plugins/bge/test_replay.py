@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tocsin_bge import BGEEmulator, BGESource
 from tocsin_bge.protocol import MAX_FRAME, MAX_INFLATED
 
+from support import JSON
 from support import replay_frames as replay
 from tocsin import Event, FrameParser
 from tocsin.testing import RecordingContext
@@ -163,13 +164,6 @@ def test_malformed_frames_raise_value_error(frame: str | bytes, reason: str) -> 
     assert str(err.value) == reason
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
 PUSHES = st.fixed_dictionaries(
     {
         "type": st.sampled_from(["ticker", "candles", "orderBook", "fills"]) | JSON,

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from tocsin_ewallet.emulator import DEMO_USER, EWalletEmulator
 from tocsin_ewallet.protocol import FINALIZED_EVENT, REQUEST_EVENT, server_frame
 
+from support import JSON
 from tocsin import Event, EventFactory, FrameParser
 from tocsin.testing import RecordingContext
 
@@ -107,13 +108,6 @@ def test_malformed_frames_raise_value_error(frame: str | bytes, reason: str) -> 
     assert str(err.value) == reason
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
 FRAMES = st.fixed_dictionaries(
     {
         "topic": st.sampled_from([REQUEST_TOPIC, "phoenix"]) | JSON,

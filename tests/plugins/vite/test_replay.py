@@ -18,8 +18,8 @@ from tocsin_vite.protocol import (
     snapshot_id,
 )
 
+from support import JSON, wait_for
 from support import replay_frames as replay
-from support import wait_for
 from tocsin import Event, FrameParser
 from tocsin.testing import RecordingContext
 
@@ -214,13 +214,6 @@ def test_a_malformed_item_raises_unless_the_frame_has_good_ones() -> None:
     assert event.data == {"hash": "ab", "height": 2}
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
 ITEMS = st.lists(
     st.dictionaries(
         st.sampled_from(["hash", "height", "removed", "received", "vmlog", "address"]),
