@@ -36,7 +36,7 @@ _SCALARS = (str, int, float)  # bool is an int
 
 def _hashable(value: Any) -> bool:
     # A tuple, not ``str | int | ...``: the union would be built again at every call
-    # (twice per event on the hot path: a quarter of a microsecond each, make bench).
+    # (twice per event on the hot path: 0.21 us a call against 0.05, timeit).
     return isinstance(value, _SCALARS) or value is None
 
 
