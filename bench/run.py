@@ -217,7 +217,10 @@ class Daemon:
     def stop(self) -> None:
         if self.spy is not None:  # py-spy writes its file on SIGINT
             self.spy.send_signal(signal.SIGINT)
-            self.spy.wait(30)
+            try:
+                self.spy.wait(30)
+            except subprocess.TimeoutExpired:
+                self.spy.kill()  # the daemon below is stopped all the same
         os.kill(self.pid, signal.SIGTERM)
         try:
             self.proc.wait(30)
