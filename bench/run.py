@@ -346,7 +346,7 @@ STAGES = [  # (stage, pattern on "function (file:line)"), the innermost match wi
         "match",
         re.compile(r"tocsin/rules\.py|tocsin/templates\.py|jinja2/|tocsin_builtin/match\.py"),
     ),
-    ("decode", re.compile(r"tocsin/wsclient\.py|orjson|json/")),
+    ("decode", re.compile(r"tocsin/wsclient\.py|orjson|json/|_typed_push")),
     ("normalize", re.compile(r"tocsin_eospark/|tocsin/events\.py")),
     ("receive", re.compile(r"websockets/")),
     ("daemon", re.compile(r"tocsin/daemon\.py")),

@@ -15,7 +15,9 @@ from tocsin_eospark.protocol import (
     Message,
     Refusal,
     Transaction,
+    _typed_push,
     action_id,
+    checked_frame,
     event_time,
     is_eos_name,
     normalize,
@@ -272,6 +274,75 @@ names = st.sampled_from(["msg_type", "errno", "data", "trx_id", "actions", "acco
 def test_any_envelope_gives_a_message_or_value_error(msg_type: str, errno: Any, data: Any) -> None:
     frame = {"errno": errno, "msg_type": msg_type, "errmsg": "", "data": data}
     _parses_or_value_error(json.dumps(frame))
+    _typed_path_agrees(json.dumps(frame))
+
+
+def _typed_path_agrees(raw: str) -> Transaction | None:
+    """The typed path of data pushes gives what the checked path gives, or declines."""
+    typed = _typed_push(raw)
+    if typed is not None:
+        assert typed == checked_frame(raw)
+    return typed
+
+
+def test_the_typed_path_reads_pushes_and_leaves_the_rest_to_the_checked_path() -> None:
+    for name in ("data_seed.json", "data_multi_action.json"):
+        assert _typed_path_agrees(fixture_text(name)) is not None
+    for name in ("heartbeat.json", "subscribe_ok.json", "auth_forbidden.json"):
+        assert _typed_push(fixture_text(name)) is None
+    frame = fixture_json("data_multi_action.json")
+    frame["data"]["actions"][1]["global_action_seq"] = 3120730089
+    frame["data"]["actions"][0]["data"] = {"big": 2**70, "n": [1.5, None, True, "x"]}
+    del frame["data"]["actions"][2]["authorization"]
+    assert _typed_path_agrees(json.dumps(frame)) is not None
+    # Declined, and read by the checked path: tolerated variations, out-of-range integers.
+    for change in (
+        lambda f: f["data"].update(block_num="25477790"),
+        lambda f: f.update(errno="0"),
+        lambda f: f["data"].update(block_num=2**63),
+        lambda f: f["data"].update(global_action_seq=-1),
+        lambda f: f["data"]["actions"][0].update(authorization=[{"actor": 1}]),
+    ):
+        raw = _seed_with(change)
+        assert _typed_push(raw) is None
+        assert isinstance(parse_frame(raw), Transaction)
+    # Declined, and refused by the checked path: what the types alone do not rule out.
+    for change in (
+        lambda f: f["data"]["actions"][0].update(name=""),
+        lambda f: f["data"]["actions"][0].update(account=""),
+        lambda f: f["data"].update(trx_id=""),
+        lambda f: f["data"].update(trx_id="a" * 257),
+        lambda f: f.update(errno=403),
+        lambda f: f.update(msg_type="data2"),
+    ):
+        raw = _seed_with(change)
+        assert _typed_push(raw) is None
+        assert not isinstance(_parses_or_value_error(raw), Transaction)
+
+
+u64_edges = st.sampled_from([0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -1, 2**70])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    block_num=st.one_of(st.none(), u64_edges, json_values),
+    trx_seq=st.one_of(st.none(), u64_edges, json_values),
+    action_seq=st.one_of(st.none(), u64_edges, json_values),
+    authorization=st.one_of(
+        st.none(), json_values, st.lists(st.dictionaries(st.text(max_size=6), json_values))
+    ),
+    args=json_values,
+    hex_data=st.one_of(st.text(max_size=8), json_values),
+)
+def test_typed_path_agrees_on_variations_of_a_real_push(
+    block_num: Any, trx_seq: Any, action_seq: Any, authorization: Any, args: Any, hex_data: Any
+) -> None:
+    frame = fixture_json("data_seed.json")
+    frame["data"].update(block_num=block_num, global_action_seq=trx_seq)
+    frame["data"]["actions"][0].update(
+        global_action_seq=action_seq, authorization=authorization, data=args, hex_data=hex_data
+    )
+    _typed_path_agrees(json.dumps(frame))
 
 
 @given(st.text(max_size=80), st.integers(min_value=0, max_value=10_000))
