@@ -52,8 +52,8 @@ from .protocol import (
     Message,
     Refusal,
     Transaction,
+    action_parts,
     is_eos_name,
-    normalize,
     parse_frame,
     split_names,
     subscribe_message,
@@ -178,9 +178,9 @@ def transaction_events(
 ) -> list[Event]:
     """The events of a pushed transaction, less the actions already seen (a re-push)."""
     return [
-        factory.event(event.type, event.data, id=event.id, time=event.time)
-        for event in normalize(trx)
-        if not recent.seen(event.id)
+        factory.event(EVENT_TYPE, data, id=event_id, time=time)
+        for event_id, time, data in action_parts(trx)
+        if not recent.seen(event_id)
     ]
 
 
@@ -279,8 +279,8 @@ class EOSParkSource(Source):
                         refresh = heard + step
                         deadline = heard + stale_after
                         silence.deadline = min(deadline, ack_deadline) if pending else deadline
+                        backoff.healthy()  # it resets after a minute up: once a step will do
                     self._last_frame = time.time()
-                    backoff.healthy()
                     self.ctx.received(raw)
                     try:
                         msg = parse_frame(raw)
