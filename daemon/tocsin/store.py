@@ -157,6 +157,29 @@ def _delivery(row: tuple[Any, ...]) -> Delivery:
     return Delivery(*row)
 
 
+Waiter = concurrent.futures.Future[Any] | asyncio.Future[Any]
+"""Who waits for an operation: a thread (``submit``) or a task of an event loop (``call``)."""
+
+
+def _settle(future: Waiter, value: Any, error: BaseException | None) -> None:
+    # A caller cancelled while waiting has cancelled its future; the operation ran all
+    # the same, there is just nobody to tell.
+    if future.cancelled():
+        return
+    try:
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+        pass
+
+
+def _settle_all(items: list[tuple[Waiter, Any, BaseException | None]]) -> None:
+    for future, value, error in items:
+        _settle(future, value, error)
+
+
 class Store:
     """The state database; open with ``Store.open(state_dir)``, close with ``close()``."""
 
@@ -166,7 +189,7 @@ class Store:
         self.path = path
         self._batch = batch
         self._queue: queue.SimpleQueue[
-            tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]] | None
+            tuple[Callable[..., Any], tuple[Any, ...], Waiter] | None
         ] = queue.SimpleQueue()
         self._conn = self._connect(fsync)
         self.commits = 0
@@ -222,7 +245,7 @@ class Store:
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
-        results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        results: list[tuple[Waiter, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, args, future in batch:
@@ -247,18 +270,17 @@ class Store:
                 conn.execute("ROLLBACK")
             failure = StateError(f"state database write failed: {err}")
             results = [(future, None, failure) for _, _, future in batch]
+        # The event loop's waiters are told in one callback per loop and batch: one wake-up
+        # of the loop (a write to its self-pipe) instead of one per operation.
+        settle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for future, value, error in results:
-            # A caller cancelled while waiting has cancelled its future; the operation
-            # ran all the same, there is just nobody to tell.
-            if future.cancelled():
-                continue
-            try:
-                if error is None:
-                    future.set_result(value)
-                else:
-                    future.set_exception(error)
-            except concurrent.futures.InvalidStateError:
-                pass
+            if isinstance(future, asyncio.Future):
+                settle.setdefault(future.get_loop(), []).append((future, value, error))
+            else:
+                _settle(future, value, error)
+        for loop, items in settle.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle_all, items)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Queue ``fn(conn, *args)`` for the writer; the future resolves after the commit."""
@@ -271,7 +293,11 @@ class Store:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in the writer thread and wait for its commit."""
-        return await asyncio.wrap_future(self.submit(fn, *args))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if not self._thread.is_alive():
+            raise StateError("the state database is closed")
+        self._queue.put((fn, args, future))
+        return await future
 
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """The same, for code that has no event loop (the CLI)."""
