@@ -16,6 +16,8 @@ the match-rule runs are repeated ``--repeat`` times, interleaved, and the median
 - throughput: the daemon with 10 / 1,000 / 10,000 rules with distinct ``match`` values,
   and 1,000 ``when``-only rules, 1% of the frames matching, alerts POSTed to the
   receiver; events/s from the first frame sent to the last webhook received;
+- the event path alone: 1,000 match rules with only the first and the last frame matching,
+  so what the 1% of alerts cost (commit, delivery, the POST) is the gap to the 1% run;
 - latency at half the sustained rate (1,000 rules): frame sent -> webhook received;
 - backlog: the receiver answers 503 for a while at half load: RSS during the outage
   against steady state, and the drain rate once it answers again;
@@ -70,10 +72,12 @@ TARGETS = {
 class Generator:
     """``bench/generator.py`` in its own process."""
 
-    def __init__(self, frames: int, rate: int = 0, rules: int = 1000) -> None:
+    def __init__(
+        self, frames: int, rate: int = 0, rules: int = 1000, match_every: int = MATCH_EVERY
+    ) -> None:
         self.proc = subprocess.Popen(
             [PY, str(HERE / "generator.py"), "--frames", str(frames), "--rate", str(rate),
-             "--rules", str(max(rules, 1)), "--match-every", str(MATCH_EVERY)],
+             "--rules", str(max(rules, 1)), "--match-every", str(match_every)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -281,13 +285,16 @@ async def through_daemon(
     rate: int = 0,
     outage: tuple[float, float] | None = None,
     profile: Path | None = None,
+    match_every: int = MATCH_EVERY,
 ) -> dict[str, Any]:
     """One daemon run; ``outage`` = (seconds of steady state, seconds of 503s)."""
     receiver.reset()
-    expected = len(range(0, frames, MATCH_EVERY))
-    gen = Generator(frames, rate, rules)
+    expected = len(range(0, frames, match_every))
+    gen = Generator(frames, rate, rules, match_every)
     daemon = Daemon(work, config_text(gen.url, receiver.port, rules, when_only))
-    result: dict[str, Any] = {"rules": rules, "when_only": when_only, "frames": frames}
+    result: dict[str, Any] = {
+        "rules": rules, "when_only": when_only, "frames": frames, "alerts_expected": expected
+    }  # fmt: skip
     try:
         async with anyio.create_task_group() as tg:
             result["ready_s"] = await daemon.ready()
@@ -450,6 +457,7 @@ async def main(args: argparse.Namespace) -> None:
         # on a shared 2-core machine one run can be 30% off the next.
         floors: list[dict[str, Any]] = []
         hands: list[dict[str, Any]] = []
+        quiet: list[dict[str, Any]] = []
         runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
         plan = [(10, False, frames), (1000, False, frames), (10_000, False, frames)]
         for round_ in range(args.repeat):
@@ -465,10 +473,22 @@ async def main(args: argparse.Namespace) -> None:
                 run.pop("latencies_ms", None)
                 run.pop("latency_ms", None)
                 runs.setdefault((rules, when_only), []).append(run)
+            # The event path alone: 1,000 rules, only the first and the last frame match
+            # (the last one's webhook ends the run). The gap to the 1% run is what the
+            # alerts cost: commit, delivery, the POST.
+            print("  daemon, 1000 match rules, 2 alerts ...", flush=True)
+            run = await through_daemon(
+                work / f"quiet{round_}", receiver, frames, 1000, match_every=frames - 1
+            )
+            run.pop("latencies_ms", None)
+            run.pop("latency_ms", None)
+            quiet.append(run)
         results["floor"] = median_run(floors)
         results["floor"]["samples"] = [f["events_per_s"] for f in floors]
         results["handwritten"] = median_run(hands)
         results["handwritten"]["samples"] = [h["events_per_s"] for h in hands]
+        results["quiet"] = median_run(quiet)
+        results["quiet"]["samples"] = [q["events_per_s"] for q in quiet]
         results["throughput"] = []
         for group in runs.values():
             chosen = median_run(group)
@@ -510,6 +530,7 @@ async def main(args: argparse.Namespace) -> None:
         "floor_events_per_s": floor_rate,
         "throughput_1000_events_per_s": sustained,
         "throughput_1000_vs_floor": sustained / floor_rate,
+        "quiet_1000_vs_floor": results["quiet"]["events_per_s"] / floor_rate,
         "throughput_1000_vs_handwritten": sustained / results["handwritten"]["events_per_s"],
         "cpu_per_event_1000_vs_handwritten": by[(1000, False)]["cpu_us_per_event"]
         / results["handwritten"]["cpu_us_per_event"],
@@ -548,6 +569,12 @@ def report(results: dict[str, Any]) -> None:
         print(f"{name:<28}{r['events_per_s']:>11,.0f}{r['events_per_s'] / fl['events_per_s']:>9.0%}"
               f"{r.get('cpu_us_per_event', float('nan')):>9.1f}us"
               f"{r['peak_rss_kb'] / 1024:>8.0f}MB{r['ready_s']:>7.2f}s  {samples}")  # fmt: skip
+    q = results["quiet"]
+    print(
+        f"1,000 match rules, 2 alerts (the event path alone): {q['events_per_s']:,.0f} events/s"
+        f" = {s['quiet_1000_vs_floor']:.0%} of the floor, {q['cpu_us_per_event']:.1f} us CPU/event"
+        " (" + ", ".join(f"{x:,.0f}" for x in q.get("samples", [])) + ")"
+    )
     print(
         f"1,000 rules vs the hand-written loop: {s['throughput_1000_vs_handwritten']:.0%} of its"
         f" rate, {s['cpu_per_event_1000_vs_handwritten']:.2f}x its CPU per event"
