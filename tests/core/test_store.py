@@ -133,6 +133,23 @@ def test_a_failing_operation_does_not_take_the_batch_down(store: Store) -> None:
     assert store.call_sync(Store.counts)["alerts"] == 2
 
 
+def test_a_lone_failing_operation_is_rolled_back(store: Store) -> None:
+    """Waited for one by one, each operation is its own batch (no savepoint): what a failing
+    one wrote is undone all the same, its caller gets the error, and the next one commits."""
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        Store.commit_alerts(conn, [alert("written, then undone")])
+        raise ValueError("broke halfway")
+
+    with pytest.raises(ValueError, match="broke halfway"):
+        store.call_sync(half_done)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.call_sync(lambda conn: conn.execute("INSERT INTO alerts (id) VALUES ('x')"))
+    assert store.call_sync(Store.commit_alerts, [alert("ok")]) == ["hook"]
+    assert store.call_sync(Store.counts)["alerts"] == 1
+    assert store.failures == 0  # an operation's own error is not a failed transaction
+
+
 def test_closed_store_refuses(tmp_path: Path) -> None:
     s = Store.open(tmp_path)
     s.close()
