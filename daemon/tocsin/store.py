@@ -1,8 +1,10 @@
 """The state database: alerts (the dedup log), the outbox, cursors, rule state.
 
 One SQLite file in WAL mode. Every write goes through one writer thread that commits
-whatever has queued up in a single transaction (group commit); each operation runs in
-its own savepoint, so one failing operation never takes the others down with it.
+whatever has queued up in a single transaction (group commit); each operation of a batch
+runs in its own savepoint (a lone one in the transaction alone), so one failing operation
+never takes the others down with it. Event-loop callers (``call``) of one batch are woken
+together, with one callback.
 
 Outbox ordering: deliveries of one action and one group (rule + ``group_by`` key) go
 out in order. Exactly one pending delivery per (action, group) is the ``head``; only
