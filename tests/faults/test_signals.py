@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -101,9 +102,16 @@ async def test_sigterm_drains_the_events_already_received(
     await wait_for(lambda: emulator.subscribed, what="the subscription")
     traffic = Traffic(emulator)
     # Hold the engine on its first commit (the test has the write lock), so that the next
-    # events wait in the intake stream: received by the daemon, not yet evaluated.
+    # events wait in the intake stream: received by the daemon, not yet evaluated. The
+    # engine must have taken the first event alone before the others come: pushed
+    # together, two of them could reach one batch, and the intake would never hold five.
     state.lock()
-    for _ in range(6):
+    await traffic.push()
+    await wait_for(
+        lambda: any(re.search(r"intake 0 waiting, lag (?!0\.0s)", s) for s in notify.statuses()),
+        what="the engine held on its first commit (a lag of 0.1s or more)",
+    )
+    for _ in range(5):
         await traffic.push()
     await notify.wait_status("intake 5 waiting")
 
