@@ -460,6 +460,14 @@ async def main(args: argparse.Namespace) -> None:
         quiet: list[dict[str, Any]] = []
         runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
         plan = [(10, False, frames), (1000, False, frames), (10_000, False, frames)]
+
+        async def throughput(name: str, n: int, rules: int, **options: Any) -> dict[str, Any]:
+            """One throughput run, without the latency samples (measured at half load)."""
+            run = await through_daemon(work / name, receiver, n, rules, **options)
+            run.pop("latencies_ms", None)
+            run.pop("latency_ms", None)
+            return run
+
         for round_ in range(args.repeat):
             print(f"round {round_ + 1}/{args.repeat}: floor ...", flush=True)
             floors.append(await floor(frames))
@@ -467,22 +475,15 @@ async def main(args: argparse.Namespace) -> None:
             hands.append(await handwritten(receiver, frames))
             for rules, when_only, n in plan + ([(1000, True, max(2000, frames // 20))] if round_ == 0 else []):  # fmt: skip
                 print(f"  daemon, {rules} {'when-only' if when_only else 'match'} rules ...", flush=True)  # fmt: skip
-                run = await through_daemon(
-                    work / f"t{rules}{when_only}{round_}", receiver, n, rules, when_only=when_only
+                run = await throughput(
+                    f"t{rules}{when_only}{round_}", n, rules, when_only=when_only
                 )
-                run.pop("latencies_ms", None)
-                run.pop("latency_ms", None)
                 runs.setdefault((rules, when_only), []).append(run)
             # The event path alone: 1,000 rules, only the first and the last frame match
             # (the last one's webhook ends the run). The gap to the 1% run is what the
             # alerts cost: commit, delivery, the POST.
             print("  daemon, 1000 match rules, 2 alerts ...", flush=True)
-            run = await through_daemon(
-                work / f"quiet{round_}", receiver, frames, 1000, match_every=frames - 1
-            )
-            run.pop("latencies_ms", None)
-            run.pop("latency_ms", None)
-            quiet.append(run)
+            quiet.append(await throughput(f"quiet{round_}", frames, 1000, match_every=frames - 1))
         results["floor"] = median_run(floors)
         results["floor"]["samples"] = [f["events_per_s"] for f in floors]
         results["handwritten"] = median_run(hands)
