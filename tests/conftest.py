@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 
@@ -12,3 +16,24 @@ def anyio_backend() -> str:
 def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     # Third-party plugins installed on the machine must never leak into the suite.
     monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin")
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(certificate, key) of a self-signed certificate for 127.0.0.1 (openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is needed to make a self-signed certificate (apt-get install openssl)")
+    path = tmp_path_factory.mktemp("tls")
+    cert, key = path / "cert.pem", path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

@@ -6,7 +6,8 @@ The body is ``orjson.dumps(alert.payload())``; with a ``secret`` the request car
 can check a signature without this action.
 
 The URL may carry a token, so it is a ``Secret``: messages name only its origin
-(``scheme://host:port/``).
+(``scheme://host:port/``). Requests go through ``http1.Pool``: keep-alive connections, at
+most ``concurrency`` of them, redirects answered and never followed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from email.utils import parsedate_to_datetime
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from pydantic import ConfigDict, Field, field_validator
 
@@ -35,6 +35,8 @@ from tocsin import (
     Target,
     __version__,
 )
+
+from .http1 import InvalidURL, Pool
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,6 @@ RESERVED_HEADERS = frozenset(
 )
 
 _ERROR_BODY_CHARS = 200
-# Enough of a response to quote it; a success body is read up to this much so that a
-# small answer leaves the connection reusable, and a huge one cannot fill memory.
-_READ_LIMIT = 64 * 1024
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -182,26 +181,27 @@ class WebhookAction(Action):
         super().__init__(name, config)
         self.settings = config
         self._origin = origin(config.url.get())
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     def targets(self) -> list[Target]:
         """One target whose label shows the origin only (the URL may hold a token)."""
         return [Target("", f"{self.instance} ({self._origin})")]
 
     async def start(self) -> None:
-        """Open the HTTP session; its pool holds at most ``concurrency`` connections."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.settings.concurrency),
-                timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
+        """Make the connection pool: at most ``concurrency`` connections, kept alive."""
+        if self._pool is None:
+            self._pool = Pool(
+                self.settings.url.get(),
+                limit=self.settings.concurrency,
+                timeout=self.settings.timeout,
                 headers={"User-Agent": f"tocsin/{__version__}"},
             )
 
     async def aclose(self) -> None:
-        """Close the HTTP session and its connections."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        """Close the pool's connections."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
 
     def _headers(self, alert_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
         """The headers of the POST carrying ``body``: the user's, then the protocol's."""
@@ -218,8 +218,8 @@ class WebhookAction(Action):
 
     async def deliver(self, alert: Alert, target: str) -> None:
         """POST the alert; raise ``RetryableDelivery`` or ``PermanentDelivery`` on failure."""
-        session = self._session
-        if session is None:
+        pool = self._pool
+        if pool is None:
             raise RuntimeError(f"webhook action {self.instance!r}: start() was not awaited")
         try:
             body = orjson.dumps(alert.payload())
@@ -227,14 +227,8 @@ class WebhookAction(Action):
             raise PermanentDelivery(f"the alert cannot be encoded as JSON: {err}") from err
         headers = self._headers(alert.id, body)
         try:
-            async with session.post(
-                self.settings.url.get(), data=body, headers=headers, allow_redirects=False
-            ) as resp:
-                status = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                excerpt = await resp.content.read(_READ_LIMIT)
-        except aiohttp.InvalidURL:
-            # Its message quotes the whole URL, token included: do not chain it.
+            answer = await pool.post(body, headers)  # redirects are answers, not followed
+        except InvalidURL:
             raise PermanentDelivery(
                 f"the url of webhook action {self.instance!r} is invalid"
             ) from None
@@ -242,11 +236,11 @@ class WebhookAction(Action):
             raise RetryableDelivery(
                 f"the webhook at {self._origin} did not answer within {self.settings.timeout:g}s"
             ) from err
-        except (aiohttp.ClientError, OSError) as err:
+        except OSError as err:
             raise RetryableDelivery(
                 f"cannot reach the webhook at {self._origin}: {self._describe(err)}"
             ) from err
-        self._judge(status, retry_after, excerpt)
+        self._judge(answer.status, parse_retry_after(answer.retry_after), answer.body)
 
     def _judge(self, status: int, retry_after: float | None, body: bytes) -> None:
         """Return on 2xx, else raise the delivery error ``status`` calls for."""

@@ -212,11 +212,19 @@ async def test_deliver_before_start_is_a_programming_error(alert: Alert) -> None
     await action.aclose()  # harmless without start()
 
 
-async def test_pool_is_bounded_by_concurrency(make: Callable[..., Any]) -> None:
-    action = await make("http://127.0.0.1:9/", concurrency=3)
-    assert action._session is not None
-    assert action._session.connector is not None
-    assert action._session.connector.limit == 3
+async def test_pool_is_bounded_by_concurrency(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    receiver.respond(hang=True)
+    action = await make(receiver.url(), concurrency=2)
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(action.deliver, alert, "")
+        await receiver.wait_for_requests(2)
+        assert action._pool is not None and action._pool.connections == 2
+        receiver.release()
+    assert len(receiver.requests) == 3
+    assert action._pool.connections <= 2
 
 
 # --- secrets ----------------------------------------------------------------------------
