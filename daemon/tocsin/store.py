@@ -194,7 +194,6 @@ class Store:
             tuple[Callable[..., Any], tuple[Any, ...], Waiter] | None
         ] = queue.SimpleQueue()
         self._conn = self._connect(fsync)
-        self.commits = 0
         self.failures = 0
         self.last_error = ""
         self._thread = threading.Thread(target=self._writer, name="tocsin-store", daemon=True)
@@ -272,7 +271,6 @@ class Store:
                     results.append((future, None, err))
             if conn.in_transaction:
                 conn.execute("COMMIT")
-                self.commits += 1
         except sqlite3.Error as err:
             # The whole transaction is lost (disk full, I/O error): every caller is told.
             self.failures += 1
