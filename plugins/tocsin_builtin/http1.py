@@ -164,6 +164,12 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None or self._waiter.done():
+            # An answer nobody asked for: what comes next on this connection cannot be
+            # matched to a request any more.
+            self.close()
+
     def on_status(self, status: bytes) -> None:
         self._count(len(status))
 

@@ -194,6 +194,17 @@ async def test_chunked_bodies_and_retry_after_are_read(
     assert server.connections == 1
 
 
+async def test_an_answer_nobody_asked_for_drops_the_connection(
+    server: Server, make: Callable[..., Pool]
+) -> None:
+    pool = make()
+    server.script = [NO_CONTENT + b"HTTP/1.1 500 Stray\r\nContent-Length: 0\r\n\r\n"]
+    assert await pool.post(b"1", {}) == Answer(204, None, b"")
+    await until(lambda: pool.connections == 0)
+    assert await pool.post(b"2", {}) == Answer(204, None, b"")
+    assert server.connections == 2
+
+
 async def test_a_body_ended_by_the_close_is_complete(
     server: Server, make: Callable[..., Pool]
 ) -> None:
