@@ -1,14 +1,16 @@
 """``make bench``: tocsin's throughput and latency against the raw floor, in one run.
 
-    python bench/run.py [--frames 40000] [--repeat 3] [--no-profile]
+    python bench/run.py [--frames 40000] [--repeat 5] [--no-profile]
 
 Everything runs on 127.0.0.1, each part in its own process: the generator
 (``bench/generator.py``, the EOSPark emulator pushing pre-encoded ~500-byte frames), the
 client under test (``bench/floor.py``, or ``tocsin run`` as a user runs it), and this
 process, which holds a real webhook receiver (aiohttp) and watches the others.
 
-Measured, each as a ratio to the floor of the same run where it applies (the floor and
-the match-rule runs are repeated ``--repeat`` times, interleaved, and the median kept):
+Measured, each as a ratio to the floor of the same run where it applies. The floor and
+the match-rule runs are repeated ``--repeat`` times, interleaved, and the median kept;
+the ratios to the floor are taken round by round (the floor and the 1,000-rule run side
+by side, in turn first) and their median kept, since a shared host's speed drifts:
 
 - floor: a plain websockets + ``parse_json`` loop receiving the same frames;
 - hand-written: the floor plus one rule checked by hand and an aiohttp POST per match
@@ -468,22 +470,37 @@ async def main(args: argparse.Namespace) -> None:
             run.pop("latency_ms", None)
             return run
 
+        async def match_run(round_: int, rules: int, when_only: bool, n: int) -> None:
+            print(f"  daemon, {rules} {'when-only' if when_only else 'match'} rules ...", flush=True)  # fmt: skip
+            run = await throughput(f"t{rules}{when_only}{round_}", n, rules, when_only=when_only)
+            runs.setdefault((rules, when_only), []).append(run)
+
         for round_ in range(args.repeat):
-            print(f"round {round_ + 1}/{args.repeat}: floor ...", flush=True)
-            floors.append(await floor(frames))
-            print("  hand-written loop ...", flush=True)
-            hands.append(await handwritten(receiver, frames))
-            for rules, when_only, n in plan + ([(1000, True, max(2000, frames // 20))] if round_ == 0 else []):  # fmt: skip
-                print(f"  daemon, {rules} {'when-only' if when_only else 'match'} rules ...", flush=True)  # fmt: skip
-                run = await throughput(
-                    f"t{rules}{when_only}{round_}", n, rules, when_only=when_only
-                )
-                runs.setdefault((rules, when_only), []).append(run)
+            print(f"round {round_ + 1}/{args.repeat}:", flush=True)
+            # The floor and the 1,000-rule run side by side, in turn first: the machine's
+            # speed drifts (a shared host), and each round's ratio is taken within it.
+            for first in [True, False] if round_ % 2 == 0 else [False, True]:
+                if first:
+                    print("  floor ...", flush=True)
+                    floors.append(await floor(frames))
+                else:
+                    await match_run(round_, 1000, False, frames)
             # The event path alone: 1,000 rules, only the first and the last frame match
             # (the last one's webhook ends the run). The gap to the 1% run is what the
             # alerts cost: commit, delivery, the POST.
             print("  daemon, 1000 match rules, 2 alerts ...", flush=True)
             quiet.append(await throughput(f"quiet{round_}", frames, 1000, match_every=frames - 1))
+            print("  hand-written loop ...", flush=True)
+            hands.append(await handwritten(receiver, frames))
+            for rules, when_only, n in plan + ([(1000, True, max(2000, frames // 20))] if round_ == 0 else []):  # fmt: skip
+                if (rules, when_only) != (1000, False):
+                    await match_run(round_, rules, when_only, n)
+        paired = {
+            "throughput_1000": [r["events_per_s"] / f["events_per_s"] for r, f in zip(runs[(1000, False)], floors, strict=True)],
+            "quiet_1000": [q["events_per_s"] / f["events_per_s"] for q, f in zip(quiet, floors, strict=True)],
+            "throughput_1000_vs_handwritten": [r["events_per_s"] / h["events_per_s"] for r, h in zip(runs[(1000, False)], hands, strict=True)],
+        }  # fmt: skip
+        results["paired_ratios"] = paired
         results["floor"] = median_run(floors)
         results["floor"]["samples"] = [f["events_per_s"] for f in floors]
         results["handwritten"] = median_run(hands)
@@ -530,9 +547,12 @@ async def main(args: argparse.Namespace) -> None:
     summary = {
         "floor_events_per_s": floor_rate,
         "throughput_1000_events_per_s": sustained,
-        "throughput_1000_vs_floor": sustained / floor_rate,
-        "quiet_1000_vs_floor": results["quiet"]["events_per_s"] / floor_rate,
-        "throughput_1000_vs_handwritten": sustained / results["handwritten"]["events_per_s"],
+        # Each ratio is the median of the rounds' own ratios (see the loop above).
+        "throughput_1000_vs_floor": statistics.median(paired["throughput_1000"]),
+        "quiet_1000_vs_floor": statistics.median(paired["quiet_1000"]),
+        "throughput_1000_vs_handwritten": statistics.median(
+            paired["throughput_1000_vs_handwritten"]
+        ),
         "cpu_per_event_1000_vs_handwritten": by[(1000, False)]["cpu_us_per_event"]
         / results["handwritten"]["cpu_us_per_event"],
         "rules_10000_vs_10": by[(10_000, False)]["events_per_s"] / by[(10, False)]["events_per_s"],
@@ -570,6 +590,12 @@ def report(results: dict[str, Any]) -> None:
         print(f"{name:<28}{r['events_per_s']:>11,.0f}{r['events_per_s'] / fl['events_per_s']:>9.0%}"
               f"{r.get('cpu_us_per_event', float('nan')):>9.1f}us"
               f"{r['peak_rss_kb'] / 1024:>8.0f}MB{r['ready_s']:>7.2f}s  {samples}")  # fmt: skip
+    pr = results["paired_ratios"]
+    print(
+        "1,000 match rules / floor, round by round: "
+        + ", ".join(f"{x:.0%}" for x in pr["throughput_1000"])
+        + f" (median {s['throughput_1000_vs_floor']:.0%})"
+    )
     q = results["quiet"]
     print(
         f"1,000 match rules, 2 alerts (the event path alone): {q['events_per_s']:,.0f} events/s"
@@ -602,6 +628,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=int, default=8, help="length of the latency run")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy run")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="rounds of floor and match runs (medians kept)"
+        "--repeat", type=int, default=5, help="rounds of floor and match runs (medians kept)"
     )
     anyio.run(main, parser.parse_args())
