@@ -20,7 +20,8 @@ by side, in turn first) and their median kept, since a shared host's speed drift
   receiver; events/s from the first frame sent to the last webhook received;
 - the event path alone: 1,000 match rules with only the first and the last frame matching,
   so what the 1% of alerts cost (commit, delivery, the POST) is the gap to the 1% run;
-- latency at half the sustained rate (1,000 rules): frame sent -> webhook received;
+- latency at half the sustained rate (1,000 rules): frame sent -> webhook received, three
+  runs, the one with the median p99 kept;
 - backlog: the receiver answers 503 for a while at half load: RSS during the outage
   against steady state, and the drain rate once it answers again;
 - start-up: spawn to ``READY=1`` (systemd notify protocol) with 10,000 rules;
@@ -516,11 +517,19 @@ async def main(args: argparse.Namespace) -> None:
         by = {(r["rules"], r["when_only"]): r for r in results["throughput"]}
         sustained = by[(1000, False)]["events_per_s"]
         rate = int(sustained / 2)
-        print(f"latency at {rate}/s ...", flush=True)
-        results["latency"] = await through_daemon(
-            work / "lat", receiver, rate * args.seconds, 1000, rate=rate
-        )
+        # Three runs, the one with the median p99 kept: one slow spell of a shared host
+        # can put a single run's p99 anywhere.
+        latency = []
+        for i in range(3):
+            print(f"latency at {rate}/s ({i + 1}/3) ...", flush=True)
+            run = await through_daemon(
+                work / f"lat{i}", receiver, rate * args.seconds, 1000, rate=rate
+            )
+            latency.append(run)
+        latency.sort(key=lambda r: r["latency_ms"]["p99"])
+        results["latency"] = latency[1]
         results["latency"]["rate"] = rate
+        results["latency"]["p99_samples"] = [r["latency_ms"]["p99"] for r in latency]
         print("backlog ...", flush=True)
         results["backlog"] = await through_daemon(
             work / "backlog",
@@ -607,8 +616,10 @@ def report(results: dict[str, Any]) -> None:
         f" rate, {s['cpu_per_event_1000_vs_handwritten']:.2f}x its CPU per event"
     )
     lat = results["latency"]["latency_ms"]
+    p99s = ", ".join(f"{x:.1f}" for x in results["latency"].get("p99_samples", []))
     print(
         f"latency at {results['latency']['rate']:,}/s: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms"
+        f" (the run with the median p99 of {p99s})"
     )
     b = results["backlog"]
     print(f"backlog: {b['backlog_at_return']} alerts waiting; RSS {b['steady_rss_kb'] / 1024:.0f} MB steady,"
