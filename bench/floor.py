@@ -3,8 +3,10 @@
     python bench/floor.py ws://127.0.0.1:PORT/v1/ws FRAMES
 
 Connects to the generator like the EOSPark source does (API key header, one subscribe),
-then receives and decodes frames with ``tocsin.parse_json`` (what the daemon's EOSPark
-plugin decodes with) until ``FRAMES`` data frames have arrived. Prints ``{"frames": n,
+then receives and decodes frames with ``tocsin.parse_json`` (orjson: the daemon's generic
+decoder; its EOSPark plugin decodes data pushes into typed msgspec structs, and the README
+says why the floor keeps the generic one) until ``FRAMES`` data frames have arrived.
+Prints ``{"frames": n,
 "t1": monotonic time of the last one, "cpu": seconds of CPU}``.
 """
 

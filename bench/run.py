@@ -509,7 +509,7 @@ async def main(args: argparse.Namespace) -> None:
         results["quiet"] = median_run(quiet)
         results["quiet"]["samples"] = [q["events_per_s"] for q in quiet]
         results["throughput"] = []
-        for group in runs.values():
+        for _, group in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             chosen = median_run(group)
             chosen["samples"] = [r["events_per_s"] for r in group]
             chosen["ready_samples"] = [r["ready_s"] for r in group]
