@@ -442,10 +442,8 @@ class TLSEmulator(EOSParkEmulator):
 
 
 @pytest.fixture
-async def tls_emulator(self_signed: tuple[Path, Path]) -> AsyncIterator[TLSEmulator]:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*self_signed)
-    async with TLSEmulator(context) as emulator:
+async def tls_emulator(server_tls: ssl.SSLContext) -> AsyncIterator[TLSEmulator]:
+    async with TLSEmulator(server_tls) as emulator:
         yield emulator
 
 

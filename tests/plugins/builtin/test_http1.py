@@ -294,10 +294,8 @@ async def test_a_cancelled_request_closes_its_connection(
 
 
 @pytest.fixture
-async def tls_server(self_signed: tuple[Path, Path]) -> AsyncIterator[Server]:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*self_signed)
-    async with Server(context) as running:
+async def tls_server(server_tls: ssl.SSLContext) -> AsyncIterator[Server]:
+    async with Server(server_tls) as running:
         yield running
 
 
