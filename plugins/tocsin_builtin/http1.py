@@ -274,12 +274,15 @@ class Pool:
                 self._tls = ssl.create_default_context()
             tls = self._tls
         loop = asyncio.get_running_loop()
+        # Happy Eyeballs (RFC 8305), as aiohttp does: a name with a dead IPv6 route still
+        # connects over IPv4 within a quarter second instead of waiting out the timeout.
         _, conn = await loop.create_connection(
             _Connection,
             origin.host,
             origin.port,
             ssl=tls,
             server_hostname=origin.host if tls else None,
+            happy_eyeballs_delay=0.25,
         )
         return conn
 

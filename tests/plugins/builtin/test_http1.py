@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -288,6 +290,36 @@ async def test_a_cancelled_request_closes_its_connection(
         await task
     assert pool.connections == 0
     await until(lambda: server.hung_up == 1)
+
+
+async def test_a_dead_address_of_the_name_does_not_hold_up_the_others(
+    server: Server, make: Callable[..., Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "dual.test" resolves to an IPv6 address that never answers (a listener whose
+    # accept queue is full drops every new SYN) and then to the server on IPv4.
+    with socket.socket(socket.AF_INET6) as dead, socket.socket(socket.AF_INET6) as filler:
+        try:
+            dead.bind(("::1", 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+        dead.listen(0)
+        filler.connect(dead.getsockname())  # fills the queue: nobody ever accepts
+        loop = asyncio.get_running_loop()
+        answers = [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", dead.getsockname()),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port)),
+        ]
+
+        async def resolve(host: str, *args: object, **kwargs: object) -> list[Any]:
+            assert host == "dual.test"
+            return answers
+
+        monkeypatch.setattr(loop, "getaddrinfo", resolve)
+        started = time.monotonic()
+        pool = make(f"http://dual.test:{server.port}/hook", timeout=5.0)
+        assert await pool.post(b"x", {}) == Answer(204, None, b"")
+        assert time.monotonic() - started < 2.0  # not the SYN retries to the dead one
+        assert server.requests[0].startswith(b"POST /hook HTTP/1.1\r\nHost: dual.test:")
 
 
 # -- TLS -------------------------------------------------------------------------------
