@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import blake2b
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import msgspec
 
@@ -309,15 +309,6 @@ def _action(raw: object) -> Action:
 # -- normalization ---------------------------------------------------------------------
 
 
-class ActionEvent(NamedTuple):
-    """What one action becomes: an event's ``type``, ``id``, ``time`` and ``data``."""
-
-    type: str
-    id: str
-    time: str
-    data: dict[str, Any]
-
-
 def action_id(trx_id: str, action_index: int) -> str:
     """An action is its transaction and its place in it: stable across re-sends.
 
@@ -346,14 +337,9 @@ def event_time(trx_timestamp: str) -> str:
     )
 
 
-def normalize(trx: Transaction) -> list[ActionEvent]:
-    """One ``action`` event per action of ``trx`` (SPEC section 4)."""
-    return [ActionEvent(EVENT_TYPE, *parts) for parts in action_parts(trx)]
-
-
 def action_parts(trx: Transaction) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(id, time, data)`` of each action's event: ``normalize`` without the named tuple,
-    for the live loop (one fewer object per event)."""
+    """``(id, time, data)`` of the ``action`` event of each action of ``trx`` (SPEC
+    section 4); ``source.transaction_events`` builds the events."""
     trx_id, block_num, trx_timestamp = trx.trx_id, trx.block_num, trx.trx_timestamp
     time = event_time(trx_timestamp)
     out = []

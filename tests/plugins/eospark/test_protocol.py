@@ -20,14 +20,15 @@ from tocsin_eospark.protocol import (
     checked_frame,
     event_time,
     is_eos_name,
-    normalize,
     parse_frame,
     split_names,
     subscribe_message,
     unsubscribe_message,
 )
+from tocsin_eospark.source import transaction_events
 
-from tocsin import RecentIds, stable_id
+from tocsin import Event, RecentIds, stable_id
+from tocsin.testing import RecordingContext
 
 from .conftest import fixture_json, fixture_text
 
@@ -66,10 +67,15 @@ def test_auth_refusals() -> None:
     assert parse_frame('{"errno":"403","msg_type":"auth","errmsg":"Forbidden"}') == forbidden
 
 
+def events_of(trx: Transaction) -> list[Event]:
+    """The events the live loop makes of ``trx``, with nothing seen before."""
+    return transaction_events(trx, RecentIds(), RecordingContext("eos", "eospark"))
+
+
 def test_seed_push_becomes_one_action_event() -> None:
     trx = parse_frame(fixture_text("data_seed.json").encode())  # bytes work as well as str
     assert isinstance(trx, Transaction)
-    (event,) = normalize(trx)
+    (event,) = events_of(trx)
     assert event.type == "action"
     assert event.id == action_id(SEED_TRX, 0)
     assert event.time == "2018-11-06T06:30:50.000Z"
@@ -92,7 +98,7 @@ def test_multi_action_push_one_event_per_action_with_stable_ids() -> None:
     text = fixture_text("data_multi_action.json")
     first = parse_frame(text)
     assert isinstance(first, Transaction)
-    events = normalize(first)
+    events = events_of(first)
     assert [(e.data["contract"], e.data["action"]) for e in events] == [
         ("eosio", "buyrambytes"),
         ("eosio.token", "transfer"),
@@ -105,7 +111,7 @@ def test_multi_action_push_one_event_per_action_with_stable_ids() -> None:
     # The same push again (a duplicate, a reconnect, a restart) gives the same ids.
     again = parse_frame(json.dumps(json.loads(text), indent=2))
     assert isinstance(again, Transaction)
-    assert [e.id for e in normalize(again)] == [e.id for e in events]
+    assert [e.id for e in events_of(again)] == [e.id for e in events]
 
 
 def test_action_level_global_action_seq_wins() -> None:
@@ -113,7 +119,7 @@ def test_action_level_global_action_seq_wins() -> None:
     frame["data"]["actions"][1]["global_action_seq"] = 3120730089
     trx = parse_frame(json.dumps(frame))
     assert isinstance(trx, Transaction)
-    assert [e.data["global_action_seq"] for e in normalize(trx)] == [
+    assert [e.data["global_action_seq"] for e in events_of(trx)] == [
         3120730087,
         3120730089,
         3120730087,
@@ -127,7 +133,7 @@ def test_tolerated_variations() -> None:
     del frame["data"]["actions"][0]["hex_data"]
     trx = parse_frame(json.dumps(frame))
     assert isinstance(trx, Transaction)
-    (event,) = normalize(trx)
+    (event,) = events_of(trx)
     assert event.data["block_num"] == 25477790
     assert event.data["authorization"] == []
     assert event.data["hex_data"] == ""
@@ -229,7 +235,7 @@ def _parses_or_value_error(raw: str | bytes) -> Message | None:
     except ValueError:
         return None
     if isinstance(msg, Transaction):
-        for event in normalize(msg):  # normalizing what parsed never raises either
+        for event in events_of(msg):  # making events of what parsed never raises either
             json.dumps(event.data)
     return msg
 
