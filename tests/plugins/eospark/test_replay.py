@@ -10,6 +10,7 @@ from tocsin_eospark import EOSParkEmulator, EOSParkSource
 from tocsin_eospark.emulator import action, transaction, transfer
 from tocsin_eospark.protocol import heartbeat_frame
 
+from support import replay_frames
 from tocsin import Event
 from tocsin.testing import RecordingContext
 
@@ -26,14 +27,8 @@ def replay(frames: list[str | bytes]) -> tuple[list[Event], int]:
     factory = RecordingContext("eos", "eospark")
     parse = EOSParkSource.frame_parser(make_config(), factory)
     assert parse is not None
-    events: list[Event] = []
-    bad = 0
-    for frame in frames:
-        try:
-            events.extend(parse(frame))
-        except ValueError:
-            bad += 1
-    return events, bad
+    events, malformed = replay_frames(parse, frames)
+    return events, len(malformed)
 
 
 async def test_recorded_frames_replay_into_the_live_events(emulator: EOSParkEmulator) -> None:
