@@ -333,7 +333,7 @@ class Daemon:
         delay = 0.1
         while True:
             try:
-                woken = await self.store.call(Store.commit_alerts, rows, cursors, state)
+                ready = await self.store.call(Store.commit_alerts, rows, cursors, state)
                 break
             except StateError as err:
                 # Intake pauses (the stream fills and sources wait) until the disk takes it.
@@ -342,7 +342,7 @@ class Daemon:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         self.paused = ""
-        self.dispatcher.wake(woken)
+        self.dispatcher.offer(ready)
 
     def _targets(self, name: str) -> list[Target]:
         try:
@@ -460,8 +460,7 @@ class Daemon:
                 runner.scope.cancel()
         if self._send is not None:
             await self._send.aclose()  # the engine loop drains what is buffered, then ends
-        self.dispatcher.stopping = True
-        self.dispatcher.wake(list(self.actions))
+        self.dispatcher.stop()
         with anyio.move_on_after(self.config.daemon.drain_timeout) as drain:
             # Events already received are evaluated and their alerts committed (delivered
             # at the next start if not now), then in-flight deliveries finish.

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -132,6 +132,15 @@ class Delivery:
     @property
     def state_name(self) -> str:
         return STATE_NAMES[self.state]
+
+
+class Ready(NamedTuple):
+    """What ``fetch_ready`` read: due heads, when the next retry falls due, and the
+    newest outbox entry it could see."""
+
+    deliveries: list[Delivery]
+    next_due: float | None
+    newest: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,27 +336,21 @@ class Store:
         alerts: Iterable[NewAlert],
         cursors: Iterable[tuple[str, str, str]] = (),
         rule_state: Iterable[tuple[str, str, str | None]] = (),
-    ) -> list[str]:
+    ) -> list[Delivery]:
         """Insert new alerts and their deliveries; an alert id seen before is skipped.
 
-        Returns the actions that got new deliveries. ``cursors`` (source, key, value) are
-        saved in the same transaction, after the alerts.
+        Returns the new deliveries that are due at once (the head of their group), for
+        the dispatcher. ``cursors`` (source, key, value) are saved in the same
+        transaction, after the alerts.
         """
         now = time.time()
-        woken: set[str] = set()
+        ready: list[Delivery] = []
         for alert in alerts:
+            payload = orjson.dumps(alert.payload)
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO alerts (id, rule, event_id, status, grp, created_at, payload)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    alert.id,
-                    alert.rule,
-                    alert.event_id,
-                    alert.status,
-                    alert.group,
-                    now,
-                    orjson.dumps(alert.payload),
-                ),
+                (alert.id, alert.rule, alert.event_id, alert.status, alert.group, now, payload),
             ).rowcount
             if not inserted:
                 continue
@@ -359,13 +362,29 @@ class Store:
                     (alert.rule, alert.event_id, now),
                 )
             for action, target, label in alert.deliveries:
-                busy = conn.execute(_GROUP_BUSY, (action, alert.group)).fetchone()
-                conn.execute(
+                head = conn.execute(_GROUP_BUSY, (action, alert.group)).fetchone() is None
+                cursor = conn.execute(
                     "INSERT OR IGNORE INTO outbox (alert_id, action, target, label, grp, head,"
                     " created_at, due_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (alert.id, action, target, label, alert.group, 0 if busy else 1, now, now, now),
+                    (alert.id, action, target, label, alert.group, head, now, now, now),
                 )
-                woken.add(action)
+                if head and cursor.rowcount:
+                    ready.append(
+                        Delivery(
+                            cursor.lastrowid or 0,
+                            alert.id,
+                            action,
+                            target,
+                            label,
+                            alert.group,
+                            PENDING,
+                            0,
+                            now,
+                            now,
+                            "",
+                            payload,
+                        )
+                    )
         for rule, key, value in rule_state:
             if value is None:
                 conn.execute("DELETE FROM rule_state WHERE rule = ? AND key = ?", (rule, key))
@@ -381,13 +400,12 @@ class Store:
                 " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 (source, key, value, now),
             )
-        return sorted(woken)
+        return ready
 
     @staticmethod
-    def fetch_ready(
-        conn: sqlite3.Connection, action: str, now: float, limit: int
-    ) -> tuple[list[Delivery], float | None]:
-        """Due heads of ``action`` (at most ``limit``), and when the next one falls due."""
+    def fetch_ready(conn: sqlite3.Connection, action: str, now: float, limit: int) -> Ready:
+        """Due heads of ``action`` (at most ``limit``), when the next one falls due, and
+        the newest outbox entry (of any action) at the time."""
         rows = conn.execute(
             f"SELECT {_DELIVERY_COLUMNS} FROM outbox o JOIN alerts a ON a.id = o.alert_id"
             " WHERE o.action = ? AND o.head = 1 AND o.state = 0 AND o.due_at <= ?"
@@ -398,29 +416,35 @@ class Store:
             "SELECT MIN(due_at) FROM outbox WHERE action = ? AND head = 1 AND state = 0 AND due_at > ?",
             (action, now),
         ).fetchone()
-        return [_delivery(r) for r in rows], next_due
+        (newest,) = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()
+        return Ready([_delivery(r) for r in rows], next_due, newest or 0)
 
     @staticmethod
-    def finish(conn: sqlite3.Connection, seq: int, state: int, error: str = "") -> None:
-        """Mark a delivery done or dead, and promote the next of its group to head."""
+    def finish(conn: sqlite3.Connection, seq: int, state: int, error: str = "") -> bool:
+        """Mark a delivery done or dead, and promote the next of its group to head.
+
+        Returns whether one was promoted."""
         row = conn.execute("SELECT action, grp FROM outbox WHERE seq = ?", (seq,)).fetchone()
         if row is None:
-            return
+            return False
         conn.execute(
             "UPDATE outbox SET state = ?, head = 0, attempts = attempts + 1, updated_at = ?,"
             " last_error = ? WHERE seq = ?",
             (state, time.time(), error[:1000], seq),
         )
-        Store._promote(conn, row[0], row[1])
+        return Store._promote(conn, row[0], row[1])
 
     @staticmethod
-    def _promote(conn: sqlite3.Connection, action: str, group: str) -> None:
+    def _promote(conn: sqlite3.Connection, action: str, group: str) -> bool:
         if conn.execute(_GROUP_BUSY, (action, group)).fetchone():
-            return
-        conn.execute(
-            "UPDATE outbox SET head = 1 WHERE seq = (SELECT seq FROM outbox"
-            " WHERE action = ? AND grp = ? AND state = 0 ORDER BY seq LIMIT 1)",
-            (action, group),
+            return False
+        return (
+            conn.execute(
+                "UPDATE outbox SET head = 1 WHERE seq = (SELECT seq FROM outbox"
+                " WHERE action = ? AND grp = ? AND state = 0 ORDER BY seq LIMIT 1)",
+                (action, group),
+            ).rowcount
+            > 0
         )
 
     @staticmethod

@@ -468,7 +468,7 @@ def test_outbox_lists_a_readable_table(tmp_path: Path) -> None:
                     )
                 ],
             )
-        (first,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 1)[0]
+        (first,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 1).deliveries
         store.call_sync(Store.reschedule, first.seq, time.time() + 90, "HTTP 503")
         third = store.call_sync(Store.list_deliveries, [0])[2]
         store.call_sync(Store.finish, third.seq, DEAD, "HTTP 400: " + "x" * 300)

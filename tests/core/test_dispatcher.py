@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
+import anyio
 import pytest
 
 from support import PushServer, Receiver, running, wait_for, write_config
-from tocsin import RetryPolicy
+from tocsin import RetryPolicy, dispatcher
 from tocsin.dispatcher import backoff_delay, next_step
+from tocsin.store import Delivery, Ready, Store
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
@@ -78,3 +81,170 @@ group_by = ["n"]
             assert stuck.requests == []
             hang.set()
             await wait_for(lambda: len(stuck.ok()) == 50, what="the stuck action to catch up")
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No timed poll of the outbox; the actions whose outbox the dispatcher read, in order."""
+    monkeypatch.setattr(dispatcher, "POLL_INTERVAL", 3600.0)
+    seen: list[str] = []
+    fetch = Store.fetch_ready
+
+    def counted(conn: sqlite3.Connection, action: str, now: float, limit: int) -> Ready:
+        seen.append(action)
+        return fetch(conn, action, now, limit)
+
+    monkeypatch.setattr(Store, "fetch_ready", staticmethod(counted))
+    return seen
+
+
+def lane_config(server: PushServer, receiver: Receiver, concurrency: int) -> str:
+    return f"""
+[daemon]
+state_dir = "state"
+drain_timeout = "100ms"
+[sources.feed]
+plugin = "testpush"
+url = "{server.url}"
+token = {{ env = "PUSH_TOKEN" }}
+[actions.hook]
+plugin = "webhook"
+url = "{receiver.url()}"
+concurrency = {concurrency}
+retry = {{ attempts = 20, backoff = "10ms", max_backoff = "20ms" }}
+[[rules]]
+name = "each"
+type = "transfer"
+group_by = ["g"]
+"""
+
+
+def delivered(receiver: Receiver) -> list[tuple[int, int]]:
+    """(group, n) of each alert the receiver took, in arrival order."""
+    out = []
+    for request in receiver.ok():
+        data = request.json()["event"]["data"]
+        out.append((data["g"], data["n"]))
+    return out
+
+
+async def test_a_commit_hands_fresh_alerts_to_the_workers(tmp_path: Path, reads: list[str]) -> None:
+    async with PushServer(token="tok-abcdef") as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", lane_config(server, receiver, 4))
+        async with running(path):
+            await wait_for(lambda: server.clients and reads == ["hook"], what="the read at start")
+            for n in range(30):
+                await server.push({"id": f"e{n}", "type": "transfer", "data": {"g": n, "n": n}})
+            await wait_for(lambda: len(receiver.ok()) == 30, what="all 30 alerts")
+            # one group each, so every alert was the head of its group when committed
+            assert reads == ["hook"], "a fresh alert was read back from the outbox"
+            # a failed try is read back from the disk when its retry falls due
+            receiver.script = [500]
+            await server.push({"id": "e30", "type": "transfer", "data": {"g": 30, "n": 30}})
+            await wait_for(lambda: len(receiver.ok()) == 31, what="the retried alert")
+            assert [r.status for r in receiver.requests[30:]] == [500, 200]
+            assert len(reads) > 1
+
+
+async def test_a_backlog_beyond_the_queue_waits_on_disk(
+    tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatcher, "QUEUE_LIMIT", 3)
+    hang = asyncio.Event()
+    async with PushServer(token="tok-abcdef") as server, Receiver(hang=hang) as receiver:
+        path = write_config(tmp_path / "t.toml", lane_config(server, receiver, 2))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            for n in range(40):
+                await server.push({"id": f"e{n}", "type": "transfer", "data": {"g": n, "n": n}})
+            with anyio.fail_after(10):
+                while (await daemon.store.call(Store.counts))["pending"] < 40:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            await wait_for(lambda: daemon.dispatcher.inflight == 2, what="2 in flight")
+            assert len(daemon.dispatcher.lanes["hook"].queued) == 3  # the other 35: on disk
+            hang.set()
+            # read again each time the queue runs low
+            await wait_for(lambda: len(receiver.ok()) == 40, what="all 40 alerts")
+        assert sorted(n for _, n in delivered(receiver)) == list(range(40))
+
+
+async def test_overflow_retries_and_groups_go_through_the_disk(
+    tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no timed poll and a queue of 3, a stuck receiver's backlog waits on disk; once
+    it answers, the lane reads the disk as retries fall due and as a finished delivery
+    lets the next of its group go: each alert arrives once, in order within its group."""
+    monkeypatch.setattr(dispatcher, "QUEUE_LIMIT", 3)
+    hang = asyncio.Event()
+    async with (
+        PushServer(token="tok-abcdef") as server,
+        Receiver(script=[500, 503, 500, 500, 503], hang=hang) as receiver,
+    ):
+        path = write_config(tmp_path / "t.toml", lane_config(server, receiver, 2))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            for n in range(80):
+                await server.push({"id": f"e{n}", "type": "transfer", "data": {"g": n % 8, "n": n}})
+            await wait_for(lambda: daemon.engine.stats.alerts == 80, what="80 alerts made")
+            await wait_for(lambda: daemon.dispatcher.inflight == 2, what="2 in flight")
+            hang.set()
+            await wait_for(lambda: len(receiver.ok()) >= 80, what="all 80 alerts")
+            with anyio.fail_after(10):  # the last outcomes may still be on their way to disk
+                while (await daemon.store.call(Store.counts))["done"] < 80:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+        got = delivered(receiver)
+        assert sorted(n for _, n in got) == list(range(80)), "an alert went out twice or never"
+        for group in range(8):
+            assert [n for g, n in got if g == group] == list(range(group, 80, 8))
+        assert [r.status for r in receiver.requests[:5]] == [500, 503, 500, 500, 503]
+
+
+async def test_reads_of_the_disk_racing_the_commits_send_each_alert_once(
+    tmp_path: Path, reads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task keeps asking for reads of the disk while commits hand alerts over and
+    workers take them: every read replaces the queue, and nothing goes out twice."""
+    monkeypatch.setattr(dispatcher, "QUEUE_LIMIT", 5)
+    async with PushServer(token="tok-abcdef") as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", lane_config(server, receiver, 3))
+        async with running(path) as daemon, anyio.create_task_group() as tg:
+            await wait_for(lambda: server.clients)
+
+            async def nudge() -> None:
+                while True:
+                    daemon.dispatcher.wake(["hook"])
+                    await anyio.sleep(0.002)
+
+            tg.start_soon(nudge)
+            for n in range(60):
+                await server.push({"id": f"e{n}", "type": "transfer", "data": {"g": n, "n": n}})
+            await wait_for(lambda: len(receiver.ok()) >= 60, what="all 60 alerts")
+            with anyio.fail_after(10):
+                while (await daemon.store.call(Store.counts))["done"] < 60:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        assert sorted(n for _, n in delivered(receiver)) == list(range(60))
+        assert len(reads) > 10
+
+
+async def test_a_lane_queues_what_no_read_of_the_disk_saw_and_no_more() -> None:
+    def delivery(seq: int) -> Delivery:
+        return Delivery(seq, f"a{seq}", "hook", "", "hook", f"g{seq}", 0, 0, 0.0, 0.0, "", b"{}")
+
+    lane = dispatcher.Lane(limit=2)
+    lane.offer(delivery(1))
+    lane.offer(delivery(2))
+    taken = await lane.take()  # 1 is in flight from here on
+    # A read that saw up to seq 3 (1 in flight, 2 and 3 due), taken before 4 was committed.
+    lane.offer(delivery(4))
+    lane.refill(Ready([delivery(1), delivery(2), delivery(3)], None, newest=3), limit=10)
+    assert taken.seq == 1 and [d.seq for d in lane.queued] == [2, 3, 4]
+    assert not lane.on_disk  # the read got fewer than it asked for
+    lane.offer(delivery(3))  # a late hand-over of what the read gave already
+    lane.offer(delivery(1))
+    assert [d.seq for d in lane.queued] == [2, 3, 4]
+    for seq in range(5, 5 + dispatcher.QUEUE_LIMIT):
+        lane.offer(delivery(seq))
+    assert len(lane.queued) == dispatcher.QUEUE_LIMIT and lane.on_disk  # the rest: on disk
+    lane.refill(Ready([delivery(2)], None, newest=2), limit=1)
+    assert lane.on_disk  # a full read: more may wait

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tocsin.store import DEAD, DONE, PENDING, NewAlert, Store
+from tocsin.store import DEAD, DONE, PENDING, Delivery, NewAlert, Store
 
 
 @pytest.fixture
@@ -40,8 +40,11 @@ def alert(
 
 
 def ready(store: Store, action: str = "hook") -> list[str]:
-    rows, _ = store.call_sync(Store.fetch_ready, action, time.time() + 1, 100)
-    return [r.alert_id for r in rows]
+    return ids(store.call_sync(Store.fetch_ready, action, time.time() + 1, 100).deliveries)
+
+
+def ids(deliveries: list[Delivery]) -> list[str]:
+    return [d.alert_id for d in deliveries]
 
 
 def test_state_dir_is_private_and_wal(tmp_path: Path) -> None:
@@ -54,35 +57,37 @@ def test_state_dir_is_private_and_wal(tmp_path: Path) -> None:
 
 
 def test_an_alert_id_is_committed_once(store: Store) -> None:
-    assert store.call_sync(Store.commit_alerts, [alert("a")]) == ["hook"]
+    assert ids(store.call_sync(Store.commit_alerts, [alert("a")])) == ["a"]
     assert store.call_sync(Store.commit_alerts, [alert("a")]) == []
     assert store.call_sync(Store.counts)["pending"] == 1
 
 
 def test_one_head_per_group_in_order(store: Store) -> None:
-    store.call_sync(
+    committed = store.call_sync(
         Store.commit_alerts,
         [alert("a1", "A"), alert("b1", "B"), alert("a2", "A"), alert("a3", "A")],
     )
-    assert ready(store) == ["a1", "b1"]
-    rows, _ = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
-    seq = {r.alert_id: r.seq for r in rows}
-    store.call_sync(Store.finish, seq["a1"], DONE)
+    # the commit hands over exactly what a read of the disk gives: the heads
+    fetched = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
+    assert committed == fetched.deliveries and ids(committed) == ["a1", "b1"]
+    assert fetched.newest == max(d.seq for d in committed) + 2  # a2 and a3 wait behind a1
+    seq = {r.alert_id: r.seq for r in fetched.deliveries}
+    assert store.call_sync(Store.finish, seq["a1"], DONE) is True  # a2 is the head now
     assert ready(store) == ["b1", "a2"]
+    assert store.call_sync(Store.finish, seq["b1"], DONE) is False  # B has nobody waiting
     # a failing head holds its group back but not the others
-    rows, _ = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
-    a2 = next(r for r in rows if r.alert_id == "a2")
+    (a2,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100).deliveries
     store.call_sync(Store.reschedule, a2.seq, time.time() + 3600, "HTTP 500")
-    assert ready(store) == ["b1"]
-    _, next_due = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100)
+    assert ready(store) == []
+    next_due = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 100).next_due
     assert next_due is not None and next_due > time.time() + 3000
     store.call_sync(Store.finish, a2.seq, DEAD, "gave up")
-    assert ready(store) == ["b1", "a3"]
+    assert ready(store) == ["a3"]
 
 
 def test_retry_and_drop_dead_letters(store: Store) -> None:
     store.call_sync(Store.commit_alerts, [alert("x", "G"), alert("y", "G")])
-    (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)[0]
+    (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
     store.call_sync(Store.finish, x.seq, DEAD, "HTTP 400")
     dead = store.call_sync(Store.list_deliveries, [DEAD])
     assert [(d.alert_id, d.last_error, d.state_name) for d in dead] == [("x", "HTTP 400", "dead")]
@@ -90,10 +95,10 @@ def test_retry_and_drop_dead_letters(store: Store) -> None:
     # y is the head now; x waits behind it (a manual retry does not jump the queue)
     assert ready(store) == ["y"]
     assert store.call_sync(Store.counts)["dead"] == 0
-    (y,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)[0]
+    (y,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
     store.call_sync(Store.finish, y.seq, DONE)
     assert ready(store) == ["x"]
-    (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)[0]
+    (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
     store.call_sync(Store.finish, x.seq, DEAD, "again")
     assert store.call_sync(Store.drop, [x.seq]) == 1
     assert store.call_sync(Store.counts) == {"pending": 0, "done": 2, "dead": 0, "alerts": 2}
@@ -101,13 +106,13 @@ def test_retry_and_drop_dead_letters(store: Store) -> None:
 
 def test_purge_forgets_only_finished_alerts_past_the_horizon(store: Store) -> None:
     store.call_sync(Store.commit_alerts, [alert("old-done", "A"), alert("old-pending", "B")])
-    rows, _ = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10)
+    rows = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
     store.call_sync(Store.finish, next(r.seq for r in rows if r.alert_id == "old-done"), DONE)
     assert store.call_sync(Store.purge, 3600) == 0
     assert store.call_sync(Store.purge, -1) == 1  # a horizon in the future: everything is "old"
     assert store.call_sync(Store.counts)["alerts"] == 1
     # forgotten: the same id is new again
-    assert store.call_sync(Store.commit_alerts, [alert("old-done", "A")]) == ["hook"]
+    assert ids(store.call_sync(Store.commit_alerts, [alert("old-done", "A")])) == ["old-done"]
 
 
 def test_cursors_commit_with_alerts(store: Store) -> None:
@@ -125,9 +130,9 @@ def test_a_failing_operation_does_not_take_the_batch_down(store: Store) -> None:
     futures = [
         store.submit(Store.commit_alerts, [alert("ok1")]),
         store.submit(bad),
-        store.submit(Store.commit_alerts, [alert("ok2")]),
+        store.submit(Store.commit_alerts, [alert("ok2", "g2")]),
     ]
-    assert futures[0].result() == ["hook"] and futures[2].result() == ["hook"]
+    assert ids(futures[0].result()) == ["ok1"] and ids(futures[2].result()) == ["ok2"]
     with pytest.raises(sqlite3.IntegrityError):
         futures[1].result()
     assert store.call_sync(Store.counts)["alerts"] == 2
@@ -145,7 +150,7 @@ def test_a_lone_failing_operation_is_rolled_back(store: Store) -> None:
         store.call_sync(half_done)
     with pytest.raises(sqlite3.IntegrityError):
         store.call_sync(lambda conn: conn.execute("INSERT INTO alerts (id) VALUES ('x')"))
-    assert store.call_sync(Store.commit_alerts, [alert("ok")]) == ["hook"]
+    assert ids(store.call_sync(Store.commit_alerts, [alert("ok")])) == ["ok"]
     assert store.call_sync(Store.counts)["alerts"] == 1
     assert store.failures == 0  # an operation's own error is not a failed transaction
 
