@@ -12,7 +12,9 @@ the match-rule runs are repeated ``--repeat`` times, interleaved, and the median
 the ratios to the floor are taken round by round (the floor and the 1,000-rule run side
 by side, in turn first) and their median kept, since a shared host's speed drifts:
 
-- floor: a plain websockets + ``parse_json`` loop receiving the same frames;
+- floor: a plain websockets + ``parse_json`` loop receiving the same frames, with the
+  generator's own CPU per frame: it must stay well below the floor's, or the floor
+  measures the generator (the report warns);
 - hand-written: the floor plus one rule checked by hand and an aiohttp POST per match
   (``bench/handwritten.py``), the loop a user might write instead: a reference, no target;
 - throughput: the daemon with 10 / 1,000 / 10,000 rules with distinct ``match`` values,
@@ -248,7 +250,11 @@ async def floor(frames: int) -> dict[str, Any]:
     finally:
         gen.close()
     seconds = client["t1"] - sent["t0"]
-    return {"events_per_s": frames / seconds, "cpu_us_per_event": client["cpu"] / frames * 1e6}
+    return {
+        "events_per_s": frames / seconds,
+        "cpu_us_per_event": client["cpu"] / frames * 1e6,
+        "generator_cpu_us_per_frame": sent["cpu"] / frames * 1e6,
+    }
 
 
 async def handwritten(receiver: Receiver, frames: int, rules: int = 1000) -> dict[str, Any]:
@@ -268,6 +274,7 @@ async def handwritten(receiver: Receiver, frames: int, rules: int = 1000) -> dic
     return {
         "events_per_s": frames / (end - sent["t0"]),
         "cpu_us_per_event": client["cpu"] / frames * 1e6,
+        "generator_cpu_us_per_frame": sent["cpu"] / frames * 1e6,
         "alerts": len(receiver.arrivals),
     }
 
@@ -325,6 +332,7 @@ async def through_daemon(
             result["alerts"] = len(receiver.arrivals)
             result["events_per_s"] = frames / (end - sent["t0"]) if done else float("nan")
             result["send_rate"] = frames / (sent["t1"] - sent["t0"])
+            result["generator_cpu_us_per_frame"] = sent["cpu"] / frames * 1e6
             if outage is not None:
                 steady_rss = [r for t, r in daemon.rss if t < marks["outage"]]
                 down_rss = [r for t, r in daemon.rss if marks["outage"] <= t < marks["back"]]
@@ -587,6 +595,13 @@ def report(results: dict[str, Any]) -> None:
     )
     if len(fl.get("samples", [])) > 1:
         print("  (median of " + ", ".join(f"{x:,.0f}" for x in fl["samples"]) + ")")
+    # The floor measures the client only while the generator has time to spare.
+    busy = fl["generator_cpu_us_per_frame"] * fl["events_per_s"] / 1e6
+    print(
+        f"  generator: {fl['generator_cpu_us_per_frame']:.1f} us CPU/frame, busy {busy:.0%} of the floor's run"
+    )
+    if busy > 0.5:
+        print("  WARNING: the generator may be what limits the floor; the ratios are then too kind")
     hw = results["handwritten"]
     print(
         f"hand-written loop (one rule, aiohttp POST, nothing durable): {hw['events_per_s']:,.0f}"
