@@ -38,14 +38,9 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PUSH_TOKEN", "tok-abcdef")
 
 
-async def test_hanging_action_is_bounded_and_does_not_delay_another(tmp_path: Path) -> None:
-    hang = asyncio.Event()
-    async with (
-        PushServer(token="tok-abcdef") as server,
-        Receiver(hang=hang) as stuck,
-        Receiver() as fine,
-    ):
-        text = f"""
+def preamble(server: PushServer) -> str:
+    """The daemon and source tables every test here shares."""
+    return f"""
 [daemon]
 state_dir = "state"
 drain_timeout = "100ms"
@@ -53,6 +48,19 @@ drain_timeout = "100ms"
 plugin = "testpush"
 url = "{server.url}"
 token = {{ env = "PUSH_TOKEN" }}
+"""
+
+
+async def test_hanging_action_is_bounded_and_does_not_delay_another(tmp_path: Path) -> None:
+    hang = asyncio.Event()
+    async with (
+        PushServer(token="tok-abcdef") as server,
+        Receiver(hang=hang) as stuck,
+        Receiver() as fine,
+    ):
+        text = (
+            preamble(server)
+            + f"""
 [actions.stuck]
 plugin = "webhook"
 url = "{stuck.url()}"
@@ -66,6 +74,7 @@ name = "each"
 type = "transfer"
 group_by = ["n"]
 """
+        )
         path = write_config(tmp_path / "t.toml", text)
         async with running(path) as daemon:
             await wait_for(lambda: server.clients)
@@ -99,14 +108,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def lane_config(server: PushServer, receiver: Receiver, concurrency: int) -> str:
-    return f"""
-[daemon]
-state_dir = "state"
-drain_timeout = "100ms"
-[sources.feed]
-plugin = "testpush"
-url = "{server.url}"
-token = {{ env = "PUSH_TOKEN" }}
+    return (
+        preamble(server)
+        + f"""
 [actions.hook]
 plugin = "webhook"
 url = "{receiver.url()}"
@@ -117,6 +121,7 @@ name = "each"
 type = "transfer"
 group_by = ["g"]
 """
+    )
 
 
 def delivered(receiver: Receiver) -> list[tuple[int, int]]:
