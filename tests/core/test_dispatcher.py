@@ -253,3 +253,32 @@ async def test_a_lane_queues_what_no_read_of_the_disk_saw_and_no_more() -> None:
     assert len(lane.queued) == dispatcher.QUEUE_LIMIT and lane.on_disk  # the rest: on disk
     lane.refill(Ready([delivery(2)], None, newest=2), limit=1)
     assert lane.on_disk  # a full read: more may wait
+
+
+async def test_a_changed_action_takes_over_its_queue_from_the_disk(
+    tmp_path: Path, reads: list[str]
+) -> None:
+    """A reload that changes an action drops its lane (queued and in-flight deliveries
+    included); the new lane reads them back from the outbox and sends each once."""
+    hang = asyncio.Event()
+    async with (
+        PushServer(token="tok-abcdef") as server,
+        Receiver(hang=hang) as stuck,
+        Receiver() as fine,
+    ):
+        path = write_config(tmp_path / "t.toml", lane_config(server, stuck, 2))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            for n in range(12):
+                await server.push({"id": f"e{n}", "type": "transfer", "data": {"g": n, "n": n}})
+            await wait_for(lambda: daemon.dispatcher.inflight == 2, what="2 stuck in flight")
+            with anyio.fail_after(10):
+                while (await daemon.store.call(Store.counts))["pending"] < 12:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            old = daemon.dispatcher.lanes["hook"]
+            path.write_text(lane_config(server, fine, 2))
+            assert await daemon.reload()
+            await wait_for(lambda: len(fine.ok()) == 12, what="all 12 at the new address")
+            assert daemon.dispatcher.lanes["hook"] is not old
+        assert sorted(n for _, n in delivered(fine)) == list(range(12))
+        assert stuck.requests == []  # the two it held were never answered
