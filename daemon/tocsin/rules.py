@@ -33,6 +33,12 @@ _RECENT_ALERTS = 65_536
 
 _SCALARS = (str, int, float)  # bool is an int
 
+# ``match`` keys stand for JSON's true and false, which equal no number: Python's True
+# equals (and hashes as) 1, so a set of wanted values holds these instead. Nothing else in
+# one is a tuple: an event's lists and objects never match.
+_TRUE = ("bool", True)
+_FALSE = ("bool", False)
+
 
 def _hashable(value: Any) -> bool:
     # A tuple, not ``str | int | ...``: the union would be built again at every call
@@ -40,8 +46,15 @@ def _hashable(value: Any) -> bool:
     return isinstance(value, _SCALARS) or value is None
 
 
+def _key(value: Any) -> Any:
+    """What a ``match`` value (or an event's value) is looked up as."""
+    return _TRUE if value is True else _FALSE if value is False else value
+
+
 def _show(value: Any) -> str:
     """A value as ``tocsin test`` shows it: JSON, ``missing`` for an absent field."""
+    if value is _TRUE or value is _FALSE:
+        value = value[1]
     return "missing" if value is None else orjson.dumps(value, default=str).decode()[:80]
 
 
@@ -96,7 +109,8 @@ class Rule:
         """
         for path, values in self.match:
             value = get_path(data, path)
-            yield ".".join(path), _any_of(values), value, _hashable(value) and value in values
+            holds = _hashable(value) and _key(value) in values
+            yield ".".join(path), _any_of(values), value, holds
 
     def selects(self, event: Event) -> bool:
         """Source, type and every ``match`` key hold (``when`` is checked apart)."""
@@ -105,7 +119,11 @@ class Rule:
         data = event.data
         for path, values in self.match:
             value = get_path(data, path)
-            if not _hashable(value) or value not in values:
+            if value is True or value is False:
+                value = _key(value)
+            elif not _hashable(value):
+                return False
+            if value not in values:
                 return False
         return True
 
@@ -132,7 +150,10 @@ def _compile(
 ) -> Rule:
     cfg = entry.config
     match = tuple(
-        (split_path(key), frozenset(value if isinstance(value, list) else [value]))
+        (
+            split_path(key),
+            frozenset(_key(v) for v in (value if isinstance(value, list) else [value])),
+        )
         for key, value in sorted(cfg.match.items())
     )
     return Rule(
@@ -187,7 +208,9 @@ class RuleIndex:
         data = event.data
         for path, bucket in self._paths:
             value = get_path(data, path)
-            if _hashable(value):
+            if value is True or value is False:
+                found.extend(bucket.get(_key(value), ()))
+            elif _hashable(value):
                 found.extend(bucket.get(value, ()))
         if len(found) > 1:
             found.sort(key=lambda r: r.position)
@@ -574,9 +597,13 @@ class Engine:
         )
 
     def render(self, rule: Rule, status: str, event: Event, alert_id: str) -> Alert:
+        # The event's data comes first, as in ``when`` (a ckex or eWallet event has a
+        # ``status`` of its own); the alert's status, rule and id fill in the names the data
+        # leaves free: ``status``, ``rule``, and ``alert`` holding all three.
         context = self.context(event)
-        context["status"] = status
-        context["rule"] = rule.name
+        context.setdefault("status", status)
+        context.setdefault("rule", rule.name)
+        context.setdefault("alert", {"status": status, "rule": rule.name, "id": alert_id})
         title = self._render(rule, "title", context) or rule.name
         body = self._render(rule, "body", context) or summary(event)
         if status != "firing":

@@ -241,3 +241,56 @@ def test_index_equals_brute_force(
             found = [r.name for r in index.candidates(event) if r.selects(event)]
             brute = [r.name for r in rules if r.selects(event)]
             assert found == brute
+
+
+def test_match_tells_true_and_false_from_one_and_zero(tmp_path: Path) -> None:
+    rules = "".join(
+        f'[[rules]]\nname = "{name}"\nmatch = {{ x = {value} }}\n'
+        for name, value in [
+            ("true", "true"),
+            ("false", "false"),
+            ("one", "1"),
+            ("zero", "0.0"),
+            ("any", "[true, 0]"),
+        ]
+    )
+    engine = engine_for(tmp_path, rules)
+
+    def fired(value: Any, n: int) -> list[str]:
+        event = Event(id=f"e{n}", source="s", provider="p", type="t", data={"x": value})
+        return [a.alert.rule for a in engine.process(event)]
+
+    assert fired(True, 1) == ["true", "any"]
+    assert fired(False, 2) == ["false"]
+    assert fired(1, 3) == ["one"]
+    assert fired(1.0, 4) == ["one"]
+    assert fired(0, 5) == ["zero", "any"]
+    assert fired("true", 6) == []
+    # tocsin explain's view of the same keys.
+    rule = engine.rules["any"]
+    assert [(w, ok) for _, w, _, ok in rule.match_results({"x": False})] == [("0 or true", False)]
+    assert [ok for *_, ok in rule.match_results({"x": True})] == [True]
+
+
+def test_templates_see_data_fields_before_the_alerts_own_names(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        """
+[[rules]]
+name = "failed"
+when = "status == 'failed'"
+title = "{{ id }} is {{ status }} ({{ alert.status }} by {{ alert.rule }})"
+body = "{{ rule }} {{ alert.id }}"
+""",
+    )
+    event = Event(
+        id="c1", source="w", provider="ewallet", type="t", data={"id": "txc_1", "status": "failed"}
+    )
+    (pending,) = engine.process(event)
+    assert pending.alert.title == "txc_1 is failed (firing by failed)"
+    assert pending.alert.body == f"failed {pending.alert.id}"
+    plain = Event(
+        id="c2", source="w", provider="p", type="t", data={"status": "failed", "rule": "r9"}
+    )
+    (pending,) = engine.process(plain)
+    assert pending.alert.body == f"r9 {pending.alert.id}"
