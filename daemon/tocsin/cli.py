@@ -257,6 +257,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     engine.clock = engine.wall = lambda: now[0]
     events = fired = bad = 0
     sent: list[str] = []
+    # The firing alerts of each event, as the daemon's outbox keeps them: a removal of the
+    # event (removed = true) retracts them.
+    firing: dict[str, list[tuple[str, str, str]]] = {}
     try:
         size = path.stat().st_size
     except OSError:
@@ -274,6 +277,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         fired += 1
         sent.append(golden_line(pending))
         alert = pending.alert
+        if alert.status == "firing":
+            firing.setdefault(pending.event_id, []).append((alert.id, alert.rule, pending.group))
         out.line(
             f"{where}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}"
         )
@@ -293,6 +298,17 @@ def cmd_test(args: argparse.Namespace) -> int:
             for pending in engine.tick():  # what time alone caused before this event
                 show(f"{where} (before)", pending)
             engine.suppressed.clear()
+            if event.removed:  # as the daemon does: retract what the fact fired, nothing else
+                fired_before = firing.pop(event.id, [])
+                for alert_id, rule, group in fired_before:
+                    pending = engine.retraction(rule, alert_id, group, event)
+                    if pending is None:
+                        out.line(f'{where}: no alert from {rule!r}: on_removed = "ignore"')
+                    else:
+                        show(where, pending)
+                if not fired_before:
+                    out.line(f"{where}: a removal of a fact that fired nothing: no alert")
+                continue
             alerts = engine.process(event)
             for pending in alerts:
                 show(where, pending)

@@ -103,6 +103,41 @@ def test_test_command_skips_bad_lines(tmp_path: Path) -> None:
     assert "1 event(s), 1 alert(s) would be sent, 2 line(s) skipped" in run.stdout
 
 
+def test_test_command_retracts_as_the_daemon_does(tmp_path: Path) -> None:
+    config = tmp_path / "t.toml"
+    config.write_text(
+        '[[rules]]\nname = "in"\nmatch = { x = 1 }\n'
+        '[[rules]]\nname = "quiet"\nmatch = { x = 1 }\non_removed = "ignore"\n'
+    )
+    fact = '{"id": "f%s", "source": "s", "type": "t", "removed": %s, "data": {"x": 1}}\n'
+    events = tmp_path / "e.jsonl"
+    # f1 fires, is retracted, comes back (fires anew), is pushed again (nothing);
+    # f2 is removed without having fired.
+    events.write_text(
+        "".join(fact % (n, r) for n, r in [(1, "false"), (1, "true"), (1, "false"), (1, "false")])
+        + fact % (2, "true")
+    )
+    run = tocsin("test", "-c", str(config), str(events))
+    assert run.returncode == 0, run.stderr
+    said = [
+        line.removeprefix(f"{tmp_path}/")
+        for line in run.stdout.splitlines()
+        if line.startswith(f"{tmp_path}/e.jsonl")
+    ]
+    assert said == [
+        "e.jsonl:1: [firing] in -> (no action)",
+        "e.jsonl:1: [firing] quiet -> (no action)",
+        "e.jsonl:2: [retracted] in -> (no action)",
+        "e.jsonl:2: no alert from 'quiet': on_removed = \"ignore\"",
+        "e.jsonl:3: [firing] in -> (no action)",
+        "e.jsonl:3: no alert from 'quiet': a duplicate of an alert already made",
+        "e.jsonl:4: no alert from 'in': a duplicate of an alert already made",
+        "e.jsonl:4: no alert from 'quiet': a duplicate of an alert already made",
+        "e.jsonl:5: a removal of a fact that fired nothing: no alert",
+    ]
+    assert "5 event(s), 4 alert(s) would be sent" in run.stdout
+
+
 def test_plugins_lists_what_each_registers() -> None:
     run = tocsin("plugins")
     assert run.returncode == 0
