@@ -154,6 +154,14 @@ def test_default_title_and_body(tmp_path: Path) -> None:
         ("title", "{{ (args|attr('items'))() }}"),
         ("body", "{{ ''.__class__.__base__.__subclasses__() }}"),
         ("body", "{{ '{0.__class__}'.format_map(args) }}"),
+        ("body", "{{ '{0.__class__}'.format(args) }}"),
+        ("when", "'{0[_x]}'.format(args)"),
+        ("title", "{{ [event]|map(attribute='__class__')|list }}"),
+        ("title", "{{ [args]|selectattr('__class__')|list }}"),
+        ("title", "{{ [args]|rejectattr('x.__class__')|list }}"),
+        ("title", "{{ [args]|sort(attribute='__class__.__name__') }}"),
+        ("body", "{{ [args]|groupby('__class__') }}"),
+        ("body", "{{ [args]|sum(attribute='_x') }}"),
     ],
 )
 def test_template_escapes_are_refused_at_load(tmp_path: Path, key: str, text: str) -> None:
@@ -171,7 +179,7 @@ def test_computed_escapes_are_stopped_by_the_sandbox(tmp_path: Path) -> None:
 name = "sneaky"
 match = { action = "transfer" }
 title = "{{ args[('__cla' ~ 'ss')][('__na' ~ 'me')] }}"
-body = "{{ '{0.__class__}'.format(args) }}"
+body = "{{ ('{0.__cla' ~ 'ss__}').format(args) }}"
 """,
     )
     (alert,) = engine.process(transfer("me"))
@@ -180,6 +188,39 @@ body = "{{ '{0.__class__}'.format(args) }}"
     assert alert.alert.title == "sneaky"
     assert alert.alert.body.startswith("action from eos: ")
     assert "dict" not in alert.alert.body and "<class" not in alert.alert.body
+
+
+def test_filters_reading_plain_attributes_still_load(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        """
+[[rules]]
+name = "lists"
+match = { action = "transfer" }
+title = "{{ [args]|map(attribute='to')|join }} {{ [args]|selectattr('memo')|list|length }}"
+body = "{{ '{0} to {1}'.format(args['from'], args.to) }} {{ 'a_b'|replace('_', ' ') }}"
+""",
+    )
+    (alert,) = engine.process(transfer("me"))
+    assert alert.alert.title == "me 1"
+    assert alert.alert.body == "alice to me a b"
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "(7 ** (x * 1000000 + 2)) == 49",
+        "('ab' * (x * 10000000 + 2)) == 'abab'",
+        "((x * 10000000 + 2) * [1]) == [1, 1]",
+    ],
+)
+def test_event_values_cannot_blow_up_an_expression(tmp_path: Path, when: str) -> None:
+    engine = engine_for(tmp_path, f'[[rules]]\nname = "big"\nwhen = "{when}"\n')
+    small = Event(id="s", source="s", provider="p", type="t", data={"x": 0})
+    assert len(engine.process(small)) == 1  # the operators still work within bounds
+    huge = Event(id="h", source="s", provider="p", type="t", data={"x": 5})
+    assert engine.process(huge) == []
+    assert engine.stats.when_errors == 1
 
 
 def test_when_error_does_not_fire_and_is_counted(tmp_path: Path) -> None:
