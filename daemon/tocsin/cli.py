@@ -10,10 +10,11 @@ import difflib
 import functools
 import gc
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,10 +24,10 @@ import orjson
 from tqdm import tqdm
 
 from . import __version__
-from .config import DEFAULT_CONFIG, Config, load_config
+from .config import DEFAULT_CONFIG, Config, load_config, load_daemon_config
 from .errors import ConfigError, PluginError, ServeError, StateError, TocsinError, UsageError
 from .events import Event
-from .fields import parse_duration
+from .fields import parse_duration, secret_registry
 from .logs import LEVELS, setup_logging
 from .notify import Notifier
 from .outbox_view import outbox_json, outbox_lines
@@ -59,6 +60,17 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"config file (default: $TOCSIN_CONFIG, else {DEFAULT_CONFIG})",
     )
+
+
+def _port(text: str) -> int:
+    """An ``--port`` value: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulate = sub.add_parser("emulate", help="run one provider emulator standalone")
     emulate.add_argument("provider", help="e.g. eospark, ewallet, ckex (see tocsin plugins)")
     emulate.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
-    emulate.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    emulate.add_argument("--port", type=_port, default=0, help="port (default: a free one)")
 
     init = sub.add_parser("init", help="write a starter config")
     init.add_argument(
@@ -150,8 +162,9 @@ def _positive(text: str) -> int:
 
 
 def _duration(text: str) -> float:
+    """A command-line duration: ``"30s"``, ``"5m"``..., or a plain number of seconds."""
     try:
-        seconds = parse_duration(text)
+        seconds = parse_duration(float(text) if re.fullmatch(r"\d+(\.\d+)?", text) else text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     if seconds <= 0:
@@ -216,6 +229,7 @@ class _Output:
             self.bar.update(n)
 
     def line(self, text: str, *, err: bool = False) -> None:
+        text = secret_registry.scrub(text)  # a match value or when may come from a secret
         stream = sys.stderr if err else sys.stdout
         if self.bar is not None and (2 if err else 1) in self._around_bar:
             self.bar.write(text, file=stream)
@@ -301,11 +315,11 @@ def cmd_test(args: argparse.Namespace) -> int:
             if event.removed:  # as the daemon does: retract what the fact fired, nothing else
                 fired_before = firing.pop(event.id, [])
                 for alert_id, rule, group in fired_before:
-                    pending = engine.retraction(rule, alert_id, group, event)
-                    if pending is None:
+                    retraction = engine.retraction(rule, alert_id, group, event)
+                    if retraction is None:
                         out.line(f'{where}: no alert from {rule!r}: on_removed = "ignore"')
                     else:
-                        show(where, pending)
+                        show(where, retraction)
                 if not fired_before:
                     out.line(f"{where}: a removal of a fact that fired nothing: no alert")
                 continue
@@ -344,6 +358,11 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 1
 
 
+def _say(text: str) -> None:
+    """A line of ``tocsin explain``: it quotes ``match`` and ``when``, which may hold secrets."""
+    print(secret_registry.scrub(text))
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     config, engine = _load(args, _registry())
     name = args.rule
@@ -353,23 +372,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise UsageError(f"{config.path} has no rule {name!r}{hint}")
     if name not in engine.rules:
-        print(f"rule {name!r} is disabled (enabled = false): it fires for no event")
+        _say(f"rule {name!r} is disabled (enabled = false): it fires for no event")
         return 0
     event = _read_event(args.event)
     now = _event_clock(event)
     engine.clock = engine.wall = lambda: now
     rule = engine.rules[name]
-    print(f"rule {name!r} on event {event.id} ({event.type} from {event.source}, {event.time})")
+    _say(f"rule {name!r} on event {event.id} ({event.type} from {event.source}, {event.time})")
     steps = engine.trace(rule, event)
     for step in steps:
-        print(f"  {'ok' if step.ok else 'FAIL':<4}  {step.what}: {step.detail}")
+        _say(f"  {'ok' if step.ok else 'FAIL':<4}  {step.what}: {step.detail}")
     alerts = [p for p in engine.process(event) if p.alert.rule == name]
     for pending in alerts:
         alert = pending.alert
-        print(f"fires: [{alert.status}] {alert.title}")
-        print(f"    to:    {', '.join(pending.actions) or '(no action)'}")
+        _say(f"fires: [{alert.status}] {alert.title}")
+        _say(f"    to:    {', '.join(pending.actions) or '(no action)'}")
         for body_line in alert.body.splitlines() or [""]:
-            print(f"    body:  {body_line}")
+            _say(f"    body:  {body_line}")
     if alerts:
         return 0
     failed = next((s for s in steps if not s.ok), None)
@@ -380,7 +399,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         why = engine.suppressed.get(name) or (
             f"matched; {rule.config.kind}: {state}" if state else "matched; no alert"
         )
-    print(f"does not fire: {why}")
+    _say(f"does not fire: {why}")
     return 0
 
 
@@ -502,13 +521,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         path.write_text(STARTER_HEADER + tomli_w.dumps(STARTER), encoding="utf-8")
     except OSError as err:
         raise UsageError(f"cannot write {path}: {err.strerror}") from None
-    print(f"wrote {path}; check it with: tocsin check -c {path}")
+    print(
+        f"wrote {path}; set TOCSIN_HOOK_SECRET (the webhook's signing secret) or remove"
+        f" [actions.hook], then check it with: tocsin check -c {path}"
+    )
     return 0
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    config = load_config(_config_path(args), _registry())
-    store = Store.open(config.daemon.resolved_state_dir(), fsync=config.daemon.fsync)
+    daemon = load_daemon_config(_config_path(args), _registry())
+    store = Store.open(daemon.resolved_state_dir(), fsync=daemon.fsync)
     try:
         if args.verb == "list":
             states = [DEAD] if args.dead else [PENDING, DEAD]
@@ -538,6 +560,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
+    if args.log_level not in LEVELS:  # from $TOCSIN_LOG_LEVEL, which argparse does not check
+        raise UsageError(
+            f"TOCSIN_LOG_LEVEL={args.log_level!r} is not a log level: use one of {', '.join(LEVELS)}"
+        )
     setup_logging(args.log_level, args.log_format)
     # The state writer is a thread: while the event loop is busy it waits for the GIL up to
     # the switch interval (5 ms by default) at every commit and outbox read, and an alert
@@ -570,25 +596,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             await daemon.run()
             tg.cancel_scope.cancel()
 
+    _run(main)
+    return 0
+
+
+def _run(func: Callable[..., Awaitable[object]], *args: object) -> None:
+    """``anyio.run``, with a tocsin error unwrapped from its task groups.
+
+    Start-up errors (the state database, an address in use) come out of the task groups
+    wrapped; the user reads the one sentence, not a traceback.
+    """
     try:
-        anyio.run(main)
+        anyio.run(func, *args)
     except BaseExceptionGroup as group:
-        # Start-up errors (the state database, the http address) come out of the task
-        # groups wrapped; the user reads the one sentence, not a traceback.
         error: BaseException = group
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
         if isinstance(error, TocsinError):
             raise error from None
         raise
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import printer, run_demo
 
     setup_logging("warning")
-    anyio.run(run_demo, str(args.config), _registry(), printer())
+    # rules.example.toml signs its webhook with $TOCSIN_HOOK_SECRET, and runs as it is:
+    # the demo's own receiver checks the signature, so any secret will do.
+    os.environ.setdefault("TOCSIN_HOOK_SECRET", "demo-secret")
+    _run(run_demo, str(args.config), _registry(), printer())
     return 0
 
 
@@ -596,7 +632,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     from .demo import printer, run_emulator
 
     setup_logging("info")
-    anyio.run(run_emulator, _registry(), args.provider, args.host, args.port, printer())
+    _run(run_emulator, _registry(), args.provider, args.host, args.port, printer())
     return 0
 
 
@@ -635,6 +671,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``tocsin test ... | head``): stop quietly, and keep Python's
+        # own flush at exit from failing on the same pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ class _Loader:
     def problem(self, file: str, path: str, message: str) -> None:
         self.problems.append(Problem(file, path, message))
 
-    def read(self, path: Path) -> dict[str, Any] | None:
+    def read(self, path: Path, *, resolve: bool = True) -> dict[str, Any] | None:
+        """A TOML file, its secret references resolved (unless ``resolve`` is false)."""
         name = str(path)
         try:
             with path.open("rb") as fh:
@@ -213,8 +214,11 @@ class _Loader:
         except UnicodeDecodeError as err:
             self.problem(name, "", f"not UTF-8 text (byte {err.start}); TOML files are UTF-8")
             return None
+        return self.resolve(raw, name) if resolve else raw
+
+    def resolve(self, raw: dict[str, Any], file: str, path: str = "") -> dict[str, Any]:
         return resolve_secret_refs(  # type: ignore[no-any-return]
-            raw, lambda p, m: self.problem(name, p, m), environ=self.environ
+            raw, lambda p, m: self.problem(file, p, m), path, environ=self.environ
         )
 
     def validate(
@@ -301,9 +305,8 @@ def _load_config(
         )
         ok = isinstance(include, list) and all(isinstance(i, str) for i in include)
         daemon = DaemonConfig.model_construct(include=include if ok else [])
-    if daemon.state_dir and not os.path.isabs(os.path.expanduser(daemon.state_dir)):
-        daemon = daemon.model_copy(update={"state_dir": str(main.parent / daemon.state_dir)})
-    config = Config(path=main, daemon=daemon)
+    config = Config(path=main, daemon=_anchored(daemon, main))
+    daemon = config.daemon
     config.files.append(main)
     address = daemon.http_address()
     if address is not None and not daemon.http_allow_remote and not is_loopback(address[0]):
@@ -326,7 +329,8 @@ def _load_config(
         for item_name, item in table.items():
             if kind == "source":
                 plugin = item.get("plugin") if isinstance(item, dict) else None
-                loader.source_plugins[item_name] = plugin if plugin in known else None
+                known_plugin = isinstance(plugin, str) and plugin in known
+                loader.source_plugins[item_name] = plugin if known_plugin else None
             else:
                 loader.action_names.add(item_name)
             model = loader.plugin_table(kind, item, name, f"{kind}s.{item_name}", known)
@@ -358,6 +362,39 @@ def _load_config(
     return config
 
 
+def _anchored(daemon: DaemonConfig, main: Path) -> DaemonConfig:
+    """``daemon`` with a relative ``state_dir`` taken from the config file's folder."""
+    if daemon.state_dir and not os.path.isabs(os.path.expanduser(daemon.state_dir)):
+        return daemon.model_copy(update={"state_dir": str(main.parent / daemon.state_dir)})
+    return daemon
+
+
+def load_daemon_config(
+    path: str | os.PathLike[str], registry: Registry, environ: Mapping[str, str] | None = None
+) -> DaemonConfig:
+    """The ``[daemon]`` table of the config at ``path`` alone: what ``tocsin outbox`` needs.
+
+    The secrets of sources and actions are not read: a config using ``{ credential = ...
+    }`` has them only inside its unit (``LoadCredential=``), and the outbox is looked at
+    from a shell. Problems elsewhere in the file are ``tocsin check``'s to report.
+    """
+    loader = _Loader(registry, environ)
+    main = Path(path)
+    name = str(main)
+    raw = loader.read(main, resolve=False)
+    table = raw.get("daemon", {}) if raw is not None else None
+    daemon: BaseModel | None = None
+    if isinstance(table, dict):
+        daemon = loader.validate(
+            DaemonConfig, loader.resolve(table, name, "daemon"), name, "daemon"
+        )
+    elif table is not None:
+        loader.problem(name, "daemon", "expected a table ([daemon])")
+    if loader.problems or not isinstance(daemon, DaemonConfig):
+        raise ConfigError(loader.problems)
+    return _anchored(daemon, main)
+
+
 def _collect_rules(
     loader: _Loader, raw: dict[str, Any], file: str, into: list[tuple[str, int, Any]]
 ) -> None:
@@ -382,13 +419,14 @@ def _validate_rules(loader: _Loader, config: Config, tables: list[tuple[str, int
         label = raw.get("name") if isinstance(raw.get("name"), str) else None
         where = f'rules[{index}] "{label}"' if label else f"rules[{index}]"
         kind = raw.get("kind", "match")
-        if kind not in kinds:
+        if not isinstance(kind, str):
+            loader.problem(file, f"{where}: kind", "expected the name of a rule kind")
+        elif kind not in kinds:
             loader.problem(
                 file,
                 f"{where}: kind",
-                f'unknown rule kind "{kind}"' + did_you_mean(str(kind), kinds),
+                f'unknown rule kind "{kind}"' + did_you_mean(kind, kinds),
             )
-            continue
         if label in seen:
             first_file, first_where = seen[label]
             loader.problem(
@@ -396,7 +434,12 @@ def _validate_rules(loader: _Loader, config: Config, tables: list[tuple[str, int
             )
         elif label:
             seen[label] = (file, where)
-        model = loader.validate(kinds[kind].obj.Config, raw, file, where, ": ")
+        # A rule of an unknown kind is not validated (its keys are the kind's), but it is
+        # still cross-checked below, so one run lists every problem.
+        known_kind = isinstance(kind, str) and kind in kinds
+        model = (
+            loader.validate(kinds[kind].obj.Config, raw, file, where, ": ") if known_kind else None
+        )
         # An invalid rule is still cross-checked, so one run lists every problem.
         rule = model if isinstance(model, RuleConfig) else _lenient(raw)
         _check_references(loader, config, rule, file, where)

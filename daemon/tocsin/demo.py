@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -152,7 +153,8 @@ async def _listen(part: Emulator | DemoReceiver) -> None:
         await part.start()
     except OSError as err:
         where = f"{part.host}:{part.port}"
-        raise UsageError(f"cannot listen on {where} for the demo: {err.strerror}") from None
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise UsageError(f"cannot listen on {where}: {reason}") from None
 
 
 async def _on_signal(

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .fields import secret_registry
+
 
 class TocsinError(Exception):
     """Base of every tocsin error."""
@@ -36,7 +38,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.path}" if self.path else self.file
-        return f"{where}: {self.message}"
+        # A message may quote a value that came from a secret reference ("not a duration:
+        # '...'"): every secret the config resolved is masked, here where all are printed.
+        return secret_registry.scrub(f"{where}: {self.message}")
 
 
 class ConfigError(TocsinError):

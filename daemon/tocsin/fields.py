@@ -9,6 +9,7 @@ before validation, anywhere in the file, by ``resolve_secret_refs``; a field typ
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -27,6 +28,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError('a duration is a number of seconds or a string like "30s"')
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number of seconds")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -41,7 +44,8 @@ def parse_duration(value: object) -> float:
         if text and pos == len(text):
             return total
     raise ValueError(
-        f"{value!r} is not a duration: use a number of seconds or units ms, s, m, h, d"
+        f"{value!r} is not a duration: use a number of seconds (unquoted) or units ms, s,"
+        " m, h, d"
         ' (e.g. "500ms", "30s", "5m", "1h30m")'
     )
 

@@ -41,6 +41,8 @@ def tocsin(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Comple
         (["check", "--nope"], "unrecognized arguments: --nope"),
         (["check", "-c", "/does/not/exist.toml"], "/does/not/exist.toml: no such file"),
         (["outbox", "retry", "-c", "x.toml"], "no such file"),
+        (["emulate", "eospark", "--port", "99999"], "99999 is not a port number"),
+        (["emulate", "eospark", "--port", "-1"], "-1 is not a port number"),
     ],
 )
 def test_usage_errors_exit_2_with_one_sentence(args: list[str], message: str) -> None:
@@ -554,3 +556,79 @@ def test_outbox_lists_a_readable_table(tmp_path: Path) -> None:
     dead = tocsin("outbox", "-c", str(config), "--dead")
     assert dead.stdout.splitlines()[0] == "2 pending, 1 dead-lettered, 0 delivered"
     assert len(dead.stdout.splitlines()) == 3
+
+
+def test_a_bad_log_level_in_the_environment_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "t.toml"
+    config.write_text('[daemon]\nstate_dir = "state"\n')
+    run = tocsin("run", "-c", str(config), TOCSIN_LOG_LEVEL="verbose")
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "tocsin: TOCSIN_LOG_LEVEL='verbose' is not a log level: use one of debug, info,"
+        " warning, error"
+    )
+
+
+def test_emulate_on_a_busy_port_says_so_in_one_sentence() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = tocsin("emulate", "eospark", "--port", str(port), TOCSIN_LOAD_PLUGINS="eospark")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"tocsin: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    config = tmp_path / "t.toml"
+    config.write_text('[[rules]]\nname = "any"\nmatch = { x = 1 }\n')
+    events = tmp_path / "e.jsonl"
+    events.write_text(
+        "".join(
+            f'{{"id": "{i}", "source": "s", "type": "t", "data": {{"x": 1}}}}\n'
+            for i in range(5000)
+        )
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "tocsin.cli", "test", "-c", str(config), str(events)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin"},
+    )
+    assert run.stdout is not None and run.stderr is not None
+    assert run.stdout.readline().endswith(b"[firing] any -> (no action)\n")
+    run.stdout.close()  # the reader goes away, as `| head -1` does
+    assert run.wait(timeout=60) == 1
+    with run.stderr:
+        assert run.stderr.read() == b""
+
+
+def test_test_and_explain_never_show_a_secret(tmp_path: Path) -> None:
+    config = tmp_path / "t.toml"
+    config.write_text(
+        '[[rules]]\nname = "memo"\nmatch = { "args.memo" = { env = "S_MEMO" } }\n'
+        '[[rules]]\nname = "to"\nwhen = { env = "S_WHEN" }\n'
+    )
+    event = '{"id": "1", "source": "s", "type": "t", "data": {"args": {"memo": "m", "to": "x"}}}'
+    events = tmp_path / "e.jsonl"
+    events.write_text(event + "\n")
+    secrets = {"S_MEMO": "SECRET_MEMO_42", "S_WHEN": "args.to == 'SECRET_WHEN_43'"}
+    test = tocsin("test", "-c", str(config), str(events), **secrets)
+    assert test.returncode == 0, test.stderr
+    assert 'match args.memo is "m", not "***"' in test.stdout
+    explain = tocsin("explain", "-c", str(config), "--rule", "to", str(events), **secrets)
+    assert explain.returncode == 0, explain.stderr
+    assert "FAIL  when: *** is false" in explain.stdout
+    assert "SECRET" not in test.stdout + test.stderr + explain.stdout + explain.stderr
+
+
+def test_record_takes_a_plain_number_of_seconds() -> None:
+    from tocsin.cli import _duration
+
+    assert _duration("30") == 30.0
+    assert _duration("1.5") == 1.5
+    assert _duration("2m") == 120.0

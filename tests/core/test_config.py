@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from support import make_registry, write_config
-from tocsin.config import load_config
+from tocsin.config import load_config, load_daemon_config
 from tocsin.errors import ConfigError
 from tocsin.fields import SecretValue, format_duration, parse_duration
 
@@ -213,9 +213,11 @@ def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "-1s", -3, True, "1h 3"])
+@pytest.mark.parametrize(
+    "bad", ["", "5", "5x", "m5", "-1s", -3, True, "1h 3", float("nan"), float("inf")]
+)
 def test_bad_durations(bad: object) -> None:
-    with pytest.raises(ValueError, match=r"duration|negative"):
+    with pytest.raises(ValueError, match=r"duration|negative|finite"):
         parse_duration(bad)
 
 
@@ -260,3 +262,87 @@ def test_check_command_ok(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "ok: 0 source(s), 1 action(s), 1 rule(s) (1 disabled)" in run.stdout
+
+
+def test_values_of_the_wrong_shape_are_problems_not_crashes(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "t.toml",
+        """
+[sources.eos]
+plugin = ["x"]
+[actions.console]
+plugin = "log"
+[[rules]]
+name = "listed kind"
+kind = []
+[[rules]]
+name = "misspelt"
+kind = "threshhold"
+source = "eso"
+actions = ["nope"]
+when = "x ==="
+""",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path, make_registry())
+    text = str(err.value)
+    assert 'rules[0] "listed kind": kind: expected the name of a rule kind' in text
+    # An unknown kind hides none of the rule's other problems.
+    assert 'rules[1] "misspelt": kind: unknown rule kind "threshhold"' in text
+    assert 'rules[1] "misspelt": source: unknown source "eso"' in text
+    assert 'rules[1] "misspelt": actions: unknown action "nope"' in text
+    assert 'rules[1] "misspelt": when: invalid expression' in text
+    assert "sources.eos" in text
+
+
+def test_a_secret_never_shows_in_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("S_DUR", "SECRET-DURATION-3")
+    monkeypatch.setenv("S_PLUGIN", "SECRET-PLUGIN-7")
+    monkeypatch.setenv("S_SOURCE", "SECRET-SOURCE-8")
+    path = write_config(
+        tmp_path / "t.toml",
+        """
+[actions.p]
+plugin = { env = "S_PLUGIN" }
+[[rules]]
+name = "r"
+throttle = { env = "S_DUR" }
+source = { env = "S_SOURCE" }
+""",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path, make_registry())
+    text = "\n".join(str(p) for p in err.value.problems)
+    assert "rules[0] \"r\": throttle: '***' is not a duration" in text
+    assert 'actions.p.plugin: unknown action plugin "***"' in text
+    assert 'rules[0] "r": source: unknown source "***"' in text
+    assert "SECRET" not in text + str(err.value)
+
+
+def test_the_outbox_reads_the_daemon_table_alone(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "t.toml",
+        """
+[daemon]
+state_dir = "state"
+fsync = true
+[actions.hook]
+plugin = "webhook"
+url = "http://127.0.0.1:1/"
+secret = { credential = "hmac" }
+[[rules]]
+name = "broken"
+kind = "nope"
+""",
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    with pytest.raises(ConfigError):
+        load_config(path, make_registry(), environ)
+    daemon = load_daemon_config(path, make_registry(), environ)
+    assert daemon.resolved_state_dir() == tmp_path / "state" and daemon.fsync
+    bad = write_config(
+        tmp_path / "bad.toml", '[daemon]\nstate_dir = 3\n[sources.x]\nplugin = "?"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_daemon_config(bad, make_registry(), environ)
+    assert [p.path for p in err.value.problems] == ["daemon.state_dir"]
