@@ -231,6 +231,14 @@ class Receiver:
         return [r for r in self.requests if 200 <= r.status < 300]
 
 
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for ``condition`` (checked as the loop turns), failing after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 @asynccontextmanager
 async def running(config: Path, registry: Registry | None = None) -> AsyncIterator[Daemon]:
     """A daemon on ``config`` running in this event loop; stopped cleanly on exit."""

@@ -98,6 +98,13 @@ _GROUP_BUSY = (
 )
 
 
+def outbox_group(group: str, target: str) -> str:
+    """The outbox's ordering group of a delivery: the alert's (rule and group key), per
+    target. An action with several targets (an Apprise URL each) keeps each in order on its
+    own, so a failing channel holds up only its own later deliveries."""
+    return f"{group}\x1f{target}" if target else group
+
+
 @dataclass(frozen=True, slots=True)
 class NewAlert:
     """An alert to commit, with the (action, target, label) deliveries it fans out to."""
@@ -362,11 +369,12 @@ class Store:
                     (alert.rule, alert.event_id, now),
                 )
             for action, target, label in alert.deliveries:
-                head = conn.execute(_GROUP_BUSY, (action, alert.group)).fetchone() is None
+                group = outbox_group(alert.group, target)
+                head = conn.execute(_GROUP_BUSY, (action, group)).fetchone() is None
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO outbox (alert_id, action, target, label, grp, head,"
                     " created_at, due_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (alert.id, action, target, label, alert.group, head, now, now, now),
+                    (alert.id, action, target, label, group, head, now, now, now),
                 )
                 if head and cursor.rowcount:
                     ready.append(
@@ -376,7 +384,7 @@ class Store:
                             action,
                             target,
                             label,
-                            alert.group,
+                            group,
                             PENDING,
                             0,
                             now,

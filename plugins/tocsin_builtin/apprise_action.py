@@ -1,11 +1,14 @@
 """The ``apprise`` action: notifications on any channel Apprise knows (SPEC section 5).
 
 Each Apprise URL is its own target, so a failing channel is retried alone. Apprise is
-blocking and some services sleep between sends, so every send runs in this action's own
-pool of ``workers`` threads and is abandoned after ``deadline``; the retry is then the
-outbox's. Apprise's own deadline (which would hand the send to Apprise's process-wide
-pool) and its own retries are switched off, so the threads here are the only ones and
-their number is the bound.
+blocking and some services sleep between sends, so every send runs in a thread of its own,
+at most ``workers`` at a time, and is abandoned after ``deadline``; the retry is then the
+outbox's. An abandoned send gives its slot back but keeps its channel busy until it ends:
+a stuck channel holds one thread and no worker, and the other channels go on. So the
+threads number at most ``workers`` plus one per channel. They are daemon threads: a send
+stuck in Apprise never keeps the daemon from exiting once the drain is over. Apprise's own
+deadline (which would hand the send to Apprise's process-wide pool) and its own retries
+are switched off, so the threads here are the only ones.
 
 URLs carry tokens. They are shown only in Apprise's privacy form, a target's key is a
 hash, and a filter on the ``apprise`` logger masks every secret part of a configured URL
@@ -20,8 +23,8 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,55 +298,58 @@ class AppriseAction(Action):
         self._channels: dict[str, _Channel] = {}
         for channel in channels:  # the same URL twice is one target
             self._channels.setdefault(channel.key, channel)
-        self._pool: ThreadPoolExecutor | None = None
         self._slots: asyncio.Semaphore | None = None
+        # The send still running (or stuck) of each channel.
+        self._sending: dict[str, Future[str | None]] = {}
 
     def targets(self) -> list[Target]:
         """One target per Apprise URL, labelled with Apprise's privacy form of it."""
         return [Target(c.key, c.label) for c in self._channels.values()]
 
     async def start(self) -> None:
-        """Start the worker threads' pool."""
-        if self._pool is None:
-            workers = self.settings.workers
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"apprise-{self.instance}")
-            # A slot is taken before a send is submitted and given back only when its
-            # thread finishes, not when we stop waiting: abandoned sends keep their slot,
-            # so stuck threads can never outnumber the pool and nothing queues behind them.
-            self._slots = asyncio.Semaphore(workers)
+        """Make the ``workers`` slots."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.workers)
 
     async def aclose(self) -> None:
-        """Stop the pool without waiting: a stuck send ends on its own (Apprise's socket
-        timeouts), and its outbox entry is still pending."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to wait for: a stuck send ends on its own (Apprise's socket timeouts),
+        its thread is a daemon thread, and its outbox entry is still pending."""
+        self._slots = None
 
     async def deliver(self, alert: Alert, target: str) -> None:
         """Notify one URL in a worker thread within ``deadline`` seconds."""
         channel = self._channels.get(target)
         if channel is None:
             raise PermanentDelivery("target no longer configured")
-        pool, slots = self._pool, self._slots
-        if pool is None or slots is None:
+        slots = self._slots
+        if slots is None:
             raise RuntimeError(f"apprise action {self.instance!r}: start() was not awaited")
+        if target in self._sending:
+            raise RetryableDelivery(f"the last send to {channel.label} has not ended yet")
         deadline = self.settings.deadline
         loop = asyncio.get_running_loop()
-        submitted = False
+        slot = _Slot(slots)
+        future: Future[str | None] | None = None
+
+        def ended() -> None:  # the send's thread returned: its channel and slot are free
+            if future is not None and self._sending.get(target) is future:
+                del self._sending[target]
+            slot.give_back()
+
         # One deadline for the whole call, waiting for a free worker included, so a
         # delivery never holds the dispatcher longer than ``deadline``.
         with anyio.move_on_after(deadline) as scope:
             await slots.acquire()
-            try:
-                future = pool.submit(_send, channel, alert)
-            except BaseException:
-                slots.release()
-                raise
-            future.add_done_callback(lambda _: _give_back(loop, slots))
-            submitted = True
+            slot.held = True
+            future = self._sending[target] = _in_thread(
+                f"apprise-{self.instance}", _send, channel, alert
+            )
+            future.add_done_callback(lambda _: _call_soon(loop, ended))
             failure = await asyncio.wrap_future(future)
+            ended()
+        slot.give_back()  # abandoned: the slot serves others; the channel stays busy
         if scope.cancelled_caught:
-            if not submitted:
+            if future is None:
                 raise RetryableDelivery(
                     f"all {self.settings.workers} Apprise worker(s) of action {self.instance!r}"
                     f" were still busy after {deadline:g}s"
@@ -355,11 +361,41 @@ class AppriseAction(Action):
             raise RetryableDelivery(f"Apprise could not notify {channel.label}: {failure}")
 
 
-def _give_back(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:
-    """Return a worker slot from whichever thread finished the send."""
-    # A closed loop raises RuntimeError: then nobody is waiting for a slot any more.
+class _Slot:
+    """One of an action's ``workers`` slots, given back once: when the send ends or when
+    it is abandoned, whichever comes first."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self.slots = slots
+        self.held = False
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on the event loop, from whichever thread finished the send."""
+    # A closed loop raises RuntimeError: then nobody is waiting any more.
     with suppress(RuntimeError):
-        loop.call_soon_threadsafe(slots.release)
+        loop.call_soon_threadsafe(callback)
+
+
+def _in_thread(name: str, func: Callable[..., str | None], *args: Any) -> Future[str | None]:
+    """``func(*args)`` in a new daemon thread (a pool's threads are joined at exit)."""
+    future: Future[str | None] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(func(*args))
+        except BaseException as err:
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _send(channel: _Channel, alert: Alert) -> str | None:

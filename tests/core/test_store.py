@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable
@@ -83,6 +84,21 @@ def test_one_head_per_group_in_order(store: Store) -> None:
     assert next_due is not None and next_due > time.time() + 3000
     store.call_sync(Store.finish, a2.seq, DEAD, "gave up")
     assert ready(store) == ["a3"]
+
+
+def test_each_target_of_an_action_keeps_its_own_order(store: Store) -> None:
+    def two_urls(id: str) -> NewAlert:
+        one = alert(id, "G")
+        return dataclasses.replace(one, deliveries=(("ap", "url1", "one"), ("ap", "url2", "two")))
+
+    committed = store.call_sync(Store.commit_alerts, [two_urls("a"), two_urls("b")])
+    assert [(d.alert_id, d.target) for d in committed] == [("a", "url1"), ("a", "url2")]
+    seq = {(d.alert_id, d.target): d.seq for d in committed}
+    # url1 fails and waits an hour; url2 goes on with b in the meantime.
+    store.call_sync(Store.reschedule, seq["a", "url1"], time.time() + 3600, "HTTP 503")
+    store.call_sync(Store.finish, seq["a", "url2"], DONE)
+    later = store.call_sync(Store.fetch_ready, "ap", time.time() + 1, 100).deliveries
+    assert [(d.alert_id, d.target) for d in later] == [("b", "url2")]
 
 
 def test_retry_and_drop_dead_letters(store: Store) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from support import until
 from tocsin import Alert, PermanentDelivery, RetryableDelivery
 from tocsin_builtin.apprise_action import AppriseAction, AppriseActionConfig
 
@@ -128,7 +130,7 @@ async def test_a_send_past_the_deadline_is_retryable(
     receiver.release()
 
 
-async def test_stuck_sends_never_outnumber_the_workers(
+async def test_a_stuck_channel_holds_itself_up_and_no_other(
     receiver: Receiver, make: Callable[..., Any], alert: Alert
 ) -> None:
     receiver.respond(hang=True, path="/slow")
@@ -138,14 +140,52 @@ async def test_stuck_sends_never_outnumber_the_workers(
     slow, fast = (t.key for t in action.targets())
     with pytest.raises(RetryableDelivery, match="did not finish"):
         await action.deliver(alert, slow)
-    # The abandoned send still holds the only worker: the next one is not even started.
-    with pytest.raises(RetryableDelivery, match=r"all 1 Apprise worker\(s\) .* still busy"):
-        await action.deliver(alert, fast)
-    assert [r.path for r in receiver.requests] == ["/slow"]
-    # Once the stuck send ends, its worker serves again.
-    receiver.release()
+    # The abandoned send gave the only worker back: the other channel goes on...
     await action.deliver(alert, fast)
-    assert [r.path for r in receiver.requests] == ["/slow", "/fast"]
+    await action.deliver(alert, fast)
+    # ...while the stuck one is not sent to again until its send ends: one thread at most.
+    with pytest.raises(RetryableDelivery, match=r"the last send to .*/slow\?.* has not ended"):
+        await action.deliver(alert, slow)
+    assert [r.path for r in receiver.requests] == ["/slow", "/fast", "/fast"]
+    receiver.release()
+    await until(lambda: slow not in action._sending)
+    await action.deliver(alert, slow)
+    assert [r.path for r in receiver.requests] == ["/slow", "/fast", "/fast", "/slow"]
+
+
+CHILD = """
+import sys, anyio
+from tocsin import Alert, RetryableDelivery
+from tocsin_builtin.apprise_action import AppriseAction, AppriseActionConfig
+
+async def main():
+    cfg = {"plugin": "apprise", "urls": [sys.argv[1]], "deadline": 0.3}
+    action = AppriseAction("ops", AppriseActionConfig.model_validate(cfg))
+    await action.start()
+    try:
+        await action.deliver(Alert("a1", "firing", "r", "t", "b", "", {}), action.targets()[0].key)
+    except RetryableDelivery as err:
+        print("abandoned:", type(err).__name__, flush=True)
+    await action.aclose()
+
+anyio.run(main)
+"""
+
+
+async def test_a_stuck_send_never_keeps_the_process_from_exiting(receiver: Receiver) -> None:
+    receiver.respond(hang=True)
+    with anyio.fail_after(20):
+        child = await anyio.run_process(
+            # rto: Apprise's own read timeout, 4 s by default, made longer than the wait.
+            [sys.executable, "-c", CHILD, json_url(receiver, "/stuck?rto=60")],
+            check=False,
+        )
+    # The send is still stuck in Apprise (the receiver never answered), yet the process
+    # ended: a pool's threads would be joined at exit, and systemd would kill the daemon.
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == b"abandoned: RetryableDelivery\n"
+    assert [r.path for r in receiver.requests] == ["/stuck"]
+    receiver.release()
 
 
 async def test_a_target_no_longer_configured_is_permanent(

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from support import until
 from tocsin_builtin.http1 import (
     BODY_KEPT,
     MAX_HEAD,
@@ -105,14 +106,6 @@ async def make(server: Server) -> AsyncIterator[Callable[..., Pool]]:
     yield build
     for pool in pools:
         await pool.aclose()
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for ``condition`` (checked as the loop turns), failing after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 # -- requests (pure) -------------------------------------------------------------------
