@@ -149,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(outbox)
     outbox.add_argument("verb", nargs="?", choices=("list", "retry", "drop"), default="list")
     outbox.add_argument("seq", nargs="*", type=int, help="delivery numbers (first column of list)")
-    outbox.add_argument("--all", action="store_true", help="every dead-lettered delivery")
+    outbox.add_argument(
+        "--all",
+        action="store_true",
+        help="every dead-lettered delivery (drop also takes pending ones, by number)",
+    )
     outbox.add_argument("--dead", action="store_true", help="list only dead-lettered deliveries")
     outbox.add_argument("--json", action="store_true", help="list as JSON (one document)")
     return parser
@@ -545,12 +549,19 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         if not args.seq and not args.all:
             raise UsageError(f"outbox {args.verb} needs delivery numbers or --all")
         seqs = None if args.all else args.seq
-        op = Store.retry if args.verb == "retry" else Store.drop
-        n = store.call_sync(op, seqs)
-        done = "queued again" if args.verb == "retry" else "dropped"
+        if args.verb == "retry":
+            n = store.call_sync(Store.retry, seqs)
+            print(
+                f"{n} dead-lettered deliver{'y' if n == 1 else 'ies'} queued again;"
+                " a running daemon picks them up within 5 s"
+            )
+            return 0
+        # By number, a pending delivery can be dropped too (one stuck at the head of its
+        # group); --all drops the dead letters only.
+        n = store.call_sync(Store.drop, seqs, seqs is None)
         print(
-            f"{n} dead-lettered deliver{'y' if n == 1 else 'ies'} {done}"
-            + ("; a running daemon picks them up within 5 s" if args.verb == "retry" else "")
+            f"{n} deliver{'y' if n == 1 else 'ies'} dropped"
+            + ("" if seqs is None else "; a running daemon may still finish one it had begun")
         )
         return 0
     finally:

@@ -80,6 +80,7 @@ def outbox_lines(
     shown = f"; the first {len(rows)} listed" if len(rows) < listed else ""
     summary = (
         f"{counts['pending']} pending, {counts['dead']} dead-lettered, {counts['done']} delivered"
+        + (f", {counts['dropped']} dropped" if counts.get("dropped") else "")
         + shown
     )
     if not rows:

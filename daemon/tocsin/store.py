@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PENDING, DONE, DEAD = 0, 1, 2
-STATE_NAMES = {PENDING: "pending", DONE: "done", DEAD: "dead"}
+PENDING, DONE, DEAD, DROPPED = 0, 1, 2, 3
+STATE_NAMES = {PENDING: "pending", DONE: "done", DEAD: "dead", DROPPED: "dropped"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -432,8 +432,10 @@ class Store:
         """Mark a delivery done or dead, and promote the next of its group to head.
 
         Returns whether one was promoted."""
-        row = conn.execute("SELECT action, grp FROM outbox WHERE seq = ?", (seq,)).fetchone()
-        if row is None:
+        row = conn.execute(
+            "SELECT action, grp FROM outbox WHERE seq = ? AND state = 0", (seq,)
+        ).fetchone()
+        if row is None:  # gone, or dropped by hand (tocsin outbox drop) meanwhile
             return False
         conn.execute(
             "UPDATE outbox SET state = ?, head = 0, attempts = attempts + 1, updated_at = ?,"
@@ -460,7 +462,7 @@ class Store:
         """A failed try that will be retried at ``due_at``."""
         conn.execute(
             "UPDATE outbox SET attempts = attempts + 1, due_at = ?, updated_at = ?, last_error = ?"
-            " WHERE seq = ?",
+            " WHERE seq = ? AND state = 0",
             (due_at, time.time(), error[:1000], seq),
         )
 
@@ -541,7 +543,8 @@ class Store:
 
     @staticmethod
     def drop(conn: sqlite3.Connection, seqs: Iterable[int] | None, dead_only: bool = True) -> int:
-        """Forget deliveries (dead-lettered ones, or any with ``dead_only=False``)."""
+        """Give up deliveries for good (dead-lettered ones, or pending ones too with
+        ``dead_only=False``): they stay listed as dropped, and the next of their group goes."""
         clauses = ["state = 2"] if dead_only else ["state IN (0, 2)"]
         if seqs is not None:
             clauses.append(f"seq IN ({','.join(str(int(s)) for s in seqs) or 'NULL'})")
@@ -550,8 +553,8 @@ class Store:
         ).fetchall()
         for seq, action, group in rows:
             conn.execute(
-                "UPDATE outbox SET state = 1, head = 0, last_error = 'dropped' WHERE seq = ?",
-                (seq,),
+                "UPDATE outbox SET state = ?, head = 0, last_error = 'dropped' WHERE seq = ?",
+                (DROPPED, seq),
             )
             Store._promote(conn, action, group)
         return len(rows)

@@ -111,6 +111,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.open = True  # false once closed, or once an answer said it closes
+        self.complete = True  # the last answer was read to its end (reusable if open)
         self.idle_since = 0.0
         self._waiter: asyncio.Future[Answer] | None = None
         self._reset()
@@ -126,6 +127,7 @@ class _Connection(asyncio.Protocol):
         """Write one request and wait for its answer."""
         assert self.transport is not None
         self._reset()
+        self.complete = False
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return await self._waiter
@@ -149,6 +151,12 @@ class _Connection(asyncio.Protocol):
             self._fail(cause if isinstance(cause, BadResponse) else BadResponse(str(err)))
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
             self._fail(BadResponse(f"the answer is not HTTP/1.x ({err})"))
+        else:
+            if 200 <= self._status < 300:
+                # A 2xx is a success whatever its body does next (SPEC section 5): do not
+                # wait for a body that is slow to come. The connection is kept only if
+                # the answer was whole (``complete``).
+                self._done()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
@@ -196,6 +204,7 @@ class _Connection(asyncio.Protocol):
         if self._status < 200:  # 1xx: an interim answer, the final one follows
             self._reset()
             return
+        self.complete = True
         if not self.parser.should_keep_alive():
             self.open = False
         self._done()
@@ -212,7 +221,9 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(Answer(self._status, self._retry_after, b"".join(self._body)))
 
     def _fail(self, err: Exception) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        if 200 <= self._status < 300:
+            self._done()  # a 2xx whose body is broken is still a success
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(err)
         self.close()
 
@@ -251,9 +262,11 @@ class Pool:
                 raise
             finally:
                 self._busy.discard(conn)
-            if conn.open:
+            if conn.open and conn.complete:
                 conn.idle_since = asyncio.get_running_loop().time()
                 self._idle.append(conn)
+            else:
+                conn.close()  # its answer is still coming (a slow 2xx body): not reusable
             return answer
 
     async def _take(self) -> _Connection:

@@ -21,7 +21,7 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tocsin import (
     Action,
@@ -168,6 +168,18 @@ class WebhookConfig(ActionConfig):
                 raise ValueError(f"the value of header {name} cannot contain a line break")
         return value
 
+    @model_validator(mode="after")
+    def _one_authorization(self) -> WebhookConfig:
+        parts = urlsplit(self.url.get())
+        given = any(name.lower() == "authorization" for name in self.headers)
+        if given and (parts.username is not None or parts.password is not None):
+            # Both would be sent, and a server reads one of the two: say which is meant.
+            raise ValueError(
+                "give the credentials either in the url (user:password@) or as an"
+                " Authorization header, not both"
+            )
+        return self
+
 
 class WebhookAction(Action):
     """POST each alert as JSON to ``url``, signed when a ``secret`` is set."""
@@ -194,7 +206,12 @@ class WebhookAction(Action):
                 self.settings.url.get(),
                 limit=self.settings.concurrency,
                 timeout=self.settings.timeout,
-                headers={"User-Agent": f"tocsin/{__version__}"},
+                # The user's own User-Agent replaces it (sent with the other headers).
+                headers=(
+                    {}
+                    if any(name.lower() == "user-agent" for name in self.settings.headers)
+                    else {"User-Agent": f"tocsin/{__version__}"}
+                ),
             )
 
     async def aclose(self) -> None:

@@ -632,3 +632,20 @@ def test_record_takes_a_plain_number_of_seconds() -> None:
     assert _duration("30") == 30.0
     assert _duration("1.5") == 1.5
     assert _duration("2m") == 120.0
+
+
+def test_outbox_drops_a_stuck_pending_delivery_by_number(tmp_path: Path) -> None:
+    from tocsin.store import NewAlert, Store
+
+    config = tmp_path / "t.toml"
+    config.write_text('[daemon]\nstate_dir = "state"\n')
+    store = Store.open(tmp_path / "state")
+    alert = NewAlert("a1", "r", "e1", "firing", "g", {"title": "stuck"}, (("hook", "", "hook"),))
+    (pending,) = store.call_sync(Store.commit_alerts, [alert])
+    store.close()
+    assert "0 deliveries dropped" in tocsin("outbox", "-c", str(config), "drop", "--all").stdout
+    dropped = tocsin("outbox", "-c", str(config), "drop", str(pending.seq))
+    assert dropped.returncode == 0, dropped.stderr
+    assert dropped.stdout.startswith("1 delivery dropped;")
+    listing = tocsin("outbox", "-c", str(config))
+    assert listing.stdout.splitlines()[0] == "0 pending, 0 dead-lettered, 0 delivered, 1 dropped"

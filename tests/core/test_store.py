@@ -117,7 +117,22 @@ def test_retry_and_drop_dead_letters(store: Store) -> None:
     (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
     store.call_sync(Store.finish, x.seq, DEAD, "again")
     assert store.call_sync(Store.drop, [x.seq]) == 1
-    assert store.call_sync(Store.counts) == {"pending": 0, "done": 2, "dead": 0, "alerts": 2}
+    counts = store.call_sync(Store.counts)
+    assert counts == {"pending": 0, "done": 1, "dead": 0, "dropped": 1, "alerts": 2}
+
+
+def test_a_pending_delivery_can_be_dropped_by_number(store: Store) -> None:
+    store.call_sync(Store.commit_alerts, [alert("stuck", "G"), alert("next", "G")])
+    (stuck,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
+    store.call_sync(Store.reschedule, stuck.seq, time.time() + 3600, "HTTP 503")
+    assert store.call_sync(Store.drop, None) == 0  # --all: dead letters only
+    assert store.call_sync(Store.drop, [stuck.seq], False) == 1
+    assert ready(store) == ["next"]  # the group goes on
+    # A daemon that had the dropped one in hand finishing it changes nothing.
+    assert store.call_sync(Store.finish, stuck.seq, DONE) is False
+    store.call_sync(Store.reschedule, stuck.seq, time.time() + 1, "late")
+    counts = store.call_sync(Store.counts)
+    assert (counts["dropped"], counts["done"], counts["pending"]) == (1, 0, 1)
 
 
 def test_purge_forgets_only_finished_alerts_past_the_horizon(store: Store) -> None:

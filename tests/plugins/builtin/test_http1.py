@@ -242,6 +242,25 @@ async def test_a_bad_answer_is_an_os_error_and_drops_the_connection(
     assert server.connections == 2
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",  # the rest never comes
+        b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nbad\r\n",
+    ],
+)
+async def test_a_2xx_is_a_success_whatever_its_body_does(
+    server: Server, make: Callable[..., Pool], answer: bytes
+) -> None:
+    pool = make(timeout=2.0)
+    server.script = [answer]
+    answer = await pool.post(b"x", {})
+    assert answer.status in (200, 202)
+    assert pool.connections == 0  # the answer was not whole: its connection is not reused
+    assert await pool.post(b"x", {}) == Answer(204, None, b"")
+    assert server.connections == 2
+
+
 async def test_a_request_without_an_answer_times_out_and_is_not_reused(
     server: Server, make: Callable[..., Pool]
 ) -> None:

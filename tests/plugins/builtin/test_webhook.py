@@ -82,6 +82,18 @@ async def test_payload_and_headers_follow_the_spec(
     assert verify(SECRET.encode(), stamp, req.body, req.headers["X-Tocsin-Signature"])
 
 
+async def test_the_users_user_agent_replaces_tocsins(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    mine = await make(receiver.url("/mine"), headers={"user-agent": "mine/1"})
+    await mine.deliver(alert, "")
+    ours = await make(receiver.url("/ours"))
+    await ours.deliver(alert, "")
+    first, second = await receiver.wait_for_requests(2)
+    assert first.headers.getall("User-Agent") == ["mine/1"]
+    assert second.headers.getall("User-Agent")[0].startswith("tocsin/")
+
+
 async def test_without_a_secret_nothing_is_signed(
     receiver: Receiver, make: Callable[..., Any], alert: Alert
 ) -> None:
@@ -234,7 +246,7 @@ def test_secrets_never_print() -> None:
     cfg = config(
         f"https://user:{TOKEN}@hooks.example.com/in/{TOKEN}?key={TOKEN}",
         secret=SECRET,
-        headers={"Authorization": f"Bearer {TOKEN}"},
+        headers={"X-Api-Key": f"Bearer {TOKEN}"},
     )
     for text in (str(cfg), repr(cfg), cfg.model_dump_json(), str(cfg.model_dump())):
         assert TOKEN not in text
@@ -277,6 +289,15 @@ def test_bad_keys_are_refused(keys: dict[str, Any], message: str) -> None:
         config("http://127.0.0.1/", **keys)
     assert message in str(caught.value)
     assert TOKEN not in str(caught.value)
+
+
+def test_credentials_go_in_the_url_or_a_header_not_both() -> None:
+    with pytest.raises(ValidationError) as caught:
+        config(f"http://u:{TOKEN}@127.0.0.1/", headers={"authorization": f"Bearer {TOKEN}"})
+    assert "either in the url (user:password@) or as an Authorization header" in str(caught.value)
+    assert TOKEN not in str(caught.value)
+    config(f"http://u:{TOKEN}@127.0.0.1/")
+    config("http://127.0.0.1/", headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 def test_durations_and_retry_use_the_shared_types() -> None:
