@@ -275,9 +275,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     engine.clock = engine.wall = lambda: now[0]
     events = fired = bad = 0
     sent: list[str] = []
-    # The firing alerts of each event, as the daemon's outbox keeps them: a removal of the
-    # event (removed = true) retracts them.
-    firing: dict[str, list[tuple[str, str, str]]] = {}
+    # The firing alerts of each event, the latest per rule and group, as the daemon's
+    # outbox reads them: a removal of the event (removed = true) retracts them.
+    firing: dict[str, dict[tuple[str, str], str]] = {}
     try:
         size = path.stat().st_size
     except OSError:
@@ -296,7 +296,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         sent.append(golden_line(pending))
         alert = pending.alert
         if alert.status == "firing":
-            firing.setdefault(pending.event_id, []).append((alert.id, alert.rule, pending.group))
+            firing.setdefault(pending.event_id, {})[(alert.rule, pending.group)] = alert.id
         out.line(
             f"{where}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}"
         )
@@ -317,8 +317,8 @@ def cmd_test(args: argparse.Namespace) -> int:
                 show(f"{where} (before)", pending)
             engine.suppressed.clear()
             if event.removed:  # as the daemon does: retract what the fact fired, nothing else
-                fired_before = firing.pop(event.id, [])
-                for alert_id, rule, group in fired_before:
+                fired_before = firing.pop(event.id, {})
+                for (rule, group), alert_id in fired_before.items():
                     retraction = engine.retraction(rule, alert_id, group, event)
                     if retraction is None:
                         out.line(f'{where}: no alert from {rule!r}: on_removed = "ignore"')

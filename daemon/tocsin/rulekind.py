@@ -108,6 +108,11 @@ class RuleKind:
         """Alerts caused by time passing (a window closing, silence); none by default."""
         return []
 
+    def on_removed(self, event: Event, group_key: str, now: float) -> None:
+        """The provider took back ``event``, which a sent firing of this group carried;
+        its ``retracted`` alert is on its way. A kind whose alerts repeat or resolve stops
+        carrying the event here. Nothing by default."""
+
     def state_changes(self) -> list[tuple[str, Any]]:
         """``(group_key, state)`` for every group changed since the last call.
 

@@ -583,6 +583,11 @@ class Engine:
         rule = self.rules.get(rule_name)
         if rule is None or rule.config.on_removed != "retract":
             return None
+        _, _, group_key = group.partition("\x1f")
+        try:
+            rule.kind.on_removed(event, group_key, self.clock())
+        except Exception:
+            log.exception("rule %r: the %s kind failed on a removal", rule_name, rule.config.kind)
         key = (rule_name, event.id)
         self.generations[key] = self.generations.get(key, 0) + 1
         alert_id = stable_id(rule_name, firing_id, "retracted")

@@ -362,7 +362,13 @@ class Store:
             if not inserted:
                 continue
             if alert.retracts:
-                conn.execute("UPDATE alerts SET retracted = 1 WHERE id = ?", (alert.retracts,))
+                # Every firing of the rule and group that carried the fact: a firing and
+                # its repeats are retracted once, together.
+                conn.execute(
+                    "UPDATE alerts SET retracted = 1 WHERE event_id = ? AND rule = ? AND grp = ?"
+                    " AND status = 'firing'",
+                    (alert.event_id, alert.rule, alert.group),
+                )
                 conn.execute(
                     "INSERT INTO generations VALUES (?, ?, 1, ?) ON CONFLICT (rule, event_id)"
                     " DO UPDATE SET gen = gen + 1, updated_at = excluded.updated_at",
@@ -561,11 +567,16 @@ class Store:
 
     @staticmethod
     def firing_alerts_for(conn: sqlite3.Connection, event_id: str) -> list[tuple[str, str, str]]:
-        """(alert id, rule, group) of sent, unretracted firing alerts of ``event_id``."""
-        return conn.execute(
-            "SELECT id, rule, grp FROM alerts WHERE event_id = ? AND status = 'firing' AND retracted = 0",
+        """(alert id, rule, group) of the unretracted firing alerts of ``event_id``: the
+        latest of each rule and group (a repeat of a still-firing alert is the same alert)."""
+        latest: dict[tuple[str, str], str] = {}
+        for alert_id, rule, group in conn.execute(
+            "SELECT id, rule, grp FROM alerts WHERE event_id = ? AND status = 'firing'"
+            " AND retracted = 0 ORDER BY rowid",
             (event_id,),
-        ).fetchall()
+        ):
+            latest[(rule, group)] = alert_id
+        return [(alert_id, rule, group) for (rule, group), alert_id in latest.items()]
 
     @staticmethod
     def load_rule_state(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:

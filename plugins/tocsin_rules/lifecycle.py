@@ -92,6 +92,22 @@ class LifecycleKind(StatefulKind[A], Generic[A]):
         group.next_repeat = now + interval
         return [Firing("firing", group.event, (key, group.seq, "firing", group.repeat))]
 
+    def on_removed(self, event: Event, group_key: str, now: float) -> None:
+        """The event the group's alert carries was taken back (and its firing retracted):
+        the alert ends there, with no resolved and no repeat carrying a retracted fact.
+        The group fires again, with a new sequence number, on the next event that finds
+        the bound still reached."""
+        group = self.table.get(group_key)
+        if group is None or not group.firing or group.event is None:
+            return
+        if group.event.id != event.id:
+            return
+        group.firing = False
+        group.repeat = 0
+        group.next_repeat = None
+        group.event = None
+        self.settle(group_key, group)
+
     def encode_alerting(self, group: A) -> dict[str, Any]:
         return {
             "firing": group.firing,

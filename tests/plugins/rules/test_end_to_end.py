@@ -71,3 +71,34 @@ async def test_threshold_fires_then_resolves_on_time_through_the_webhook(tmp_pat
     assert firing["id"] != resolved["id"]
     assert [r.headers["Idempotency-Key"] for r in receiver.ok()] == [firing["id"], resolved["id"]]
     assert len(receiver.requests) == 2  # nothing from the other group
+
+
+async def test_a_retracted_crossing_is_retracted_once_and_carried_no_more(tmp_path: Path) -> None:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).replace(
+            'window = "2s"', 'window = "1h"\nrealert = "1s"'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+
+        def sent() -> list[tuple[str, str, bool]]:
+            return [
+                (b["status"], b["event"]["id"], b["event"]["removed"])
+                for b in (r.json() for r in receiver.ok())
+            ]
+
+        async with running(path, make_registry(tocsin_rules)):
+            await wait_for(lambda: server.clients, what="the source to connect")
+            await server.push(transfer("t1"))
+            await server.push(transfer("t2"))
+            await wait_for(lambda: len(sent()) >= 3, within=10, what="a firing and 2 repeats")
+            await server.push({**transfer("t2"), "removed": True})  # the chain took it back
+            await wait_for(lambda: ("retracted", "t2", True) in sent(), what="the retraction")
+            await server.push(transfer("t3"))  # the bound is reached again: a new firing
+            await wait_for(
+                lambda: sent().count(("firing", "t3", False)) >= 2, within=10, what="t3 repeating"
+            )
+    alerts = sent()
+    cut = alerts.index(("retracted", "t2", True))
+    assert set(alerts[:cut]) == {("firing", "t2", False)}  # the firing and its repeats
+    assert alerts.count(("retracted", "t2", True)) == 1  # one retraction for them all
+    assert set(alerts[cut + 1 :]) == {("firing", "t3", False)}  # t2 is carried no more
