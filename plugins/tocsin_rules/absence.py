@@ -78,6 +78,17 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
             return []
         return self.fire(key, group, group.event or self.placeholder(group, now), now)
 
+    def on_removed(self, event: Event, group_key: str, now: float) -> None:
+        """The last event, which the firing carried, was taken back: the firing is
+        retracted and ends, and the group is watched again from now (else it would fire
+        again at once, with a placeholder)."""
+        group = self.table.get(group_key)
+        carried = group is not None and group.firing and group.event is not None
+        super().on_removed(event, group_key, now)
+        if carried and group is not None and not group.firing:
+            group.last = max(group.last, now)
+            self.settle(group_key, group)
+
     def placeholder(self, group: AbsenceGroup, now: float) -> Event:
         """The event an alert carries when the rule has seen none since it was loaded."""
         since = utc_iso(group.last)

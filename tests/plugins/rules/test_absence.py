@@ -195,3 +195,31 @@ def test_reload_keeps_the_watch_of_an_unchanged_rule(tmp_path: Path) -> None:
     assert changed.tick() == []
     clock.at(120 + 180)
     assert [p.alert.status for p in changed.tick()] == ["firing"]
+
+
+def test_a_retracted_last_event_ends_the_firing_and_the_watch_starts_again(
+    tmp_path: Path,
+) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, PER_MARKET.format(extra='realert = "10s"'), clock)
+    assert engine.process(quote(1)) == []
+    clock.at(61)
+    (firing,) = engine.tick()
+    assert seen([firing]) == [("firing", "q1")]
+    removed = event("q1", market="219", price="2.10")
+    removed = Event(
+        removed.id, removed.source, removed.provider, removed.type, removed.data, removed.time, True
+    )
+    (retracted,) = [
+        p
+        for p in [engine.retraction("market quiet", firing.alert.id, firing.group, removed)]
+        if p is not None
+    ]
+    assert seen([retracted]) == [("retracted", "q1")]
+    # No repeat of the retracted firing, and no new firing before a whole window of silence.
+    for second in range(62, 121):
+        clock.at(second)
+        assert engine.tick() == []
+    clock.at(122)
+    (again,) = engine.tick()
+    assert again.alert.status == "firing" and again.alert.id != firing.alert.id
