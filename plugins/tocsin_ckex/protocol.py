@@ -390,17 +390,21 @@ def parse_frame(raw: str | bytes) -> Frame:
 # -- events ---------------------------------------------------------------------------
 
 
-def quote_event(quote: Quote, previous: tuple[str, ...] = ()) -> tuple[str, dict[str, Any], str]:
+def quote_event(
+    quote: Quote, previous: tuple[str, ...] = (), move: int = 0
+) -> tuple[str, dict[str, Any], str]:
     """The event ``(type, data, id)`` of a quote (SPEC section 4).
 
-    A fact is a change: the id hashes the quote's identity, its values and the values it
-    replaced (``previous``, from ``QuoteBook.news``; empty when none is known). So the
-    same snapshot re-sent after a reconnect or a restart gets the same id, while odds
-    that move 1.9 -> 2.1 -> 1.9 -> 2.1 make a new fact at every move, also when they
-    return to a value seen before. A fancy quote's ``ut`` is left out: a snapshot re-sent
-    with a newer ``ut`` but the same values is not a new fact.
+    A fact is a change. A product's first quote is identified by its values alone, so the
+    same snapshot re-sent after a restart gets the same id (and alerts once). A move
+    (``previous``, the values it replaced, from ``QuoteBook.news``) is identified by its
+    values, the values it replaced and its ``move`` number (``QuoteBook.move``): odds that
+    move 1.9 -> 2.1 -> 1.9 -> 2.1 make a new fact at every move, also when a move repeats
+    an earlier one. A re-sent snapshot is no move (the book drops it). A fancy quote's
+    ``ut`` is left out: a snapshot re-sent with a newer ``ut`` but the same values is not
+    a new fact.
     """
-    after = ("after", *previous) if previous else ()
+    after = ("after", *previous, str(move)) if previous else ()
     open_ = quote.status == "1"  # "1": open and shown; anything else: locked
     if isinstance(quote, SportsbookQuote):
         data: dict[str, Any] = {
@@ -453,8 +457,15 @@ class QuoteBook:
     again, with the same id, which the daemon deduplicates).
     """
 
-    def __init__(self, max_products: int = 10_000) -> None:
+    def __init__(
+        self, max_products: int = 10_000, clock: Callable[[], float] | None = None
+    ) -> None:
         self.max_products = max_products
+        # The number of the last move: with a clock, its milliseconds or one more than the
+        # last (it grows across restarts, so a move never gets an id of an earlier run);
+        # without one (a replay of recorded frames), 1, 2, 3... for the same ids each run.
+        self.move = 0
+        self._clock = clock
         self._last: OrderedDict[tuple[str, ...], tuple[tuple[str, ...], float | None]] = (
             OrderedDict()
         )
@@ -490,4 +501,7 @@ class QuoteBook:
         self._last.move_to_end(key)
         while len(self._last) > self.max_products:
             self._last.popitem(last=False)
+        if previous:
+            now = int(self._clock() * 1000) if self._clock is not None else 0
+            self.move = max(self.move + 1, now)
         return previous

@@ -145,7 +145,7 @@ def quote_events(
         previous = book.news(quote)
         if previous is None:
             continue  # a repeated snapshot, or an out-of-order fancy quote
-        type_, data, id_ = quote_event(quote, previous)
+        type_, data, id_ = quote_event(quote, previous, book.move)
         ts = event_time(quote)
         events.append(
             factory.event(type_, data, id=id_, time=utc_iso(ts) if ts is not None else "")
@@ -166,7 +166,8 @@ class CkexSource(Source):
 
     def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
         super().__init__(config, ctx)
-        self.book = QuoteBook()  # kept across reconnects: a re-sent snapshot is no news
+        # Kept across reconnects: a re-sent snapshot is no news.
+        self.book = QuoteBook(clock=time.time)
         self.errors = 0  # error frames received
         self._error_logged = -ERROR_LOG_EVERY
 

@@ -189,6 +189,33 @@ def test_ids_follow_the_fact() -> None:
     assert quote_event(fancy(status="-3"))[2] != quote_event(fancy())[2]
 
 
+def test_odds_moving_back_and_forth_are_a_new_fact_at_every_move() -> None:
+    book = QuoteBook()
+    ids = []
+    for price in ["3.30", "3.50", "3.30", "3.50", "3.30", "3.30"]:
+        quote = sb(price=price)
+        previous = book.news(quote)
+        if previous is not None:
+            ids.append(quote_event(quote, previous, book.move)[2])
+    assert len(ids) == 5 == len(set(ids))  # the sixth is a re-sent snapshot: no news
+    assert ids[0] == quote_event(sb(price="3.30"))[2]  # a first quote: its values alone
+    # Replays number their moves 1, 2, 3...: the same frames give the same ids.
+    again = QuoteBook()
+    replayed = [
+        quote_event(q, p, again.move)[2]
+        for q in (sb(price=x) for x in ["3.30", "3.50", "3.30", "3.50", "3.30"])
+        if (p := again.news(q)) is not None
+    ]
+    assert replayed == ids
+    # Live, a move is numbered by the clock's milliseconds: a later run never reuses one.
+    live = QuoteBook(clock=lambda: 1_800_000_000.0)
+    live.news(sb(price="3.30"))
+    live.news(sb(price="3.50"))
+    assert live.move == 1_800_000_000_000
+    live.news(sb(price="3.30"))
+    assert live.move == 1_800_000_000_001
+
+
 def test_quote_book_drops_repeats_and_stale_fancy_quotes() -> None:
     book = QuoteBook()
     assert book.accept(sb())
