@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
 
@@ -77,14 +78,15 @@ class _SecretRegistry:
         self._transient: tuple[str, ...] = ()
 
     def add(self, value: str, *, transient: bool = False) -> None:
-        if len(value) < 4:  # shorter strings would scrub ordinary words
+        parts = [p for p in _secret_parts(value) if len(p) >= 4]  # shorter: ordinary words
+        if not parts:
             return
         with self._lock:
             if transient:
-                if value not in self._transient:
-                    self._transient = (*self._transient, value)[-self.TRANSIENT :]
+                fresh = [p for p in parts if p not in self._transient]
+                self._transient = (*self._transient, *fresh)[-self.TRANSIENT :]
             else:
-                self._values = self._values | {value}
+                self._values = self._values | set(parts)
 
     def scrub(self, text: str) -> str:
         for value in (*self._values, *self._transient):
@@ -94,6 +96,29 @@ class _SecretRegistry:
 
 
 secret_registry = _SecretRegistry()
+
+
+def _secret_parts(value: str) -> list[str]:
+    """``value``, and for a URL the parts that carry its credentials on their own: a log
+    line quotes a request line (``GET /path?apikey=...``), not the whole URL."""
+    parts = [value]
+    if "://" not in value:
+        return parts
+    try:
+        url = urlsplit(value)
+        password = url.password
+    except ValueError:
+        return parts
+    if password:
+        parts += [password, unquote(password)]
+    if url.query:
+        parts.append(url.query)
+        for piece in url.query.split("&"):
+            _, _, raw = piece.partition("=")
+            parts += [raw, unquote_plus(raw)]
+    # A token in the path (https://hooks.example.com/in/<token>): long segments only.
+    parts += [s for s in url.path.split("/") if len(s) >= 16]
+    return parts
 
 
 def register_secret(value: str, *, transient: bool = False) -> None:

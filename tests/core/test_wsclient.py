@@ -11,6 +11,7 @@ from websockets.frames import Close, CloseCode
 from websockets.http11 import Response
 
 from tocsin import ScrubbingLogger, SecretValue, SourceAuthError, failure_reason
+from tocsin.fields import resolve_secret_refs
 from tocsin.wsclient import closed_for_size, printable
 
 
@@ -33,6 +34,28 @@ def test_scrubbing_logger_masks_headers_query_and_secrets(
     assert "> Host: 127.0.0.1" in text
     # The record points at the caller (websockets), not at the adapter.
     assert {r.filename for r in caplog.records} == {"test_wsclient.py"}
+
+
+def test_a_secret_url_is_scrubbed_by_its_parts_too(caplog: pytest.LogCaptureFixture) -> None:
+    # A source whose whole url is a secret ({ env = "..." }): websockets logs the request
+    # line (path and query), Apprise and urllib3 the path, none of them the whole URL.
+    problems: list[str] = []
+    resolve_secret_refs(
+        {"url": {"env": "U"}, "hook": {"env": "H"}},
+        lambda path, message: problems.append(message),
+        environ={
+            "U": "ws://127.0.0.1:9/gvite/ws?apikey=QUERYSECRET99&x=yes",
+            "H": "json://me:pa%24%24word-77@127.0.0.1/hook/PATHTOKEN0123456789",
+        },
+    )
+    assert problems == []
+    logger = ScrubbingLogger("tocsin.test.ws")  # no query names: the registry alone
+    with caplog.at_level(logging.DEBUG, logger="tocsin.test.ws"):
+        logger.debug("> GET %s HTTP/1.1", "/gvite/ws?apikey=QUERYSECRET99&x=yes")
+        logger.debug("POST %s as %s", "/hook/PATHTOKEN0123456789", "pa$$word-77")
+    assert "QUERYSECRET99" not in caplog.text and "PATHTOKEN" not in caplog.text
+    assert "pa$$word-77" not in caplog.text
+    assert "> GET /gvite/ws?*** HTTP/1.1" in caplog.text  # the query string as a whole
 
 
 def test_scrubbing_logger_formats_nothing_when_disabled() -> None:
