@@ -535,7 +535,14 @@ class Daemon:
                 config = load_config(self.config_path, self.registry, self.environ)
                 engine = Engine(compile_rules(config, self.registry))
             except ConfigError as err:
-                log.error("reload refused, the running config stays:\n%s", err)
+                count = len(err.problems)
+                log.error(
+                    "reload refused, the running config stays: %d problem%s",
+                    count,
+                    "" if count == 1 else "s",
+                )
+                for problem in err.problems:
+                    log.error("reload refused: %s", problem)
                 self._reload_note = "the last reload was refused (see the log)"
                 return False
             except Exception as err:  # a plugin's bug: never let a reload end the daemon

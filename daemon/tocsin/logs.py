@@ -20,10 +20,16 @@ LEVELS = ("debug", "info", "warning", "error")
 
 
 class ScrubbingFormatter(logging.Formatter):
-    """Text lines: ``time LEVEL logger: message``, secrets replaced by ``***``."""
+    """Text lines: ``time LEVEL logger: message``, secrets replaced by ``***``.
+
+    One line per record, tracebacks included (their lines joined by `` | ``): journald
+    stores each line of stderr as an entry of its own, and a continuation line would have
+    no level.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        return secret_registry.scrub(super().format(record)).replace("\n", "\n  ")
+        text = secret_registry.scrub(super().format(record))
+        return " | ".join(line for line in text.splitlines() if line.strip())
 
 
 class JSONFormatter(logging.Formatter):

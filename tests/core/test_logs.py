@@ -60,7 +60,9 @@ secret = { file = "SECRET" }
         assert "Traceback" in records[1]["exception"]
     else:
         assert " DEBUG websockets.client: > GET /feed?apikey=*** HTTP/1.1" in lines[0]
-        assert all(line.startswith("  ") for line in lines[2:])  # a traceback stays one record
+        # One line per record, each with its level: a traceback stays on its record's line.
+        assert len(lines) == 2 and " ERROR tocsin.x: failed | Traceback (most recent" in lines[1]
+        assert lines[1].endswith("RuntimeError: bad auth with ***")
 
 
 def test_uncaught_exceptions_are_logged_scrubbed() -> None:

@@ -204,6 +204,8 @@ async def test_sighup_reloads_keeping_connections_and_rule_state_and_refuses_a_b
     await notify.wait("READY", n=3)
     await notify.wait_status("the last reload was refused (see the log)")
     assert "rules[2]" in tocsin.run_output()  # the problem is named
+    named = [line for line in tocsin.run_output().splitlines() if "rules[2]" in line]
+    assert named and all(" ERROR tocsin.daemon: reload refused: " in line for line in named)
 
     c2 = await push("carol")  # the running config (with "from carol") goes on
     assert (await settled(c2))[c2] == ["from carol"]  # "incoming": carol is throttled
