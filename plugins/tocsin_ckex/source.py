@@ -169,6 +169,7 @@ class CkexSource(Source):
         # Kept across reconnects: a re-sent snapshot is no news.
         self.book = QuoteBook(clock=time.time)
         self.errors = 0  # error frames received
+        self.heard = 0.0  # when the last frame arrived (unix seconds): a gap starts there
         self._error_logged = -ERROR_LOG_EVERY
 
     @classmethod
@@ -198,6 +199,7 @@ class CkexSource(Source):
                 async with connect(
                     url, max_size=MAX_FRAME, open_timeout=OPEN_TIMEOUT, logger=WEBSOCKETS_LOGGER
                 ) as ws:
+                    self.heard = time.time()
                     await self._register(ws, config)
                     await ws.send(start_command())
                     backoff.connected()
@@ -221,7 +223,9 @@ class CkexSource(Source):
                 # reload) is picked up at the next try.
                 wait = backoff.give_up_delay() if only_the_user_can_fix else backoff.delay()
             if started and not lost_at:
-                lost_at = utc_iso()
+                # From the last frame: a silent connection loses pushes before it is
+                # found stale.
+                lost_at = utc_iso(self.heard or None)
             await anyio.sleep(wait)
 
     async def _register(self, ws: ClientConnection, config: CkexConfig) -> None:
@@ -253,6 +257,7 @@ class CkexSource(Source):
                     next_register = now + config.resubscribe_every
                 continue
             last_frame = now
+            self.heard = time.time()
             backoff.healthy()
             await self._handle(raw)
 

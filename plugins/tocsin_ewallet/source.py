@@ -19,6 +19,7 @@ are malformed here as they are live.
 from __future__ import annotations
 
 import logging
+import time
 
 import anyio
 from anyio.abc import TaskStatus
@@ -200,6 +201,7 @@ class EWalletSource(Source):
         self.recent = RecentIds()
         self.refused: dict[str, tuple[float, ReplyError]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self.heard = 0.0  # when the last frame arrived (unix seconds): a gap starts there
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.settings
@@ -216,6 +218,7 @@ class EWalletSource(Source):
                     ping_interval=None,  # the Phoenix heartbeat is the keepalive
                     logger=WS_LOGGER,
                 ) as ws:
+                    self.heard = time.time()
                     session = _Session(self, ws)
                     await session.join_all()
                     backoff.connected()
@@ -246,7 +249,9 @@ class EWalletSource(Source):
                 await self.ctx.down(self._describe(err))
                 wait = backoff.delay()
             if started and not lost_at:
-                lost_at = utc_iso()
+                # From the last frame: a silent connection loses pushes before it is
+                # found stale.
+                lost_at = utc_iso(self.heard or None)
             await anyio.sleep(wait)
 
     @classmethod
@@ -370,6 +375,7 @@ class _Session:
             if raw is None:
                 continue
             last_frame = anyio.current_time()
+            self.source.heard = time.time()
             backoff.healthy()
             for topic in self.joined:
                 self.rejoin_backoff[topic].healthy()

@@ -19,6 +19,7 @@ from tocsin_ckex.protocol import (
 from tocsin_ckex.source import CkexConfig, CkexSource
 
 from support import wait_for
+from tocsin import utc_iso
 from tocsin.testing import RecordingContext
 
 from .conftest import RunSource
@@ -317,15 +318,19 @@ async def test_status_flips_to_locked_and_back(run_source: RunSource) -> None:
 
 async def test_silence_is_stale_then_reconnect_register_and_gap(run_source: RunSource) -> None:
     async with CkexEmulator(**QUIET) as emu:
+        heard: list[float] = []
 
         async def body(source: CkexSource, ctx: RecordingContext) -> None:
             emu.silent = True  # TCP open, nothing sent
             await ctx.wait_until(lambda: "stale" in ctx.states())
+            heard.append(source.heard)  # the last frame before the silence
             emu.silent = False
             await ctx.wait_until(lambda: ctx.states()[-1:] == ["gap"])
 
         _, ctx = await run_source(settings(emu, stale_after=1), body)
     assert ctx.states() == ["up", "stale", "up", "gap"]
+    # The gap starts at the last frame: pushes were lost during the silence too.
+    assert ctx.gaps[0]["since"] == utc_iso(heard[0])
     assert ctx.status[1] == ("stale", "nothing received for 1s")
     assert ctx.status[3][1].startswith(
         "reconnected; events while disconnected may be missed since 20"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -207,8 +209,13 @@ async def test_unanswered_heartbeat_reconnects_rejoins_and_reports_a_gap(
     config = make_config(emulator.url, heartbeat="0.2s")
     async with running_source(config) as ctx:
         await ctx.wait_until(lambda: "stale" in ctx.states())
+        found_stale = time.time()
         emulator.answer_heartbeats = True
         await ctx.wait_until(lambda: "gap" in ctx.states())
+        # The gap starts at the last frame (the join replies), two unanswered beats of
+        # 200 ms before the source found the connection dead, not when it did.
+        since = datetime.fromisoformat(str(ctx.gaps[0]["since"])).timestamp()
+        assert since <= found_stale - 0.3
         consumption = await emulator.request_consumption()
         await ctx.wait_until(lambda: len(ctx.events) == 1)
     assert ctx.events[0].data["id"] == consumption["id"]
