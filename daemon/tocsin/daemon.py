@@ -42,6 +42,8 @@ BATCH = 512
 SOURCE_START_WAIT = 5.0
 PURGE_EVERY = 600.0
 STATUS_EVERY = 5.0
+HEALTHY = 60.0
+"""Seconds a connection stays up before its outage is over (as ``Backoff`` resets)."""
 """Under systemd, ``STATUS=`` is refreshed this often (and at each watchdog ping)."""
 
 
@@ -83,6 +85,13 @@ class SourceRunner(EventFactory):
         self.reconnects = 0
         self.scope: anyio.CancelScope | None = None
         self._down_reason = ""
+        # The outage being logged (SPEC section 3: a warning when it starts or its reason
+        # changes, then debug). It ends once a connection has stayed up for HEALTHY
+        # seconds, not at every reconnect: a server that accepts and then falls silent
+        # would otherwise log a warning per retry.
+        self._outage = ""
+        self._gap_logged = False
+        self._up_at: float | None = None
 
     # -- SourceContext -------------------------------------------------------------------
 
@@ -103,23 +112,36 @@ class SourceRunner(EventFactory):
 
     async def up(self) -> None:
         self._down_reason = ""
+        self._up_at = time.monotonic()
         if self.state != "up":
             if self.state in ("down", "stale"):
                 self.reconnects += 1
             await self._status("up", "source.up", "connected")
 
+    def _outage_ended(self) -> None:
+        """Forget the outage once a connection has stayed up for ``HEALTHY`` seconds."""
+        if self._up_at is not None and time.monotonic() - self._up_at >= HEALTHY:
+            self._outage, self._gap_logged = "", False
+
+    def _failing(self, reason: str) -> int:
+        """The level to log a failure at: warning when an outage starts or its reason
+        changes, then debug, so a day-long outage is a few lines, not one per retry."""
+        self._outage_ended()
+        self._up_at = None
+        level = logging.WARNING if reason != self._outage else logging.DEBUG
+        self._outage = reason
+        return level
+
     async def down(self, reason: str) -> None:
-        # Warning when an outage starts or its reason changes, then debug: a day-long
-        # outage is a few lines, not one per retry.
-        level = logging.WARNING if reason != self._down_reason else logging.DEBUG
         self._down_reason = reason
-        self.logger.log(level, "source %r is down: %s", self.source, reason)
+        self.logger.log(self._failing(reason), "source %r is down: %s", self.source, reason)
         if self.state != "down":
             await self._status("down", "source.down", reason)
 
     async def stale(self, reason: str) -> None:
         if self.state != "stale":
-            self.logger.warning("source %r is stale: %s", self.source, reason)
+            level = self._failing(f"stale: {reason}")
+            self.logger.log(level, "source %r is stale: %s", self.source, reason)
             await self._status("stale", "source.stale", reason)
 
     async def gap(
@@ -138,7 +160,12 @@ class SourceRunner(EventFactory):
             "since": since,
             "until": until or utc_iso(),
         }
-        self.logger.warning("source %r: events may be missing: %s", self.source, reason)
+        # Once per outage at warning: a source reconnecting again and again reports a
+        # gap each time (the rules get every one), the log only the first.
+        self._outage_ended()
+        level = logging.DEBUG if self._outage and self._gap_logged else logging.WARNING
+        self._gap_logged = bool(self._outage)
+        self.logger.log(level, "source %r: events may be missing: %s", self.source, reason)
         key = stable_id(self.source, "gap", since, data["until"], *map(str, extra.values()))
         self.types["source.gap"] += 1
         await self.daemon.intake(self.event("source.gap", data, id=key))

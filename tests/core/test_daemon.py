@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +11,18 @@ from pathlib import Path
 import anyio
 import pytest
 
-from support import PushServer, Receiver, make_registry, running, wait_for, write_config
+from support import (
+    PushServer,
+    PushSource,
+    Receiver,
+    make_registry,
+    running,
+    wait_for,
+    write_config,
+)
+from tocsin import Event
+from tocsin import daemon as daemon_module
+from tocsin.daemon import Checkpoint, SourceRunner
 from tocsin.store import Store
 from tocsin_builtin.webhook import verify
 
@@ -347,7 +359,7 @@ async def test_auth_refusal_waits_max_backoff_and_says_why(
 async def test_a_crashing_rule_kind_costs_only_its_own_rule(tmp_path: Path) -> None:
     from collections.abc import Callable
 
-    from tocsin import Event, Firing, RuleKind, hookimpl
+    from tocsin import Firing, RuleKind, hookimpl
 
     class Explodes(RuleKind):
         name = "explodes"
@@ -412,3 +424,42 @@ async def test_a_full_intake_keeps_what_a_timed_out_source_handed_over(tmp_path:
             assert sent >= 11  # the stream's 10, the batch in hand, and the one that waited
             await wait_for(lambda: len(receiver.requests) >= sent, what="every handed-over event")
         assert [r.json()["event"]["id"] for r in receiver.requests] == ids[:sent]
+
+
+async def test_an_outage_logs_a_warning_when_it_starts_or_changes_then_debug(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Intake:
+        def __init__(self) -> None:
+            self.items: list[Event | Checkpoint] = []
+
+        async def intake(self, item: Event | Checkpoint) -> None:
+            self.items.append(item)
+
+    intake = Intake()
+    config = PushSource.Config(plugin="testpush", url="ws://127.0.0.1:9/", token="t-123")
+    runner = SourceRunner(intake, "odds", config, PushSource)  # type: ignore[arg-type]
+    caplog.set_level(logging.DEBUG, logger="tocsin.source.odds")
+    monkeypatch.setattr(daemon_module, "HEALTHY", 3600.0)  # no connection lasts that long
+
+    for _ in range(10):  # a server that accepts, then says nothing: stale, reconnect, gap
+        await runner.up()
+        await runner.stale("nothing received for 3s")
+        await runner.gap("reconnected; events may be missed", since="2026-12-07T00:00:00.000Z")
+    await runner.down("connection refused")  # the reason changes: a warning
+    await runner.down("connection refused")
+    await runner.up()
+    monkeypatch.setattr(daemon_module, "HEALTHY", 0.0)  # up long enough: the outage is over
+    await runner.stale("nothing received for 3s")  # a new outage: a warning again
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "source 'odds' is stale: nothing received for 3s",
+        "source 'odds': events may be missing: reconnected; events may be missed",
+        "source 'odds' is down: connection refused",
+        "source 'odds' is stale: nothing received for 3s",
+    ]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(debug) == 9 + 9 + 1  # the other stale and gap lines, the repeated down
+    # The rules still get every event: each stale, up and gap is a real change of state.
+    types = [e.type for e in intake.items if isinstance(e, Event)]
+    assert types.count("source.gap") == 10 and types.count("source.stale") == 11
