@@ -576,6 +576,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"TOCSIN_LOG_LEVEL={args.log_level!r} is not a log level: use one of {', '.join(LEVELS)}"
         )
     setup_logging(args.log_level, args.log_format)
+    # Until the signal receiver below is in place, a SIGHUP (systemctl reload, a logrotate
+    # hook) would end the process: ignore it meanwhile.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # The state writer is a thread: while the event loop is busy it waits for the GIL up to
     # the switch interval (5 ms by default) at every commit and outbox read, and an alert
     # waits on two or three of those. 1 ms keeps that off the alert's latency (make bench).
@@ -592,16 +595,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
+            reload_waiting = False
+
+            async def reload_once_ready() -> None:
+                # A SIGHUP during start-up reloads once the daemon is READY: reloading
+                # midway would announce READY=1 before the sources are started.
+                nonlocal reload_waiting
+                await daemon.ready.wait()
+                reload_waiting = False
+                await daemon.reload()
 
             async def signals() -> None:
+                nonlocal reload_waiting
                 with anyio.open_signal_receiver(
                     signal.SIGTERM, signal.SIGINT, signal.SIGHUP
                 ) as received:
                     async for signum in received:
-                        if signum == signal.SIGHUP:
-                            await daemon.reload()
-                        else:
+                        if signum != signal.SIGHUP:
                             daemon.stop()
+                        elif daemon.ready.is_set():
+                            await daemon.reload()
+                        elif not reload_waiting:
+                            reload_waiting = True
+                            tg.start_soon(reload_once_ready)
 
             tg.start_soon(signals)
             await daemon.run()

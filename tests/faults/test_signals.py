@@ -235,3 +235,30 @@ async def test_sighup_with_a_file_that_is_not_utf8_is_refused(
     assert tocsin.alive(), tocsin.run_output()[-2000:]
     await Traffic(emulator).push()  # the old config keeps running
     await wait_for(hook.ok_keys, what="an alert after the refused reload")
+
+
+async def test_sighup_during_start_up_reloads_once_the_daemon_is_ready(
+    emulator: EOSParkEmulator,
+    hook: Hook,
+    notify: NotifySocket,
+    daemon: Callable[..., DaemonProcess],
+) -> None:
+    # The source cannot connect, so start-up waits for it (5 s) before READY=1.
+    text = config_text(emulator, {"hook": hook}).replace(emulator.url, "ws://127.0.0.1:9/ws")
+    tocsin = daemon(text)
+    tocsin.start()
+    await tocsin.wait_log("source 'eos' is down")  # start-up is waiting for the source
+    tocsin.signal(signal.SIGHUP)
+    await tocsin.wait_log("config reloaded")
+    assert tocsin.alive()
+    kinds = [
+        "RELOADING" if "RELOADING" in m else "READY"
+        for m in notify.messages
+        if "READY" in m or "RELOADING" in m
+    ]
+    # READY=1 of the start-up first, then the reload's RELOADING=1 and READY=1.
+    assert kinds[:3] == ["READY", "RELOADING", "READY"]
+    output = tocsin.run_output()
+    assert output.index("tocsin running") < output.index("config reloaded")
+    tocsin.signal(signal.SIGTERM)
+    assert await tocsin.wait_exit(within=20) == 0
