@@ -74,7 +74,7 @@ class _SecretRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: frozenset[str] = frozenset()
+        self._values: tuple[str, ...] = ()  # longest first: a URL before its parts
         self._transient: tuple[str, ...] = ()
 
     def add(self, value: str, *, transient: bool = False) -> None:
@@ -86,9 +86,12 @@ class _SecretRegistry:
                 fresh = [p for p in parts if p not in self._transient]
                 self._transient = (*self._transient, *fresh)[-self.TRANSIENT :]
             else:
-                self._values = self._values | set(parts)
+                known = set(self._values).union(parts)
+                self._values = tuple(sorted(known, key=lambda v: (-len(v), v)))
 
     def scrub(self, text: str) -> str:
+        # Longest first, so a secret containing another is masked whole, the same way
+        # every time.
         for value in (*self._values, *self._transient):
             if value in text:
                 text = text.replace(value, "***")
