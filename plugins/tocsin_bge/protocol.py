@@ -620,12 +620,15 @@ class SeqTracker:
     ) -> tuple[set[int], list[tuple[int, int]]]:
         """The new ones among ``seqs`` (one push), and the ranges skipped before them.
 
-        A lower unseen ``seq_id`` than the last is taken as a restart of the numbering.
+        A lower unseen ``seq_id`` than the last is a late push (one a gap was reported
+        for): it is new, and the numbering goes on from the highest seen.
         """
         fresh = {s for s in dict.fromkeys(seqs) if not self.seen.seen(f"{channel.label}|{s}")}
         missing: list[tuple[int, int]] = []
         for seq in sorted(fresh):
             last = self.last.get(channel)
+            if last is not None and seq <= last:
+                continue
             if gaps and last is not None and seq > last + 1:
                 missing.append((last + 1, seq - 1))
             self.last[channel] = seq

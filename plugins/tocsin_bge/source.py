@@ -96,19 +96,21 @@ def cursor_key(channel: ChannelKey) -> str:
     return f"{channel.type}:{channel.product}:{channel.interval}"
 
 
-def backfill_range(cursor: int, now: int, interval: str, limit: int) -> tuple[int, int, int | None]:
-    """``(from, to, skipped_until)`` for a candles ``req`` resuming at ``cursor``.
+def backfill_range(
+    cursor: int, now: int, interval: str, limit: int
+) -> tuple[int, int, tuple[int, int] | None]:
+    """``(from, to, skipped)`` for a candles ``req`` resuming at ``cursor``.
 
-    ``from`` is the cursor's own candle (it may have changed since it was last seen);
-    when more than ``limit`` candles are missing, only the newest ``limit`` are fetched
-    and ``skipped_until`` is where the fetched range starts (a gap from the cursor).
+    ``from`` is the cursor's own candle (it may have changed since it was last seen).
+    When more than ``limit`` newer candles are missing, only the newest ``limit`` are
+    fetched, and ``skipped`` is the open times of the first and last candle left out.
     Candles open on multiples of their interval since the epoch [inferred; a month is
     taken as 30 days, which only widens the range].
     """
     step = INTERVAL_SECONDS[canonical_interval(interval)]
-    if (now - cursor) // step + 1 > limit:
+    if (now - cursor) // step > limit:  # the candles after the cursor's own
         start = (now // step - (limit - 1)) * step  # on a candle's open time
-        return start, now, start
+        return start, now, (cursor + step, start - step)
     return cursor, now, None
 
 
@@ -233,12 +235,13 @@ class BGESource(Source):
                 cursor, now, self.channels[key].interval, self.bge.backfill_limit
             )
             if skipped is not None:
+                first, last = skipped
                 await self.ctx.gap(
                     f"more than backfill_limit ({self.bge.backfill_limit}) candles missed;"
                     " only the newest were fetched",
                     since=utc_iso(cursor),
-                    until=utc_iso(skipped),
-                    detail={"channel": key.label, "from_time": cursor, "to_time": skipped},
+                    until=utc_iso(start),
+                    detail={"channel": key.label, "from_time": first, "to_time": last},
                 )
             session.backfill(self.channels[key], start, end)
 

@@ -420,6 +420,10 @@ def test_seq_tracker_drops_repeats_and_reports_gaps() -> None:
     assert tracker.admit(key, [11]) == ({11}, [])
     assert tracker.admit(key, [15]) == ({15}, [(12, 14)])
     assert tracker.admit(key, [18], gaps=False) == ({18}, [])
+    # A late push (20 after 21) is new, and reports no gap of what came already.
+    assert tracker.admit(key, [21]) == ({21}, [(19, 20)])
+    assert tracker.admit(key, [20]) == ({20}, [])
+    assert tracker.admit(key, [22]) == ({22}, [])
     tracker.reset()  # a new connection: the jump is the reconnect's gap, not a seq gap
     assert tracker.admit(key, [30]) == ({30}, [])
     assert tracker.admit(key, [15]) == (set(), [])  # seen before the reconnect

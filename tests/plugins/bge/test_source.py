@@ -130,8 +130,12 @@ def test_config_errors(change: dict[str, Any], message: str) -> None:
 def test_backfill_range() -> None:
     assert backfill_range(1000, 1300, "1min", 100) == (1000, 1300, None)
     # 101 candles missed, 3 allowed: only the newest 3 (1140, 1200, 1260) are fetched
-    assert backfill_range(1000 - 95 * MINUTE, 1300, "1min", 3) == (1140, 1300, 1140)
+    assert backfill_range(1000 - 95 * MINUTE, 1300, "1min", 3) == (1140, 1300, (-4640, 1080))
     assert backfill_range(0, 7200, "1hour", 10) == (0, 7200, None)
+    # Exactly the limit of newer candles missed: all are fetched, the cursor's own too.
+    assert backfill_range(0, 5 * MINUTE, "1min", 5) == (0, 300, None)
+    # One more: the newest 5 (120 to 360) are fetched; the candle at 60 is the gap.
+    assert backfill_range(0, 6 * MINUTE, "1min", 5) == (120, 360, (60, 60))
 
 
 # -- liveness --------------------------------------------------------------------------
@@ -520,11 +524,13 @@ async def test_a_backfill_beyond_the_limit_reports_what_it_skipped(
         # the backfill ends with the newest candle, which becomes the cursor
         await wait(ctx, lambda: ctx.cursors["candles:BTC_USDT:1min"] == str(minutes[-1]))
     (gap,) = ctx.gaps
-    assert gap["channel"] == "candles BTC_USDT 1min" and gap["from_time"] == minutes[0]
+    # The gap names the candles left out: from the one after the cursor's to the one
+    # before the first fetched.
+    assert gap["channel"] == "candles BTC_USDT 1min" and gap["from_time"] == minutes[1]
     # the 3 newest candles up to now: minutes[-3:], or 2 of them if a minute just began
-    skipped_until = int(gap["to_time"])
-    assert skipped_until in (minutes[-3], minutes[-2])
-    assert [e.data["id"] for e in ctx.events] == [m for m in minutes if m >= skipped_until]
+    last_skipped = int(gap["to_time"])
+    assert last_skipped in (minutes[-4], minutes[-3])
+    assert [e.data["id"] for e in ctx.events] == [m for m in minutes if m > last_skipped]
 
 
 async def test_without_backfill_a_restart_only_reports_the_gap(emulator: BGEEmulator) -> None:
