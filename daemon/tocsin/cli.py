@@ -62,6 +62,9 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEMO_CONFIG = "rules.example.toml"
+
+
 def _port(text: str) -> int:
     """An ``--port`` value: 0 (any free port) to 65535."""
     try:
@@ -130,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         metavar="FILE",
-        default="rules.example.toml",
-        help="config whose sources point at loopback (default: rules.example.toml)",
+        default=DEMO_CONFIG,
+        help=f"config whose sources point at loopback (default: {DEMO_CONFIG})",
     )
 
     emulate = sub.add_parser("emulate", help="run one provider emulator standalone")
@@ -648,6 +651,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import printer, run_demo
 
     setup_logging("warning")
+    if args.config == DEMO_CONFIG and not Path(DEMO_CONFIG).exists():
+        raise UsageError(
+            f"{DEMO_CONFIG} is not here (it is in tocsin's source tree): run tocsin demo"
+            " there, or give -c FILE, a config whose sources point at 127.0.0.1"
+        )
     # rules.example.toml signs its webhook with $TOCSIN_HOOK_SECRET, and runs as it is:
     # the demo's own receiver checks the signature, so any secret will do.
     os.environ.setdefault("TOCSIN_HOOK_SECRET", "demo-secret")

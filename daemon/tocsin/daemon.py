@@ -23,10 +23,10 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .action import Action, Target
+from .action import Action, ActionConfig, Target
 from .config import Config, load_config
 from .dispatcher import Dispatcher
-from .errors import ConfigError, SourceAuthError, StateError
+from .errors import ConfigError, PluginError, SourceAuthError, StateError
 from .events import Event, stable_id, utc_iso
 from .fields import format_duration, secret_registry
 from .http import HTTPEndpoint
@@ -522,11 +522,24 @@ class Daemon:
         self.sources[name] = runner
         await self._tg.start(runner.run)
 
-    async def _start_action(self, name: str) -> None:
+    async def _make_action(self, name: str, config: ActionConfig) -> Action:
+        """The action ``name``, built and started; a plugin's failure is a ``PluginError``
+        naming the action and its plugin."""
+        try:
+            action = self.registry.action(config.plugin)(name, config)
+            await action.start()
+        except Exception as err:
+            reason = secret_registry.scrub(f"{type(err).__name__}: {err}")
+            raise PluginError(
+                f"action {name!r} (plugin {config.plugin!r}) could not start: {reason}"
+            ) from err
+        return action
+
+    async def _start_action(self, name: str, action: Action | None = None) -> None:
+        """Run the action ``name`` (``action`` when already started, else a new one)."""
         assert self._tg is not None
-        config = self.config.actions[name]
-        action = self.registry.action(config.plugin)(name, config)
-        await action.start()
+        if action is None:
+            action = await self._make_action(name, self.config.actions[name])
         self.actions[name] = action
         scope = self._action_scopes[name] = anyio.CancelScope()
 
@@ -576,14 +589,28 @@ class Daemon:
                 log.exception("reload refused, the running config stays: %s", type(err).__name__)
                 self._reload_note = "the last reload was refused (see the log)"
                 return False
-            await self._apply(config, engine)
+            # New and changed actions start before anything changes: one that cannot
+            # start refuses the reload, with the running config intact.
+            fresh: dict[str, Action] = {}
+            try:
+                for name, action_config in config.actions.items():
+                    if action_config != self.config.actions.get(name):
+                        fresh[name] = await self._make_action(name, action_config)
+            except PluginError as err:
+                for action in fresh.values():
+                    with anyio.CancelScope(shield=True):
+                        await action.aclose()
+                log.error("reload refused, the running config stays: %s", err)
+                self._reload_note = "the last reload was refused (see the log)"
+                return False
+            await self._apply(config, engine, fresh)
             self._reload_note = ""
             log.info("config reloaded: %d rule(s)", len(engine.rules))
             return True
         finally:
             self.notifier.ready(self.status_line())
 
-    async def _apply(self, config: Config, engine: Engine) -> None:
+    async def _apply(self, config: Config, engine: Engine, fresh: dict[str, Action]) -> None:
         old = self.config
         self.config = config
         if config.daemon.http != old.daemon.http:
@@ -595,7 +622,7 @@ class Daemon:
                 del self.actions[name]
         for name in config.actions:
             if name not in self.actions:
-                await self._start_action(name)
+                await self._start_action(name, fresh.get(name))
         for name, runner in list(self.sources.items()):
             if config.sources.get(name) != old.sources.get(name):
                 if runner.scope is not None:

@@ -61,5 +61,5 @@ def register_emulators(register: Callable[[type[Emulator]], None]) -> None:
     """Register provider emulators: call ``register(EmulatorClass)`` for each.
 
     ``EmulatorClass.name`` is the provider's plugin name, as in ``tocsin emulate NAME``;
-    ``tocsin demo`` starts every registered emulator.
+    ``tocsin demo -c FILE`` starts the emulator of each source in ``FILE``.
     """

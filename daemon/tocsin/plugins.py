@@ -7,9 +7,10 @@ down (tests build one with exactly the plugins they need).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 import pluggy
@@ -38,16 +39,24 @@ def make_plugin_manager(
     if load_entry_points:
         limit = os.environ.get("TOCSIN_LOAD_PLUGINS")
         allowed = None if limit is None else {n.strip() for n in limit.split(",") if n.strip()}
+        loaded: dict[str, EntryPoint] = {}
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if allowed is not None and ep.name not in allowed:
                 continue
-            if pm.get_plugin(ep.name) is not None:
-                continue
+            first = loaded.get(ep.name)
+            if first is not None:
+                if first.value == ep.value:
+                    continue  # one distribution seen twice on the path
+                raise PluginError(
+                    f"plugin name {ep.name!r} is installed twice: by {_origin(first)} and by"
+                    f" {_origin(ep)}; uninstall one, or rename its entry point"
+                )
+            loaded[ep.name] = ep
             try:
                 plugin = ep.load()
             except Exception as err:
                 raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {err}") from err
-            pm.register(plugin, name=ep.name)
+            _register(pm, plugin, ep.name)
     for plugin in plugins:
         # Readable names for error messages: a module's name, else the object's class name.
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
@@ -55,12 +64,30 @@ def make_plugin_manager(
         while pm.has_plugin(name):
             n += 1
             name = f"{base}#{n}"
-        pm.register(plugin, name=name)
+        _register(pm, plugin, name)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as err:
         raise PluginError(str(err)) from err
     return pm
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    # pluggy checks each hook implementation's arguments here (a misspelt one).
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as err:
+        # One line: pluggy's message spans three ("... for hook 'x'", the definition, why).
+        lines = str(err).splitlines() or [""]
+        hook = re.search(r"for hook '(\w+)'", lines[0])
+        where = f" in {hook.group(1)}" if hook else ""
+        raise PluginError(f"plugin {name!r}{where}: {lines[-1]}") from err
+
+
+def _origin(ep: EntryPoint) -> str:
+    """``tocsin-extras 1.2 (tocsin_extras.plugin)``: who installed an entry point."""
+    dist = f"{ep.dist.name} {ep.dist.version} " if ep.dist is not None else ""
+    return f"{dist}({ep.value})"
 
 
 @dataclass
@@ -104,6 +131,7 @@ def _collect(
     into: dict[str, Registered],
     named: Callable[[Any], str],
     arity: int = 1,
+    base: type | None = None,
 ) -> None:
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
 
@@ -113,7 +141,21 @@ def _collect(
                     f"plugin {_plugin!r}: {hook_name} register() takes {arity} argument(s)"
                 )
             obj = args[-1]
-            name = named(args)
+            if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+                raise PluginError(
+                    f"plugin {_plugin!r}: {hook_name} registered {obj!r}, not a subclass of"
+                    f" tocsin.{base.__name__}"
+                )
+            if base is None and not callable(obj):
+                raise PluginError(
+                    f"plugin {_plugin!r}: {hook_name} registered {obj!r}, not a function"
+                )
+            try:
+                name = named(args)
+            except AttributeError:
+                raise PluginError(
+                    f"plugin {_plugin!r} registered a {what} without a name"
+                ) from None
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {_plugin!r} registered a {what} without a name")
             if name in into:
@@ -136,11 +178,12 @@ def _collect(
 def build_registry(pm: pluggy.PluginManager) -> Registry:
     """Call every registration hook; a name registered twice is an error naming both plugins."""
     reg = Registry()
-    _collect(pm, "register_sources", "source plugin", reg.sources, lambda a: a[0].name)
-    _collect(pm, "register_actions", "action plugin", reg.actions, lambda a: a[0].name)
-    _collect(pm, "register_rule_kinds", "rule kind", reg.rule_kinds, lambda a: a[0].name)
+    name = lambda a: a[0].name  # noqa: E731
+    _collect(pm, "register_sources", "source plugin", reg.sources, name, base=Source)
+    _collect(pm, "register_actions", "action plugin", reg.actions, name, base=Action)
+    _collect(pm, "register_rule_kinds", "rule kind", reg.rule_kinds, name, base=RuleKind)
     _collect(pm, "register_template_filters", "template filter", reg.filters, lambda a: a[0], 2)
-    _collect(pm, "register_emulators", "emulator", reg.emulators, lambda a: a[0].name)
+    _collect(pm, "register_emulators", "emulator", reg.emulators, name, base=Emulator)
     return reg
 
 

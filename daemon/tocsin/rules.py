@@ -20,8 +20,9 @@ import orjson
 
 from .action import Alert
 from .config import Config, RuleEntry, collector_paused
+from .errors import ConfigError, Problem
 from .events import Event, RecentIds, get_path, split_path, stable_id, utc_iso
-from .fields import format_duration
+from .fields import format_duration, secret_registry
 from .plugins import Registry
 from .rulekind import Firing, RuleConfig, RuleKind
 
@@ -137,17 +138,31 @@ class Rule:
 def compile_rules(config: Config, registry: Registry) -> list[Rule]:
     """The enabled rules of a loaded ``config``, ready for the engine."""
     all_actions = tuple(config.actions)
+    rules: list[Rule] = []
+    problems: list[Problem] = []
     with collector_paused():
-        return [
-            _compile(entry, position, registry, all_actions)
-            for position, entry in enumerate(config.rules)
-            if entry.config.enabled
-        ]
+        for position, entry in enumerate(config.rules):
+            if not entry.config.enabled:
+                continue
+            try:
+                kind = registry.rule_kind(entry.config.kind)(entry.config)
+            except Exception as err:  # a rule kind plugin's bug, or its own refusal
+                reason = secret_registry.scrub(f"{type(err).__name__}: {err}")
+                problems.append(
+                    Problem(
+                        entry.file,
+                        f"{entry.where}: kind",
+                        f"the {entry.config.kind} kind could not take this rule: {reason}",
+                    )
+                )
+                continue
+            rules.append(_compile(entry, position, kind, all_actions))
+    if problems:
+        raise ConfigError(problems)
+    return rules
 
 
-def _compile(
-    entry: RuleEntry, position: int, registry: Registry, all_actions: tuple[str, ...]
-) -> Rule:
+def _compile(entry: RuleEntry, position: int, kind: RuleKind, all_actions: tuple[str, ...]) -> Rule:
     cfg = entry.config
     match = tuple(
         (
@@ -158,7 +173,7 @@ def _compile(
     )
     return Rule(
         config=cfg,
-        kind=registry.rule_kind(cfg.kind)(cfg),
+        kind=kind,
         position=position,
         actions=tuple(cfg.actions) if cfg.actions is not None else all_actions,
         sources=frozenset(cfg.source) if cfg.source else None,
@@ -409,6 +424,7 @@ class Engine:
             except Exception as err:  # a plugin's bug costs its rule this event, nothing more
                 self.stats.kind_errors += 1
                 self._error("kind", rule, err)
+                self.suppressed[rule.name] = f"the kind failed: {type(err).__name__}: {err}"
                 continue
             for firing in firings:
                 pending = self.make_alert(rule, firing, group_key)

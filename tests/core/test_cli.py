@@ -649,3 +649,12 @@ def test_outbox_drops_a_stuck_pending_delivery_by_number(tmp_path: Path) -> None
     assert dropped.stdout.startswith("1 delivery dropped;")
     listing = tocsin("outbox", "-c", str(config))
     assert listing.stdout.splitlines()[0] == "0 pending, 0 dead-lettered, 0 delivered, 1 dropped"
+
+
+def test_demo_away_from_the_source_tree_says_where_its_config_is(tmp_path: Path) -> None:
+    run = tocsin("demo", cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "tocsin: rules.example.toml is not here (it is in tocsin's source tree): run tocsin"
+        " demo there, or give -c FILE, a config whose sources point at 127.0.0.1"
+    )

@@ -8,7 +8,7 @@ import pytest
 
 import tocsin
 import tocsin_builtin
-from support import make_registry, write_config
+from support import make_registry, running, write_config
 from tocsin import (
     Action,
     Emulator,
@@ -137,6 +137,53 @@ def test_entry_points_and_load_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_registry(make_plugin_manager()).actions == {}
 
 
+def test_a_second_plugin_of_the_same_name_stops_loading_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A third-party distribution whose entry point is named like a built-in one.
+    site = tmp_path / "site"
+    info = site / "tocsin_bad-0.0.7.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tocsin-bad\nVersion: 0.0.7\n")
+    (info / "entry_points.txt").write_text("[tocsin]\neospark = tocsin_bad_mod\n")
+    (site / "tocsin_bad_mod.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "eospark,builtin")
+    with pytest.raises(PluginError) as caught:
+        make_plugin_manager()
+    message = str(caught.value)
+    assert message.startswith("plugin name 'eospark' is installed twice: by ")
+    assert "tocsin-bad 0.0.7 (tocsin_bad_mod)" in message and "(tocsin_eospark)" in message
+
+
+def test_a_hook_with_a_wrong_argument_name_is_a_plugin_error() -> None:
+    class WrongArgument:
+        @staticmethod
+        @hookimpl
+        def register_sources(reg: Callable[..., None]) -> None:
+            raise AssertionError("never called")
+
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'WrongArgument' in register_sources: Argument\(s\) \{'reg'\} are declared",
+    ):
+        make_plugin_manager([WrongArgument()], load_entry_points=False)
+
+
+def test_registering_what_is_not_a_source_is_a_plugin_error() -> None:
+    class NotASource:
+        name = "weird"
+
+    class Registers:
+        @staticmethod
+        @hookimpl
+        def register_sources(register: Callable[..., None]) -> None:
+            register(NotASource)
+
+    with pytest.raises(PluginError, match=r"not a subclass of tocsin\.Source"):
+        build_registry(make_plugin_manager([Registers()], load_entry_points=False))
+
+
 class Echo(WebSocketEmulator):
     """A minimal emulator: a WebSocket server that pushes one frame to each client."""
 
@@ -170,3 +217,90 @@ async def test_emulators_are_registered_and_serve_on_loopback() -> None:
             assert await ws.recv() == '{"hello": "world"}'
     with pytest.raises(OSError):  # closed: nothing listens there any more
         await websockets.connect(emulator.url, open_timeout=5)
+
+
+class Fragile(RuleKind):
+    """A rule kind that refuses some rules when built, and fails on some events."""
+
+    name = "fragile"
+
+    def __init__(self, config: RuleConfig) -> None:
+        super().__init__(config)
+        if config.name.startswith("refused"):
+            raise ValueError(f"cannot watch {config.name}")
+
+    def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
+        if event.data.get("x") == 0:
+            raise ZeroDivisionError("on_event blew up")
+        return [Firing("firing", event, (event.id,))]
+
+
+class FragilePlugin:
+    @staticmethod
+    @hookimpl
+    def register_rule_kinds(register: Callable[[type[RuleKind]], None]) -> None:
+        register(Fragile)
+
+
+def test_a_kind_that_refuses_a_rule_is_a_config_problem_and_its_failure_a_reason(
+    tmp_path: Path,
+) -> None:
+    registry = make_registry(FragilePlugin())
+    bad = write_config(
+        tmp_path / "bad.toml",
+        '[[rules]]\nname = "refused one"\nkind = "fragile"\n[[rules]]\nname = "ok"\nkind = "fragile"\n',
+    )
+    with pytest.raises(ConfigError) as caught:
+        compile_rules(load_config(bad, registry), registry)
+    assert [str(p) for p in caught.value.problems] == [
+        f'{bad}: rules[0] "refused one": kind: the fragile kind could not take this rule:'
+        " ValueError: cannot watch refused one"
+    ]
+    good = write_config(tmp_path / "good.toml", '[[rules]]\nname = "ok"\nkind = "fragile"\n')
+    engine = Engine(compile_rules(load_config(good, registry), registry))
+    event = Event(id="e", source="s", provider="p", type="t", data={"x": 0})
+    assert engine.process(event) == []
+    # What tocsin test and explain say about the rule: the kind's failure, not "matched".
+    assert engine.suppressed["ok"] == "the kind failed: ZeroDivisionError: on_event blew up"
+    assert engine.stats.kind_errors == 1
+
+
+class StartFails(Action):
+    name = "startfails"
+
+    async def start(self) -> None:
+        raise RuntimeError("no way to reach the pager")
+
+
+class StartFailsPlugin:
+    @staticmethod
+    @hookimpl
+    def register_actions(register: Callable[[type[Action]], None]) -> None:
+        register(StartFails)
+
+
+async def test_an_action_that_cannot_start_stops_start_up_and_refuses_a_reload(
+    tmp_path: Path,
+) -> None:
+    from tocsin.daemon import Daemon
+
+    registry = make_registry(StartFailsPlugin())
+    head = '[daemon]\nstate_dir = "state"\n[actions.console]\nplugin = "log"\n'
+    broken = '[actions.pager]\nplugin = "startfails"\n'
+    path = write_config(tmp_path / "t.toml", head + broken)
+    with pytest.raises(BaseExceptionGroup) as group:  # out of the daemon's task groups
+        await Daemon(str(path), registry).run()
+    error: BaseException = group.value
+    while isinstance(error, BaseExceptionGroup):  # as tocsin run unwraps it for the user
+        (error,) = error.exceptions
+    assert isinstance(error, PluginError)
+    assert str(error) == (
+        "action 'pager' (plugin 'startfails') could not start:"
+        " RuntimeError: no way to reach the pager"
+    )
+    path.write_text(head)
+    async with running(path, registry) as daemon:
+        path.write_text(head + broken)
+        assert await daemon.reload() is False
+        assert set(daemon.actions) == {"console"}  # the running config stays whole
+        assert daemon.config.actions.keys() == {"console"}
