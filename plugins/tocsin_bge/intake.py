@@ -9,10 +9,10 @@ No I/O here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from tocsin import Event, EventFactory, RecentIds, SourceContext
+from tocsin import Event, EventFactory, RecentIds, SourceContext, stable_id
 
 from .protocol import (
     ALL,
@@ -39,10 +39,19 @@ class Taken(NamedTuple):
 class PushIntake:
     """The subscribed channels and the repeats to drop, kept across connections."""
 
-    def __init__(self, channels: Iterable[ChannelKey]) -> None:
+    def __init__(
+        self, channels: Iterable[ChannelKey], clock: Callable[[], float] | None = None
+    ) -> None:
         self.channels = frozenset(channels)
         self.recent = RecentIds()
         self.seqs = SeqTracker()
+        # Snapshots (orderbook, percent10): the content id of each channel's last one,
+        # and the number of the last change (as ckex's QuoteBook numbers its moves: with a
+        # clock, its milliseconds or one more, so a later run never reuses one; without,
+        # in a replay, 1, 2, 3).
+        self.books: dict[ChannelKey, str] = {}
+        self.change = 0
+        self._clock = clock
 
     def route(self, channel: ChannelKey) -> ChannelKey | None:
         """The subscription a push belongs to (``orders`` of ``all`` take every pair's)."""
@@ -74,9 +83,26 @@ class PushIntake:
             if seqs:
                 fresh, missing = self.seqs.admit(key, seqs, gaps=gaps)
                 items = [i for i in items if i.seq_id is None or i.seq_id in fresh]
+        if key.type in SNAPSHOT_TYPES:
+            items = [moved for item in items if (moved := self._snapshot(key, item))]
         events = [
             factory.event(item.type, item.data, id=item.id, time=item.time)
             for item in items
             if not self.recent.seen(item.id)
         ]
         return Taken(items, events, missing)
+
+    def _snapshot(self, key: ChannelKey, item: Item) -> Item | None:
+        """A book's snapshot is a fact when it differs from the channel's last one. Its
+        first has the id of its content (the same unchanged book re-sent after a restart
+        is no news); a change also holds its number, so a book that returns to an earlier
+        state (A, B, A) is a new fact each time."""
+        last = self.books.get(key)
+        if last == item.id:
+            return None  # unchanged: BGE pushes an unchanged book twice a second
+        self.books[key] = item.id
+        if last is None:
+            return item
+        now = int(self._clock() * 1000) if self._clock is not None else 0
+        self.change = max(self.change + 1, now)
+        return item._replace(id=stable_id(item.id, "change", self.change))

@@ -139,7 +139,7 @@ class BGESource(Source):
         self.channels = {s.key: s for s in config.subscriptions}
         # Kept across connections: what was emitted lately and the seq_ids seen (several
         # connections and resubscribes repeat them), and each candles channel's cursor.
-        self.intake = PushIntake(self.channels)
+        self.intake = PushIntake(self.channels, clock=time.time)
         self.candle_cursors: dict[ChannelKey, int] = {}
         self.last_push: dict[ChannelKey, str] = {}  # when each channel last pushed (ISO)
         self.backoff = Backoff(maximum=config.max_backoff)

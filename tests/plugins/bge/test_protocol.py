@@ -40,6 +40,7 @@ from tocsin_bge.protocol import (
 )
 
 from tocsin import SourceAuthError, SourceError
+from tocsin.testing import RecordingContext
 
 from .conftest import fixture_json, fixture_text
 
@@ -444,3 +445,34 @@ def test_token_bucket_keeps_any_second_under_50_and_pongs_first() -> None:
     while bucket.take(now) == 0:
         pass
     assert bucket.take(now, priority=True) == 0.0
+
+
+def test_a_book_returning_to_an_earlier_state_is_a_new_fact_each_time() -> None:
+    from tocsin_bge.intake import PushIntake
+
+    key = ChannelKey("orderbook", "BTC_USDT", "")
+    intake = PushIntake([key])
+    ctx = RecordingContext("market", "bge")
+
+    def book(bid: str, seq: int) -> dict[str, Any]:
+        data = {"asks": [["30001", "1"]], "bids": [[bid, "1"]], "seq_id": seq}
+        return {
+            "biz": "market",
+            "type": "orderbook",
+            "product": "BTC_USDT",
+            "code": 200,
+            "data": data,
+        }
+
+    ids = []
+    for seq, bid in enumerate(["30000", "30000", "29000", "30000", "29000"]):
+        push = parse_message(book(bid, seq))
+        assert isinstance(push, Push)
+        ids += [e.id for e in intake.take(key, push, ctx, backfill=False, gaps=True).events]
+    # A, (A again: no news), B, A, B: four facts, four ids.
+    assert len(ids) == 4 == len(set(ids))
+    # The first is the content's id: a restart re-sent the same book is no news.
+    fresh = PushIntake([key])
+    push = parse_message(book("30000", 9))
+    assert isinstance(push, Push)
+    assert [e.id for e in fresh.take(key, push, ctx, backfill=False, gaps=True).events] == ids[:1]
