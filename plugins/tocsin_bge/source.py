@@ -141,6 +141,9 @@ class BGESource(Source):
         # connections and resubscribes repeat them), and each candles channel's cursor.
         self.intake = PushIntake(self.channels, clock=time.time)
         self.candle_cursors: dict[ChannelKey, int] = {}
+        # A candles channel's newest live candle while its backfill is still awaited: the
+        # cursor may not pass candles not fetched yet (a crash would skip them for good).
+        self.held_cursors: dict[ChannelKey, int] = {}
         self.last_push: dict[ChannelKey, str] = {}  # when each channel last pushed (ISO)
         self.backoff = Backoff(maximum=config.max_backoff)
         self._task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -252,6 +255,15 @@ class BGESource(Source):
             until=utc_iso(end),
             detail={"channel": key.label, "from_time": start, "to_time": end},
         )
+        # The range is reported: the cursor may move on to the live candles seen meanwhile.
+        await self._advance(key, self.held_cursors.pop(key, None))
+
+    async def _advance(self, key: ChannelKey, newest: int | None) -> None:
+        """Save a candles channel's cursor at ``newest`` if it moves it forward."""
+        if newest is not None and newest > self.candle_cursors.get(key, -1):
+            # Saved as a candle opens (once per interval), after its events.
+            self.candle_cursors[key] = newest
+            await self.ctx.save_cursor(cursor_key(key), str(newest))
 
     @classmethod
     def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser:
@@ -278,10 +290,13 @@ class BGESource(Source):
 
         return parse
 
-    async def on_push(self, key: ChannelKey, push: Push, *, backfill: bool) -> bool:
+    async def on_push(
+        self, key: ChannelKey, push: Push, *, backfill: bool, awaiting: bool = False
+    ) -> bool:
         """Emit the new items of a push (or of a candles backfill answer); False if rejected.
 
-        A skipped ``seq_id`` is a gap."""
+        A skipped ``seq_id`` is a gap. ``awaiting``: the channel's backfill is still to
+        come, so a live candle does not move its cursor yet."""
         since = self.last_push.get(key, "")
         gaps = self.bge.seq_gaps and key.type in SEQ_GAP_TYPES
         try:
@@ -302,10 +317,14 @@ class BGESource(Source):
             await self.ctx.emit(event)
         if key.type == "candles":
             times = [t for i in taken.items if (t := candle_time(i.data, push)) is not None]
-            if times and max(times) > self.candle_cursors.get(key, -1):
-                # Saved as a candle opens (once per interval), after its events.
-                self.candle_cursors[key] = max(times)
-                await self.ctx.save_cursor(cursor_key(key), str(max(times)))
+            newest = max(times, default=None)
+            if awaiting:
+                if newest is not None:
+                    self.held_cursors[key] = max(newest, self.held_cursors.get(key, newest))
+            else:
+                held = self.held_cursors.pop(key, None) if backfill else None
+                candidates = [t for t in (newest, held) if t is not None]
+                await self._advance(key, max(candidates, default=None))
         return True
 
 
@@ -476,7 +495,8 @@ class _Session:
                     msg.channel.label,
                 )
             else:
-                await self.source.on_push(key, msg, backfill=False)
+                awaiting = key in self.backfills
+                await self.source.on_push(key, msg, backfill=False, awaiting=awaiting)
 
     async def reply(self, msg: Reply) -> None:
         if msg.event == "login":

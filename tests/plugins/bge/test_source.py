@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Any
 
+import anyio
+import orjson
 import pytest
 from pydantic import ValidationError
 from tocsin_bge import BGEConfig, BGEEmulator, BGESource
@@ -561,3 +563,45 @@ async def test_a_failed_backfill_is_reported_as_a_gap(emulator: BGEEmulator) -> 
     assert gap["reason"] == "candles could not be fetched: error 500"
     assert (gap["channel"], gap["from_time"]) == ("candles BTC_USDT 1min", t0)
     assert ctx.states() == ["up", "gap"]  # the connection itself carries on
+
+
+class HeldReq(BGEEmulator):
+    """Holds its answers to candles ``req`` until ``answer`` is set."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.answer = anyio.Event()
+
+    async def _on_message(self, client: Any, raw: str | bytes) -> None:
+        if b'"req"' in (raw.encode() if isinstance(raw, str) else raw):
+            self.received.append(orjson.loads(raw))
+            await self.answer.wait()
+            self.received.pop()  # the base class records it again
+        await super()._on_message(client, raw)
+
+
+async def test_a_live_candle_does_not_move_the_cursor_past_a_backfill_still_to_come() -> None:
+    minutes = recent_minutes(6)
+    async with HeldReq(**FAST) as emulator:
+        for start in minutes[:-1]:
+            await emulator.push_candle(PAIR, "1min", start, 30_000, 30_000 + start % 97, push=False)
+        config = make_config(emulator.url, subscriptions=[candles_sub()])
+        ctx = RecordingContext("market", "bge")
+        key = "candles:BTC_USDT:1min"
+        ctx.cursors = {key: str(minutes[0])}
+        async with source_running(config, ctx=ctx):
+            try:
+                await wait_for(
+                    lambda: any(
+                        m.get("event") == "req" for m in emulator.received if isinstance(m, dict)
+                    )
+                )
+                await emulator.push_candle(PAIR, "1min", minutes[-1], 30_000, 30_500)  # live
+                await wait(ctx, lambda: [e.data["id"] for e in ctx.events] == [minutes[-1]])
+                # Killed now, a restart must still fetch the candles in between.
+                assert ctx.cursors[key] == str(minutes[0])
+            finally:
+                emulator.answer.set()  # never leave the emulator holding its answer
+            await wait(ctx, lambda: len(ctx.events) == 6)
+            await wait(ctx, lambda: ctx.cursors[key] == str(minutes[-1]))
+    assert sorted(e.data["id"] for e in ctx.events) == sorted(minutes)
