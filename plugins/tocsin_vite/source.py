@@ -96,6 +96,10 @@ PING_INTERVAL = 20.0  # websockets' keepalive ping: go-vite has no heartbeat of 
 GAP_LIMIT = "more heights were missed than backfill_limit; the oldest were not fetched"
 GAP_OFF = "backfill is off; heights missed while away were not fetched"
 GAP_LEDGER = "the ledger query failed; missed heights were not fetched"
+GAP_NO_START = (
+    "reconnected before a first position was known (the head could not be read);"
+    " events while away may be missed"
+)
 GAP_NO_HEIGHT = "reconnected; this topic carries no height, events while away may be missed"
 GAP_UNRECEIVED = (
     "reconnected; blocks that became unreceived and were received while away may be missed"
@@ -204,6 +208,9 @@ class ViteSource(Source):
         self._run_start = utc_iso()
         self._last_frame = time.time()
         self._lost_at = ""  # when the last good connection ended
+        # Watches whose first position (the head, at a first start) is to be saved once
+        # the pushes held meanwhile are handled: saved before them, it would skip them.
+        self._unsaved: list[Watch] = []
         self._last_snapshot = time.monotonic()
         self._backoff: Backoff | None = None
 
@@ -354,9 +361,17 @@ class ViteSource(Source):
                 await self._gap(GAP_LEDGER, since, detail=detail)
             return
         cursor = watch.cursor
-        if cursor is None or head <= cursor:
-            # First start: no history, from the head on. (head < cursor: the chain was
-            # rolled back while we were away, or the node is behind; go on from its head.)
+        if cursor is None:
+            # First start: no history, from the head on. Saved once the pushes that came
+            # while the head was read are handled (they may be above it, or at it).
+            if lost is not None:  # a reconnect, but the first start never read the head
+                await self._gap(GAP_NO_START, lost, detail=watch.label)
+            watch.cursor = head
+            self._unsaved.append(watch)
+            return
+        if head <= cursor:
+            # The chain was rolled back while we were away, or the node is behind: go on
+            # from its head.
             await self._save(watch, head)
             return
         lo, hi = cursor + 1, head
@@ -407,6 +422,8 @@ class ViteSource(Source):
         snapshots = any(c.topic is SNAPSHOT for c in self.channels)
         self._last_snapshot = time.monotonic()
         while True:
+            if self._unsaved and not conn.pending:
+                await self._save_first_positions()
             note = await conn.next_notification(stale_after)
             if note is not None:
                 channel = self.by_id.get(note.subscription)
@@ -456,6 +473,7 @@ class ViteSource(Source):
                     self.ctx.reject(str(err))
                     continue
                 await self._handle(channel, items)
+            await self._save_first_positions()  # after the first poll's changes
             conn.pending.clear()  # nothing is pushed to filters; ignore strays
             await anyio.sleep(self.vite.poll_interval)
 
@@ -485,6 +503,12 @@ class ViteSource(Source):
 
     async def _gap(self, reason: str, since: str, *, detail: dict[str, str | int]) -> None:
         await self.ctx.gap(reason, since, utc_iso(), detail=detail)
+
+    async def _save_first_positions(self) -> None:
+        unsaved, self._unsaved = self._unsaved, []
+        for watch in unsaved:
+            if watch.cursor is not None:
+                await self._save(watch, watch.cursor)
 
     async def _save(self, watch: Watch, height: int) -> None:
         watch.cursor = height

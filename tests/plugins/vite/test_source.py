@@ -640,3 +640,55 @@ async def test_a_fact_pushed_twice_is_emitted_once(emulator: ViteEmulator) -> No
         await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"marker")
         await wait(ctx, lambda: len(ctx.events) >= 2)
     assert [e.data["log_data"] for e in ctx.events] == ["b25jZQ==", "bWFya2Vy"]
+
+
+class PushesBeforeTheHead(ViteEmulator):
+    """Produces a snapshot block (pushed at once) just before it answers a head read: the
+    push reaches the source while it waits for the head, which then includes it."""
+
+    async def _on_frame(self, client: Any, raw: str | bytes) -> None:
+        if b"ledger_getLatestSnapshotBlock" in (raw.encode() if isinstance(raw, str) else raw):
+            await self.produce_snapshots(1)
+        await super()._on_frame(client, raw)
+
+
+class Ordered(RecordingContext):
+    """Records emits and cursor saves in the order they happen."""
+
+    def __init__(self) -> None:
+        super().__init__("chain", "vite")
+        self.log: list[tuple[str, int]] = []
+
+    async def emit(self, event: Any) -> None:
+        if event.type == "snapshot_block":
+            self.log.append(("emit", event.data["height"]))
+        await super().emit(event)
+
+    async def save_cursor(self, key: str, value: str) -> None:
+        self.log.append(("save", int(value)))
+        await super().save_cursor(key, value)
+
+
+async def test_a_first_start_saves_its_position_after_the_pushes_it_held() -> None:
+    async with PushesBeforeTheHead() as emulator:
+        config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
+        ctx = Ordered()
+        async with source_running(config, ctx):
+            await wait_for(lambda: any(what == "save" for what, _ in ctx.log), what="a save")
+        head = emulator.chain.snapshot_height
+    # The block pushed while the head was read is emitted before any cursor reaches it:
+    # killed after that save, a restart would otherwise never emit it.
+    assert ctx.log[:2] == [("emit", head), ("save", head)]
+
+
+async def test_a_reconnect_before_any_position_is_known_is_a_gap(emulator: ViteEmulator) -> None:
+    config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
+    emulator.fail("ledger_getLatestSnapshotBlock")  # the first start's head read only
+    async with source_running(config) as ctx:
+        await wait_for(lambda: emulator.requests("ledger_getLatestSnapshotBlock"), what="it")
+        await away(emulator)
+        await emulator.produce_snapshots(3)  # while away
+        await wait(ctx, lambda: bool(ctx.gaps))
+        await wait_for(lambda: "snapshot_block" in ctx.cursors, what="a first position")
+    (gap,) = ctx.gaps
+    assert gap["topic"] == "snapshot_block" and gap["reason"].startswith("reconnected before")
