@@ -51,18 +51,27 @@ REMEMBERED = 50_000  # fact ids remembered to drop re-pushed facts
 
 
 class FactMemory:
-    """The recent facts emitted, each with its last ``removed`` flag (bounded)."""
+    """The recent facts emitted, each with its last ``removed`` flag and how many data
+    fields it had (bounded)."""
 
     def __init__(self, size: int = REMEMBERED) -> None:
         self.size = size
-        self._facts: OrderedDict[str, bool] = OrderedDict()
+        self._facts: OrderedDict[str, tuple[bool, int]] = OrderedDict()
 
-    def is_new(self, fact_id: str, removed: bool) -> bool:
-        """True unless this fact was last emitted with the same flag; remembers it."""
-        if self._facts.get(fact_id) is removed:
+    def is_new(self, fact_id: str, removed: bool, fields: int = 0) -> bool:
+        """True unless this fact was last emitted with the same flag and as many fields;
+        remembers it.
+
+        One account block reaches two subscriptions when both ``account_block`` of every
+        account and of one address are watched: the first gives its hash alone, the
+        second its height and address too. The fuller one goes out as well (same id: a
+        rule that fired on the first does not fire again), so a rule on the address sees
+        it whichever came first."""
+        last = self._facts.get(fact_id)
+        if last is not None and last[0] is removed and last[1] >= fields:
             self._facts.move_to_end(fact_id)
             return False
-        self._facts[fact_id] = removed
+        self._facts[fact_id] = (removed, fields)
         self._facts.move_to_end(fact_id)
         if len(self._facts) > self.size:
             self._facts.popitem(last=False)
@@ -76,7 +85,7 @@ def new_events(
     return [
         factory.event(fact.type, fact.data, id=fact.id, time=fact.time, removed=fact.removed)
         for fact in facts
-        if memory.is_new(fact.id, fact.removed)
+        if memory.is_new(fact.id, fact.removed, len(fact.data))
     ]
 
 

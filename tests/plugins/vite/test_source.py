@@ -692,3 +692,24 @@ async def test_a_reconnect_before_any_position_is_known_is_a_gap(emulator: ViteE
         await wait_for(lambda: "snapshot_block" in ctx.cursors, what="a first position")
     (gap,) = ctx.gaps
     assert gap["topic"] == "snapshot_block" and gap["reason"].startswith("reconnected before")
+
+
+@pytest.mark.parametrize("address_first", [False, True])
+async def test_a_watched_address_keeps_its_fields_beside_every_accounts_topic(
+    emulator: ViteEmulator, address_first: bool
+) -> None:
+    subs: list[dict[str, Any]] = [
+        {"topic": "account_block"},
+        {"topic": "account_block", "address": ME},
+    ]
+    if address_first:
+        subs.reverse()
+    config = make_config(emulator.url, subscriptions=subs)
+    async with source_running(config) as ctx:
+        await subscribed(emulator, ctx, 2, f"account_block:{ME}")
+        block = await emulator.produce_account_block(ME)
+        await wait(ctx, lambda: any(e.data.get("address") == ME for e in ctx.events))
+    full = [e for e in ctx.events if e.data.get("address") == ME]
+    assert [(e.data["hash"], e.data["height"]) for e in full] == [(block.hash, block.height)]
+    # One fact, one id, whichever topic told it first.
+    assert {e.id for e in ctx.events} == {full[0].id}
