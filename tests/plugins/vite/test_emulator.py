@@ -160,6 +160,10 @@ async def test_3_unknown_methods_and_the_seed_spelling_in_strict_mode(
             "subscribe_newSnapshotBlock"
         )
         assert await rpc.result("subscribe_subscribe", "createSnapshotBlockSubscription")
+        # The seed's empty poll "returns an empty array" where go-vite gives null.
+        fid = await rpc.result("subscribe_createAccountBlockFilter")
+        changes = await rpc.result("subscribe_getChangesByFilterId", fid)
+        assert changes == {"result": [], "subscription": fid}
 
 
 async def test_4_an_idle_filter_dies_and_uninstall_of_an_unknown_id_is_false() -> None:
