@@ -42,9 +42,9 @@ BATCH = 512
 SOURCE_START_WAIT = 5.0
 PURGE_EVERY = 600.0
 STATUS_EVERY = 5.0
+"""Under systemd, ``STATUS=`` is refreshed this often (and at each watchdog ping)."""
 HEALTHY = 60.0
 """Seconds a connection stays up before its outage is over (as ``Backoff`` resets)."""
-"""Under systemd, ``STATUS=`` is refreshed this often (and at each watchdog ping)."""
 
 
 @dataclass(frozen=True, slots=True)
