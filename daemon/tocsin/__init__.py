@@ -25,6 +25,7 @@ from .events import (
     get_path,
     split_path,
     stable_id,
+    to_json,
     utc_iso,
 )
 from .fields import (
@@ -97,6 +98,7 @@ __all__ = [
     "register_secret",
     "split_path",
     "stable_id",
+    "to_json",
     "utc_iso",
 ]
 

@@ -338,7 +338,13 @@ class Daemon:
                 alerts, cursors = [], []
                 await self._commit(await self._retractions(item), [])
             else:
-                alerts.extend(self.engine.process(item))
+                try:
+                    alerts.extend(self.engine.process(item))
+                except Exception:  # a bug on an odd event costs that event, not the daemon
+                    self.engine.stats.event_errors += 1
+                    log.exception(
+                        "event %s of source %r could not be evaluated", item.id, item.source
+                    )
         await self._commit(alerts, cursors)
 
     async def _retractions(self, event: Event) -> list[PendingAlert]:

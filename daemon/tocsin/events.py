@@ -10,10 +10,47 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 DAEMON_EVENT_TYPES = ("source.up", "source.down", "source.stale", "source.gap")
 """Event types the daemon itself emits for every source."""
 
 _MISSING = object()
+
+
+_INT64 = 2**63
+_DEPTH = 64  # JSON nesting kept when a value must be made encodable (orjson writes 254)
+
+
+def to_json(value: Any) -> bytes:
+    """``value`` as JSON bytes, whatever a provider put in it.
+
+    orjson writes what it reads, with two exceptions a provider's frame can hold: an
+    integer beyond 64 bits (the fallback decoder of a frame with a NaN reads one) and
+    nesting deeper than 254 (orjson reads 1,024). Such a value is made encodable first:
+    a huge integer becomes its decimal string, a level deeper than 64 the text
+    ``"(nested too deep)"``, and anything else ``str()``. The common case costs one
+    ``orjson.dumps``.
+    """
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return orjson.dumps(json_safe(value), default=str, option=orjson.OPT_NON_STR_KEYS)
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` that ``orjson`` can encode (see ``to_json``)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str | float):
+        return value
+    if isinstance(value, int):
+        return value if -_INT64 <= value < _INT64 else str(value)
+    if depth >= _DEPTH:
+        return "(nested too deep)"
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, depth + 1) for v in value]
+    return str(value)
 
 
 def utc_iso(ts: float | None = None) -> str:

@@ -249,12 +249,13 @@ class DaemonCollector(Collector):
         suppressed.add_metric(["duplicate"], stats.duplicates)
         errors = CounterMetricFamily(
             "tocsin_rule_errors_total",
-            "Failures of a rule's when, title/body template or kind",
+            "Failures of a rule's when, title/body template or kind, or of a whole event",
             labels=["part"],
         )
         errors.add_metric(["when"], stats.when_errors)
         errors.add_metric(["template"], stats.template_errors)
         errors.add_metric(["kind"], stats.kind_errors)
+        errors.add_metric(["event"], stats.event_errors)
         yield from (evaluations, matches, made, fired, alerts, suppressed, errors)
 
     def _delivery(self) -> Iterator[Metric]:

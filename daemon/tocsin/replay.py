@@ -24,7 +24,7 @@ from typing import IO, Any
 import orjson
 
 from .errors import UsageError
-from .events import Event, utc_iso
+from .events import Event, to_json, utc_iso
 from .rules import PendingAlert
 from .source import EventFactory, FrameParser
 
@@ -156,7 +156,7 @@ def frames(
 def _canonical(alert: dict[str, Any]) -> str:
     ordered = {k: alert[k] for k in GOLDEN_KEYS if k in alert}
     ordered.update(sorted((k, v) for k, v in alert.items() if k not in ordered))
-    return orjson.dumps(ordered).decode()
+    return to_json(ordered).decode()
 
 
 def golden_line(pending: PendingAlert) -> str:

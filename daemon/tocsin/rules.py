@@ -21,7 +21,7 @@ import orjson
 from .action import Alert
 from .config import Config, RuleEntry, collector_paused
 from .errors import ConfigError, Problem
-from .events import Event, RecentIds, get_path, split_path, stable_id, utc_iso
+from .events import Event, RecentIds, get_path, split_path, stable_id, to_json, utc_iso
 from .fields import format_duration, secret_registry
 from .plugins import Registry
 from .rulekind import Firing, RuleConfig, RuleKind
@@ -56,7 +56,7 @@ def _show(value: Any) -> str:
     """A value as ``tocsin test`` shows it: JSON, ``missing`` for an absent field."""
     if value is _TRUE or value is _FALSE:
         value = value[1]
-    return "missing" if value is None else orjson.dumps(value, default=str).decode()[:80]
+    return "missing" if value is None else to_json(value).decode()[:80]
 
 
 def _any_of(values: Iterable[Any]) -> str:
@@ -132,7 +132,7 @@ class Rule:
         if not self.group_by:
             return ""
         values = [get_path(event.data, path) for path in self.group_by]
-        return orjson.dumps(values, default=str).decode()
+        return to_json(values).decode()
 
 
 def compile_rules(config: Config, registry: Registry) -> list[Rule]:
@@ -256,6 +256,7 @@ class EngineStats:
     when_errors: int = 0
     kind_errors: int = 0
     template_errors: int = 0
+    event_errors: int = 0  # events the engine failed on as a whole (a bug; see the log)
     per_rule: Counter[str] = field(default_factory=Counter)  # events each rule matched
     evaluated: Counter[str] = field(default_factory=Counter)  # events each rule examined
     alerts_per_rule: Counter[str] = field(default_factory=Counter)
@@ -272,7 +273,7 @@ class EngineStats:
 
 def summary(event: Event, limit: int = 300) -> str:
     """A one-line summary of an event, the default alert body."""
-    text = f"{event.type} from {event.source}: " + orjson.dumps(event.data, default=str).decode()
+    text = f"{event.type} from {event.source}: " + to_json(event.data).decode()
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -386,7 +387,8 @@ class Engine:
                 continue
             prefix = f"kind\x1f{rule.fingerprint}\x1f"
             for group_key, state in changes:
-                value = None if state is None else orjson.dumps(state).decode()
+                # The state may carry an event (the one its alert carries): provider data.
+                value = None if state is None else to_json(state).decode()
                 writes.append((rule.name, prefix + group_key, value))
         return writes
 

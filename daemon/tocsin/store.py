@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 
 from .errors import StateError
+from .events import to_json
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +354,7 @@ class Store:
         now = time.time()
         ready: list[Delivery] = []
         for alert in alerts:
-            payload = orjson.dumps(alert.payload)
+            payload = to_json(alert.payload)  # provider data: huge integers, deep nesting
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO alerts (id, rule, event_id, status, grp, created_at, payload)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",

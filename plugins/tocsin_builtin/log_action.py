@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 from typing import ClassVar, Literal
 
-import orjson
-
-from tocsin import Action, ActionConfig, Alert
+from tocsin import Action, ActionConfig, Alert, to_json
 
 # A fixed name rather than __name__: users route or silence alert lines by this name.
 alerts_log = logging.getLogger("tocsin.alerts")
@@ -39,8 +37,7 @@ def format_alert(alert: Alert, form: Literal["text", "json"]) -> str:
     """The line logged for ``alert``: ``ALERT [status] rule: title — body``, or its JSON."""
     if form == "json":
         # default=str: the event holds provider data; the log line must never fail on it.
-        raw = orjson.dumps(alert.payload(), default=str, option=orjson.OPT_NON_STR_KEYS)
-        return raw.decode("utf-8")
+        return to_json(alert.payload()).decode("utf-8")
     line = f"ALERT [{alert.status}] {alert.rule}: {alert.title}"
     if alert.body:
         line += f" — {alert.body}"

@@ -20,7 +20,6 @@ from email.utils import parsedate_to_datetime
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-import orjson
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tocsin import (
@@ -34,6 +33,7 @@ from tocsin import (
     SecretValue,
     Target,
     __version__,
+    to_json,
 )
 
 from .http1 import InvalidURL, Pool
@@ -238,10 +238,7 @@ class WebhookAction(Action):
         pool = self._pool
         if pool is None:
             raise RuntimeError(f"webhook action {self.instance!r}: start() was not awaited")
-        try:
-            body = orjson.dumps(alert.payload())
-        except orjson.JSONEncodeError as err:
-            raise PermanentDelivery(f"the alert cannot be encoded as JSON: {err}") from err
+        body = to_json(alert.payload())
         headers = self._headers(alert.id, body)
         try:
             answer = await pool.post(body, headers)  # redirects are answers, not followed

@@ -134,8 +134,9 @@ def _int(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
-        return int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        number = int(value)
+        return number if number < 2**63 else None  # as the typed path: int64 at most
     return None
 
 
@@ -186,7 +187,7 @@ def _typed_push(raw: str | bytes) -> Transaction | None:
     """A well-formed data push as the checked path reads it, or None to take that path."""
     try:
         push = _PUSH.decode(raw)
-    except msgspec.DecodeError:  # ValidationError included
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included; absurd nesting
         return None
     trx = push.data
     trx_id = trx.trx_id

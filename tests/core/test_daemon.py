@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -463,3 +464,31 @@ async def test_an_outage_logs_a_warning_when_it_starts_or_changes_then_debug(
     # The rules still get every event: each stale, up and gap is a real change of state.
     types = [e.type for e in intake.items if isinstance(e, Event)]
     assert types.count("source.gap") == 10 and types.count("source.stale") == 11
+
+
+async def test_provider_values_orjson_cannot_write_never_stop_the_daemon(tmp_path: Path) -> None:
+    deep: object = "bottom"
+    for _ in range(300):  # orjson reads 1,024 levels but writes 254
+        deep = [deep]
+    hostile = transfer("hostile", frm="mallory")
+    hostile["data"]["args"].update(  # type: ignore[index]
+        {"huge": 10**4000, "wide": -(2**70), "nan": float("nan"), "deep": deep}
+    )
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("before"))
+            await server.push(hostile)
+            await server.push(transfer("after", frm="bob"))
+            await wait_for(lambda: len(receiver.ok()) == 3, what="the three alerts")
+            assert daemon.engine.stats.event_errors == 0
+    sent = {r.json()["event"]["id"]: r.json() for r in receiver.ok()}
+    args = sent["hostile"]["event"]["data"]["args"]
+    assert args["huge"] == str(10**4000) and args["wide"] == str(-(2**70))
+    assert args["nan"] is None
+    level = args["deep"]
+    for _ in range(60):
+        level = level[0]
+    assert "(nested too deep)" in json.dumps(level)
+    assert sent["hostile"]["body"].startswith("transfer from feed: ")

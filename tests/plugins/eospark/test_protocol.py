@@ -355,3 +355,21 @@ def test_typed_path_agrees_on_variations_of_a_real_push(
 def test_action_id_is_the_stable_id_of_the_transaction_and_index(trx_id: str, index: int) -> None:
     # action_id spells stable_id out for speed: it must never give another id.
     assert action_id(trx_id, index) == stable_id("eospark", trx_id, index)
+
+
+def test_hostile_numbers_and_nesting_are_refused_or_read_never_raised_otherwise() -> None:
+    def frame(block_num: object, args: object) -> str:
+        trx = {
+            "trx_id": "ab" * 32,
+            "block_num": block_num,
+            "actions": [{"account": "eosio.token", "name": "transfer", "data": args}],
+        }
+        return json.dumps({"msg_type": "data", "errno": 0, "data": trx})
+
+    # A block number beyond 64 bits, written as a string: a bad frame, as the typed path says.
+    with pytest.raises(ValueError, match="bad block_num"):
+        parse_frame(frame("99999999999999999999", {}))
+    assert isinstance(parse_frame(frame("9223372036854775807", {})), Transaction)
+    # Args nested a thousand deep (msgspec gives up with RecursionError): read, not raised.
+    deep = frame(7, {"deep": "HERE"}).replace('"HERE"', "[" * 1000 + "1" + "]" * 1000)
+    assert isinstance(parse_frame(deep), Transaction)
