@@ -9,6 +9,7 @@ are indexed by ``args.to``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -314,7 +315,8 @@ class Engine:
         self.wall = wall
         self.stats = EngineStats()
         self.generations: dict[tuple[str, str], int] = {}
-        self._throttle: dict[tuple[str, str], float] = {}
+        self._throttle: dict[tuple[str, str], float] = {}  # in the order of last alerts
+        self._throttle_evicted = 0  # throttles forgotten before they ran out (bound)
         self.state_writes: list[StateWrite] = []  # throttles (and deletions) to persist
         self._recent = RecentIds(_RECENT_ALERTS)
         self._warned: set[tuple[str, str]] = set()
@@ -371,6 +373,8 @@ class Engine:
                 except Exception as err:  # a plugin's bug, or a row it cannot read
                     self.stats.kind_errors += 1
                     self._error("kind", rule, err)
+        # In the order of the groups' last alerts, as _expire_throttles expects.
+        self._throttle = dict(sorted(self._throttle.items(), key=lambda item: item[1]))
         for name in sorted(changed):
             log.info("rule %r changed since its state was saved: it starts fresh", name)
 
@@ -579,6 +583,8 @@ class Engine:
                     f"throttled (one alert per {format_duration(rule.config.throttle)} per group)"
                 )
                 return None
+            # Moved to the end: the table stays in the order of the groups' last alerts.
+            self._throttle.pop((rule.name, group_key), None)
             self._throttle[(rule.name, group_key)] = now
             self.state_writes.append(
                 (rule.name, f"throttle\x1f{rule.fingerprint}\x1f{group_key}", repr(now))
@@ -660,7 +666,27 @@ class Engine:
         log.log(level, "rule %r: %s failed: %s: %s", rule.name, what, type(err).__name__, err)
 
     def _expire_throttles(self, now: float) -> None:
+        """Forget the throttles that have run out; if that is not enough, the oldest too.
+
+        Bounded memory, and amortized work: the table is brought down to three quarters
+        of ``_RECENT_ALERTS``, so the next pass comes a quarter of it later (before, with
+        every group still throttled, each alert walked the whole table).
+        """
         for key, last in list(self._throttle.items()):
             rule = self.rules.get(key[0])
             if rule is None or rule.config.throttle is None or now - last >= rule.config.throttle:
                 del self._throttle[key]
+        excess = len(self._throttle) - _RECENT_ALERTS * 3 // 4
+        if excess <= 0:
+            return
+        if not self._throttle_evicted:
+            log.warning(
+                "more than %d groups are throttled at once: the %d that alerted longest ago"
+                " are forgotten, and may alert again before their throttle ends; check the"
+                " rules' group_by",
+                _RECENT_ALERTS,
+                excess,
+            )
+        self._throttle_evicted += excess
+        for key in list(itertools.islice(self._throttle, excess)):  # the oldest first
+            del self._throttle[key]

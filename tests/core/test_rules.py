@@ -335,3 +335,25 @@ body = "{{ rule }} {{ alert.id }}"
     )
     (pending,) = engine.process(plain)
     assert pending.alert.body == f"r9 {pending.alert.id}"
+
+
+def test_the_throttle_table_is_bounded_forgetting_the_oldest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import tocsin.rules
+
+    monkeypatch.setattr(tocsin.rules, "_RECENT_ALERTS", 100)
+    now = [1000.0]
+    engine = engine_for(
+        tmp_path,
+        '[[rules]]\nname = "t"\nmatch = { action = "transfer" }\nthrottle = "1h"\ngroup_by = ["args.from"]\n',
+        clock=lambda: now[0],
+    )
+    for i in range(250):  # 250 groups, each throttled for an hour
+        now[0] += 1
+        assert len(engine.process(transfer("me", id=f"e{i}", frm=f"sender{i}"))) == 1
+        assert len(engine._throttle) <= 100
+    assert "more than 100 groups are throttled at once" in caplog.text
+    # The newest groups are still throttled; the oldest were forgotten and may alert again.
+    assert engine.process(transfer("me", id="again-new", frm="sender249")) == []
+    assert len(engine.process(transfer("me", id="again-old", frm="sender0"))) == 1
