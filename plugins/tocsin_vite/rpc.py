@@ -23,6 +23,8 @@ from .protocol import Notification, Response, RpcError, parse_frame, request
 MAX_PENDING = 10_000
 """Pushes held while a call is running; more means the node floods us during a backfill:
 the connection is dropped and the next one resumes from the saved heights, losing nothing."""
+MAX_PENDING_BYTES = 32 * 1024 * 1024
+"""The same bound in bytes of the frames holding them (a frame may be 8 MiB)."""
 
 
 class CallFailed(SourceError):
@@ -52,6 +54,8 @@ class RpcConnection:
         self.on_frame = on_frame
         self.received = received  # every frame read, before parsing (``tocsin record``)
         self.pending: deque[Notification] = deque()
+        self._sizes: deque[int] = deque()  # the bytes of each held push (its frame's share)
+        self.pending_bytes = 0
         self.spelling: dict[str, str] = {}  # family -> the name this server answered to
         self.last_frame = time.monotonic()
         self._next_id = 0
@@ -114,7 +118,14 @@ class RpcConnection:
             if raw is None:
                 return None
             self._messages(raw)
+        self.pending_bytes -= self._sizes.popleft()
         return self.pending.popleft()
+
+    def clear_pending(self) -> None:
+        """Drop every held push."""
+        self.pending.clear()
+        self._sizes.clear()
+        self.pending_bytes = 0
 
     def _messages(self, raw: str | bytes) -> list[Response]:
         """Parse one frame: keep its notifications, return its responses.
@@ -129,11 +140,15 @@ class RpcConnection:
             self.reject(f"malformed frame: {err}")
             return []
         responses = []
+        notes = sum(isinstance(msg, Notification) for msg in messages)
+        share = len(raw) // notes if notes else 0
         for msg in messages:
             if isinstance(msg, Notification):
-                if len(self.pending) >= MAX_PENDING:
+                if len(self.pending) >= MAX_PENDING or self.pending_bytes > MAX_PENDING_BYTES:
                     raise SourceError("too many pushes held during a call")
                 self.pending.append(msg)
+                self._sizes.append(share)
+                self.pending_bytes += share
             elif isinstance(msg, Response):
                 responses.append(msg)
         return responses

@@ -474,7 +474,7 @@ class ViteSource(Source):
                     continue
                 await self._handle(channel, items)
             await self._save_first_positions()  # after the first poll's changes
-            conn.pending.clear()  # nothing is pushed to filters; ignore strays
+            conn.clear_pending()  # nothing is pushed to filters; ignore strays
             await anyio.sleep(self.vite.poll_interval)
 
     async def _handle(self, channel: Channel, items: list[Any]) -> None:

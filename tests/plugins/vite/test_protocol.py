@@ -375,3 +375,33 @@ def test_any_ledger_or_poll_answer_gives_facts_or_value_error(result: Any) -> No
         normalize_items(topic, listed, SEED_USER)
     with contextlib.suppress(ValueError):
         latest_height(result)
+
+
+async def test_pushes_held_during_a_call_are_bounded_in_bytes_too() -> None:
+    from tocsin_vite.rpc import MAX_PENDING_BYTES, RpcConnection
+
+    from tocsin import SourceError
+
+    conn = RpcConnection(
+        None,  # type: ignore[arg-type]  # no socket: frames are fed by hand
+        timeout=1.0,
+        reject=lambda reason: None,
+        on_frame=lambda: None,
+        received=lambda raw: None,
+    )
+    memo = "x" * (4 * 1024 * 1024)
+    big = (
+        '{"jsonrpc":"2.0","method":"subscribe_subscription","params":{"subscription":"0x1",'
+        f'"result":[{{"hash":"{memo}"}}]}}}}'
+    )
+    held = 0
+    with pytest.raises(SourceError, match="too many pushes held"):
+        while True:
+            conn._messages(big)
+            held += 1
+    assert held * len(big) > MAX_PENDING_BYTES >= (held - 1) * len(big)
+    assert len(conn.pending) == held  # a handful of 4 MiB frames, not 10,000
+    await conn.next_notification(0)
+    assert conn.pending_bytes == (held - 1) * len(big)
+    conn.clear_pending()
+    assert conn.pending_bytes == 0 and not conn.pending
