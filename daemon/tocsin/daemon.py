@@ -39,6 +39,8 @@ from .store import NewAlert, Store
 log = logging.getLogger(__name__)
 
 BATCH = 512
+ALERTS_PER_COMMIT = 256
+"""A batch's alerts are committed at most this many at a time."""
 SOURCE_START_WAIT = 5.0
 PURGE_EVERY = 600.0
 STATUS_EVERY = 5.0
@@ -345,6 +347,11 @@ class Daemon:
                     log.exception(
                         "event %s of source %r could not be evaluated", item.id, item.source
                     )
+                if len(alerts) >= ALERTS_PER_COMMIT:
+                    # Many rules firing on every event: commit as they come (each commit
+                    # lets the event loop serve deliveries and /metrics), in bounded memory.
+                    await self._commit(alerts, cursors)
+                    alerts, cursors = [], []
         await self._commit(alerts, cursors)
 
     async def _retractions(self, event: Event) -> list[PendingAlert]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -492,3 +493,33 @@ async def test_provider_values_orjson_cannot_write_never_stop_the_daemon(tmp_pat
         level = level[0]
     assert "(nested too deep)" in json.dumps(level)
     assert sent["hostile"]["body"].startswith("transfer from feed: ")
+
+
+async def test_a_batch_commits_its_alerts_a_bounded_number_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemon_module, "ALERTS_PER_COMMIT", 6)
+    rules = "".join(
+        f'\n[[rules]]\nname = "also {n}"\nsource = "feed"\nmatch = {{ "args.to" = "me" }}\n'
+        for n in range(3)
+    )
+    async with PushServer(token=TOKEN) as server:
+        path = write_config(tmp_path / "t.toml", config_text(server, "http://127.0.0.1:9/", rules))
+        async with running(path) as daemon:
+            sizes: list[int] = []
+            commit = daemon._commit
+
+            async def counted(alerts: list[Any], cursors: list[Any]) -> None:
+                sizes.append(len(alerts))
+                await commit(alerts, cursors)
+
+            monkeypatch.setattr(daemon, "_commit", counted)
+            batch = [
+                daemon.sources["feed"].event(
+                    "transfer", transfer(f"e{i}", frm=f"f{i}")["data"], id=f"e{i}"
+                )  # type: ignore[arg-type]
+                for i in range(5)
+            ]
+            await daemon._process(list(batch))
+    # 5 events x 4 rules: committed after every event that brings the batch to 6 or more.
+    assert sizes == [8, 8, 4]
