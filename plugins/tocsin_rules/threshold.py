@@ -2,7 +2,8 @@
 the sliding ``window``; resolves on time, as soon as the window drops below the bound.
 
 Memory per group: with ``count``, the newest ``count`` event times (older ones can never
-matter); with ``sum``, one ``(time, value)`` per counted event in the window. A group is
+matter); with ``sum``, one ``(time, value)`` per counted event in the window, at most
+``MAX_SUM_POINTS`` (neighbours merge beyond). A group is
 forgotten once its window is empty and it is not firing.
 """
 

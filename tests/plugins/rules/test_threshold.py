@@ -242,3 +242,20 @@ def test_explain_gives_the_window_count(tmp_path: Path) -> None:
     assert engine.explain(out(2, who="bob")) == [("burst", "", "0 of 3 within 10s")]
     clock.at(10)
     assert engine.explain(out(2)) == [("burst", "", "0 of 3 within 10s")]
+
+
+def test_a_sum_window_keeps_a_bounded_number_of_points_and_its_total() -> None:
+    from decimal import Decimal
+
+    from tocsin_rules.windows import MAX_SUM_POINTS, SumWindow
+
+    window = SumWindow()
+    for n in range(3 * MAX_SUM_POINTS):  # one point every 10 ms: 123 s of them
+        window.add(n / 100, Decimal("0.01"))
+        assert len(window) <= MAX_SUM_POINTS
+    assert window.sum(3600, 123.0) == Decimal("0.01") * 3 * MAX_SUM_POINTS  # exact
+    # A 60 s window at t = 123 s holds the last 6,000 points (60.00 of them); merged
+    # neighbours may keep a value up to a few hundredths of a second longer.
+    assert Decimal("59.9") <= window.sum(60, 122.87) <= Decimal("60.1")
+    window.expire(60, 200.0)
+    assert len(window) == 0 and window.total == 0
