@@ -151,6 +151,10 @@ class SumWindow:
         return [[t, str(v)] for t, v in self.points]
 
 
+MAX_VALUE_POINTS = 4096
+"""Distinct values a ``change`` window keeps per group; beyond, every other one goes."""
+
+
 class ValueWindow:
     """The values of a field over a window, oldest first, for ``change``.
 
@@ -175,6 +179,18 @@ class ValueWindow:
             points[-1] = (t, value)
         else:
             points.append((t, value))
+            if len(points) > MAX_VALUE_POINTS:
+                self._thin()
+
+    def _thin(self) -> None:
+        """Keep every other point, the oldest and the newest always.
+
+        Memory stays within ``MAX_VALUE_POINTS`` per group whatever the feed does. The
+        oldest value in the window and the last one, the two a move is measured from,
+        are kept; once the oldest leaves, the next reference may be one point further.
+        """
+        points = self.points
+        self.points = [*points[:-1:2], points[-1]]
 
     def restart(self, t: float, value: Decimal) -> None:
         """Start the window again from one value (the one that fired)."""

@@ -128,3 +128,17 @@ def test_state_expires_after_the_window_and_survives_a_restart(tmp_path: Path) -
         assert saved_groups(store) == {}
     finally:
         store.close()
+
+
+def test_a_change_window_keeps_a_bounded_number_of_values() -> None:
+    from decimal import Decimal
+
+    from tocsin_rules.windows import MAX_VALUE_POINTS, ValueWindow
+
+    window = ValueWindow()
+    for n in range(3 * MAX_VALUE_POINTS):  # a new value every 10 ms, never the same twice
+        window.add(n / 100, Decimal(n))
+        assert len(window) <= MAX_VALUE_POINTS
+    # The oldest value and the newest, which a move is measured from, are still there.
+    assert window.points[0] == (0.0, Decimal(0))
+    assert window.newest() == ((3 * MAX_VALUE_POINTS - 1) / 100, Decimal(3 * MAX_VALUE_POINTS - 1))
