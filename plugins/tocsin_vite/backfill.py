@@ -61,6 +61,10 @@ class Watch:
     topics: tuple[tuple[str, ...], ...]
     key: str
     cursor: int | None = None  # height watches
+    # The hash of the block at the cursor (height, hash), when known: a resume checks it is
+    # still the chain's, else the chain was rolled back below the cursor while away.
+    block: tuple[int, str] | None = None
+    start: int | None = None  # the head at this run's first start (nothing below is new)
     seen_at: str | None = None  # heightless watches: when last processed
     loaded: bool = False  # the cursor was read from the state database
 

@@ -96,6 +96,12 @@ PING_INTERVAL = 20.0  # websockets' keepalive ping: go-vite has no heartbeat of 
 GAP_LIMIT = "more heights were missed than backfill_limit; the oldest were not fetched"
 GAP_OFF = "backfill is off; heights missed while away were not fetched"
 GAP_LEDGER = "the ledger query failed; missed heights were not fetched"
+GAP_ROLLED_BACK = (
+    "the chain was rolled back at or below the last height seen while away; the heights"
+    " before it were read again, but facts it removed could not be retracted"
+)
+REREAD = 16
+"""Heights read again below the cursor when the chain was rolled back there while away."""
 GAP_NO_START = (
     "reconnected before a first position was known (the head could not be read);"
     " events while away may be missed"
@@ -340,6 +346,12 @@ class ViteSource(Source):
                 watch.cursor = int(value)
             except ValueError:
                 self.ctx.logger.warning("ignoring the unreadable cursor of %s", watch.key)
+                return
+            height, _, block_hash = (await self.ctx.load_cursor(_block_key(watch)) or "").partition(
+                ":"
+            )
+            if block_hash and height == value:
+                watch.block = (watch.cursor, block_hash)
         else:
             watch.seen_at = value
 
@@ -366,7 +378,7 @@ class ViteSource(Source):
             # while the head was read are handled (they may be above it, or at it).
             if lost is not None:  # a reconnect, but the first start never read the head
                 await self._gap(GAP_NO_START, lost, detail=watch.label)
-            watch.cursor = head
+            watch.cursor = watch.start = head
             self._unsaved.append(watch)
             return
         if head <= cursor:
@@ -375,6 +387,11 @@ class ViteSource(Source):
             await self._save(watch, head)
             return
         lo, hi = cursor + 1, head
+        if self.vite.backfill and await self._rolled_back(conn, watch):
+            await self._gap(GAP_ROLLED_BACK, since, detail={**watch.label, "height": cursor})
+            # Read again what replaced it (new facts, new ids; the unchanged ones are known),
+            # never below where this run started from nothing.
+            lo = max(1, cursor - REREAD + 1, (watch.start or 0) + 1)
         if not self.vite.backfill:
             await self._gap(GAP_OFF, since, detail=_range(watch, lo, hi))
             await self._save(watch, hi)
@@ -500,9 +517,23 @@ class ViteSource(Source):
                     watch.cursor = below if cursor is None else min(cursor, below)
                 else:
                     watch.cursor = fact.height if cursor is None else max(cursor, fact.height)
+                    if watch.cursor == fact.height and (block_hash := _block_hash(fact)):
+                        watch.block = (fact.height, block_hash)
 
     async def _gap(self, reason: str, since: str, *, detail: dict[str, str | int]) -> None:
         await self.ctx.gap(reason, since, utc_iso(), detail=detail)
+
+    async def _rolled_back(self, conn: RpcConnection, watch: Watch) -> bool:
+        """Whether the block at the cursor is no longer the chain's (a rollback while away)."""
+        if watch.block is None or watch.cursor is None or watch.block[0] != watch.cursor:
+            return False
+        height, block_hash = watch.block
+        try:
+            facts = await backfill.fetch(conn, watch, height, height)
+        except (CallFailed, ValueError) as err:
+            self.ctx.logger.warning("%s: cannot check the block at the cursor: %s", watch.key, err)
+            return False
+        return block_hash not in {_block_hash(f) for f in facts if f.height == height}
 
     async def _save_first_positions(self) -> None:
         unsaved, self._unsaved = self._unsaved, []
@@ -513,10 +544,24 @@ class ViteSource(Source):
     async def _save(self, watch: Watch, height: int) -> None:
         watch.cursor = height
         await self.ctx.save_cursor(watch.key, str(height))
+        block = watch.block
+        if block is not None and block[0] == height:
+            await self.ctx.save_cursor(_block_key(watch), f"{height}:{block[1]}")
 
     async def _save_time(self, watch: Watch) -> None:
         watch.seen_at = utc_iso()
         await self.ctx.save_cursor(watch.key, watch.seen_at)
+
+
+def _block_key(watch: Watch) -> str:
+    """Where the hash of the block at a watch's cursor is saved."""
+    return f"{watch.key}#block"
+
+
+def _block_hash(fact: Fact) -> str:
+    """The hash of the block a fact is of (a vmlog's is its account block's)."""
+    value = fact.data.get("account_block_hash") or fact.data.get("hash")
+    return value if isinstance(value, str) else ""
 
 
 def _range(watch: Watch, lo: int, hi: int) -> dict[str, str | int]:

@@ -47,6 +47,11 @@ ALL_TOPICS = [
 ]
 
 
+def positions(ctx: RecordingContext) -> dict[str, str]:
+    """The saved heights, less the hashes of the blocks at them (``KEY#block``)."""
+    return {k: v for k, v in ctx.cursors.items() if not k.endswith("#block")}
+
+
 def heights(ctx: RecordingContext, kind: str, field: str = "height") -> list[int]:
     return [e.data[field] for e in ctx.events if e.type == kind]
 
@@ -230,7 +235,7 @@ async def test_backfill_after_a_reconnect_in_order_without_duplicates(
     assert heights(ctx, "snapshot_block") == list(range(head + 1, head + 7))
     assert heights(ctx, "vmlog", "account_block_height") == [1, 2, 3, 4]
     assert len({e.id for e in ctx.events}) == 10
-    assert ctx.cursors == {"snapshot_block": str(head + 6), VMLOG_KEY: "4"}
+    assert positions(ctx) == {"snapshot_block": str(head + 6), VMLOG_KEY: "4"}
     assert ctx.gaps == [] and ctx.states() == ["up", "down", "up"]
     assert emulator.requests("ledger_getSnapshotBlocks")[-1]["params"] == [head + 5, 3]
     vmlog_query = emulator.requests("ledger_getVmLogsByFilter")[-1]["params"][0]
@@ -250,7 +255,7 @@ async def test_backfill_after_a_restart_and_nothing_before_the_first_start(
     )
     async with source_running(config) as first:  # first start: no history
         await subscribed(emulator, first, 2, "snapshot_block", VMLOG_KEY)
-    assert first.events == [] and first.cursors == {"snapshot_block": str(head), VMLOG_KEY: "5"}
+    assert first.events == [] and positions(first) == {"snapshot_block": str(head), VMLOG_KEY: "5"}
 
     restarted = RecordingContext("chain", "vite")
     restarted.cursors.update({"snapshot_block": str(head - 3), VMLOG_KEY: "2"})
@@ -263,7 +268,7 @@ async def test_backfill_after_a_restart_and_nothing_before_the_first_start(
     assert (
         next(e.data["log_data"] for e in ctx.events if e.type == "vmlog") == "b2xkIDI="
     )  # "old 2"
-    assert ctx.cursors == {"snapshot_block": str(head), VMLOG_KEY: "6"}
+    assert positions(ctx) == {"snapshot_block": str(head), VMLOG_KEY: "6"}
 
 
 async def test_more_missed_than_backfill_limit_is_a_gap_for_the_oldest(
@@ -422,6 +427,7 @@ async def test_a_seed_only_node_gets_the_seed_names_and_they_are_remembered() ->
         "ledger_getVmlogsByFilter",
         "subscribe_createVmlogFilter",  # the filter expired: remembered spelling at once
         "ledger_getLatestAccountBlock",
+        "ledger_getVmlogsByFilter",  # the block at the cursor: still the chain's?
         "ledger_getVmlogsByFilter",
     ]
     assert [e.data["log_data"] for e in ctx.events] == [
@@ -713,3 +719,47 @@ async def test_a_watched_address_keeps_its_fields_beside_every_accounts_topic(
     assert [(e.data["hash"], e.data["height"]) for e in full] == [(block.hash, block.height)]
     # One fact, one id, whichever topic told it first.
     assert {e.id for e in ctx.events} == {full[0].id}
+
+
+async def test_a_rollback_below_the_cursor_while_away_reads_the_new_blocks_and_says_so(
+    emulator: ViteEmulator,
+) -> None:
+    config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
+    async with source_running(config) as ctx:
+        await subscribed(emulator, ctx, 1, "snapshot_block")
+        await emulator.produce_snapshots(2)
+        await wait(ctx, lambda: len(ctx.events) == 2)
+        await away(emulator)
+        gone = await emulator.rollback_snapshots(2)  # the two blocks seen, while away
+        await emulator.produce_snapshots(3)  # what replaced them, and one more
+        await wait(ctx, lambda: len(ctx.events) == 5)
+    chain = emulator.chain.snapshots[-3:]
+    assert {e.data["hash"] for e in ctx.events[:2]} == set(gone)
+    assert [(e.data["height"], e.data["hash"]) for e in ctx.events[2:]] == [
+        (b.height, b.hash) for b in chain
+    ]
+    (gap,) = ctx.gaps
+    assert (
+        gap["reason"].startswith("the chain was rolled back") and gap["height"] == chain[1].height
+    )
+
+
+async def test_a_rollback_while_stopped_is_found_at_the_restart(emulator: ViteEmulator) -> None:
+    config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
+    async with source_running(config) as first:
+        await subscribed(emulator, first, 1, "snapshot_block")
+        await emulator.produce_snapshots(2)
+        await wait(first, lambda: len(first.events) == 2)
+        await wait_for(lambda: "snapshot_block#block" in first.cursors, what="the block's hash")
+    await emulator.rollback_snapshots(2)  # while the daemon is stopped
+    await emulator.produce_snapshots(3)
+    restarted = RecordingContext("chain", "vite")
+    restarted.cursors.update(first.cursors)
+    async with source_running(config, restarted) as ctx:
+        await wait(ctx, lambda: bool(ctx.gaps))
+        await wait(
+            ctx, lambda: ctx.cursors["snapshot_block"] == str(emulator.chain.snapshot_height)
+        )
+    new = {(b.height, b.hash) for b in emulator.chain.snapshots[-3:]}
+    assert new <= {(e.data["height"], e.data["hash"]) for e in ctx.events}
+    assert ctx.gaps[0]["reason"].startswith("the chain was rolled back")
