@@ -685,6 +685,11 @@ COMMANDS = {
 }
 
 
+def _fail(err: TocsinError) -> None:
+    """The one sentence of an error, every secret masked (a plugin's message may quote one)."""
+    print(secret_registry.scrub(f"tocsin: {err}"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tocsin`` command."""
     try:
@@ -699,10 +704,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{count} problem{'s' if count != 1 else ''}; nothing was started", file=sys.stderr)
         return 2
     except (UsageError, PluginError, StateError, ServeError) as err:
-        print(f"tocsin: {err}", file=sys.stderr)
+        _fail(err)
         return 2
     except TocsinError as err:
-        print(f"tocsin: {err}", file=sys.stderr)
+        _fail(err)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -541,10 +541,10 @@ class Daemon:
         try:
             action = self.registry.action(config.plugin)(name, config)
             await action.start()
-        except Exception as err:
-            reason = secret_registry.scrub(f"{type(err).__name__}: {err}")
+        except Exception as err:  # told by tocsin run, or logged by a reload: both mask secrets
             raise PluginError(
-                f"action {name!r} (plugin {config.plugin!r}) could not start: {reason}"
+                f"action {name!r} (plugin {config.plugin!r}) could not start:"
+                f" {type(err).__name__}: {err}"
             ) from err
         return action
 

@@ -658,3 +658,15 @@ def test_demo_away_from_the_source_tree_says_where_its_config_is(tmp_path: Path)
         "tocsin: rules.example.toml is not here (it is in tocsin's source tree): run tocsin"
         " demo there, or give -c FILE, a config whose sources point at 127.0.0.1"
     )
+
+
+def test_an_error_sentence_never_shows_a_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    from tocsin import SecretValue
+    from tocsin.cli import _fail
+    from tocsin.errors import PluginError
+
+    SecretValue("pager-t0ken-5150")  # registered, as every resolved secret is
+    _fail(PluginError("action 'pager' (plugin 'p') could not start: bad token pager-t0ken-5150"))
+    assert capsys.readouterr().err == (
+        "tocsin: action 'pager' (plugin 'p') could not start: bad token ***\n"
+    )
