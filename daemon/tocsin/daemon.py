@@ -624,18 +624,18 @@ class Daemon:
             self.notifier.ready(self.status_line())
 
     async def _apply(self, config: Config, engine: Engine, fresh: dict[str, Action]) -> None:
+        """Switch to ``config``; ``fresh`` holds its new and changed actions, started."""
         old = self.config
         self.config = config
         if config.daemon.http != old.daemon.http:
             log.warning("[daemon] http changed: the new address is served after a restart")
         for name, action in list(self.actions.items()):
-            if config.actions.get(name) != old.actions.get(name):
+            if name in fresh or name not in config.actions:  # changed, or gone
                 self._action_scopes.pop(name).cancel()
                 await action.aclose()
                 del self.actions[name]
-        for name in config.actions:
-            if name not in self.actions:
-                await self._start_action(name, fresh.get(name))
+        for name, action in fresh.items():
+            await self._start_action(name, action)
         for name, runner in list(self.sources.items()):
             if config.sources.get(name) != old.sources.get(name):
                 if runner.scope is not None:
