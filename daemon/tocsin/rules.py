@@ -316,7 +316,6 @@ class Engine:
         self.stats = EngineStats()
         self.generations: dict[tuple[str, str], int] = {}
         self._throttle: dict[tuple[str, str], float] = {}  # in the order of last alerts
-        self._throttle_evicted = 0  # throttles forgotten before they ran out (bound)
         self.state_writes: list[StateWrite] = []  # throttles (and deletions) to persist
         self._recent = RecentIds(_RECENT_ALERTS)
         self._warned: set[tuple[str, str]] = set()
@@ -679,7 +678,8 @@ class Engine:
         excess = len(self._throttle) - _RECENT_ALERTS * 3 // 4
         if excess <= 0:
             return
-        if not self._throttle_evicted:
+        if ("", "throttles") not in self._warned:  # once, as the rules' own failures
+            self._warned.add(("", "throttles"))
             log.warning(
                 "more than %d groups are throttled at once: the %d that alerted longest ago"
                 " are forgotten, and may alert again before their throttle ends; check the"
@@ -687,6 +687,5 @@ class Engine:
                 _RECENT_ALERTS,
                 excess,
             )
-        self._throttle_evicted += excess
         for key in list(itertools.islice(self._throttle, excess)):  # the oldest first
             del self._throttle[key]
