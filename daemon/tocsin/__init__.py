@@ -21,6 +21,7 @@ from .errors import (
 from .events import (
     DAEMON_EVENT_TYPES,
     Event,
+    Numbering,
     RecentIds,
     get_path,
     split_path,
@@ -65,6 +66,7 @@ __all__ = [
     "EventFactory",
     "Firing",
     "FrameParser",
+    "Numbering",
     "PermanentDelivery",
     "PluginError",
     "Problem",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time as _time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +51,25 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v, depth + 1) for v in value]
     return str(value)
+
+
+class Numbering:
+    """Numbers that only grow, to tell apart facts of the same content (odds back at an
+    earlier price, a book back at an earlier state).
+
+    With a ``clock`` (seconds), each number is its milliseconds or one more than the last,
+    so it grows across restarts and a later run never reuses one; without (a replay of
+    recorded frames), 1, 2, 3..., the same numbers each replay. ``last`` is the latest.
+    """
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self.last = 0
+        self._clock = clock
+
+    def next(self) -> int:
+        now = int(self._clock() * 1000) if self._clock is not None else 0
+        self.last = max(self.last + 1, now)
+        return self.last
 
 
 def utc_iso(ts: float | None = None) -> str:

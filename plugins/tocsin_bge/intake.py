@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from tocsin import Event, EventFactory, RecentIds, SourceContext, stable_id
+from tocsin import Event, EventFactory, Numbering, RecentIds, SourceContext, stable_id
 
 from .protocol import (
     ALL,
@@ -45,13 +45,10 @@ class PushIntake:
         self.channels = frozenset(channels)
         self.recent = RecentIds()
         self.seqs = SeqTracker()
-        # Snapshots (orderbook, percent10): the content id of each channel's last one,
-        # and the number of the last change (as ckex's QuoteBook numbers its moves: with a
-        # clock, its milliseconds or one more, so a later run never reuses one; without,
-        # in a replay, 1, 2, 3).
+        # Snapshots (orderbook, percent10): the content id of each channel's last one, and
+        # the numbers of their changes.
         self.books: dict[ChannelKey, str] = {}
-        self.change = 0
-        self._clock = clock
+        self.changes = Numbering(clock)
 
     def route(self, channel: ChannelKey) -> ChannelKey | None:
         """The subscription a push belongs to (``orders`` of ``all`` take every pair's)."""
@@ -103,6 +100,4 @@ class PushIntake:
         self.books[key] = item.id
         if last is None:
             return item
-        now = int(self._clock() * 1000) if self._clock is not None else 0
-        self.change = max(self.change + 1, now)
-        return item._replace(id=stable_id(item.id, "change", self.change))
+        return item._replace(id=stable_id(item.id, "change", self.changes.next()))

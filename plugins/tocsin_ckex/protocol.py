@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
-from tocsin import stable_id
+from tocsin import Numbering, stable_id
 
 MAX_FRAME = 1024 * 1024  # a snapshot of a few markets is a few kB; more is a broken server
 MAX_VALUE = 256  # longest id, price or time string accepted in a quote
@@ -461,17 +461,18 @@ class QuoteBook:
         self, max_products: int = 10_000, clock: Callable[[], float] | None = None
     ) -> None:
         self.max_products = max_products
-        # The number of the last move: with a clock, its milliseconds or one more than the
-        # last (it grows across restarts, so a move never gets an id of an earlier run);
-        # without one (a replay of recorded frames), 1, 2, 3... for the same ids each run.
-        self.move = 0
-        self._clock = clock
+        self.moves = Numbering(clock)
         self._last: OrderedDict[tuple[str, ...], tuple[tuple[str, ...], float | None]] = (
             OrderedDict()
         )
 
     def __len__(self) -> int:
         return len(self._last)
+
+    @property
+    def move(self) -> int:
+        """The number of the last move (see ``tocsin.Numbering``)."""
+        return self.moves.last
 
     def accept(self, quote: Quote) -> bool:
         """Whether ``quote`` is news (see ``news``)."""
@@ -502,6 +503,5 @@ class QuoteBook:
         while len(self._last) > self.max_products:
             self._last.popitem(last=False)
         if previous:
-            now = int(self._clock() * 1000) if self._clock is not None else 0
-            self.move = max(self.move + 1, now)
+            self.moves.next()
         return previous
