@@ -33,6 +33,14 @@ def tocsin(*args: str, cwd: Path | None = None, **env: str) -> subprocess.Comple
     )
 
 
+def rules_and_events(tmp_path: Path, rules: str, events: str) -> tuple[Path, Path]:
+    """A config of ``rules`` and a JSONL file of ``events``, for tocsin test."""
+    config, lines = tmp_path / "t.toml", tmp_path / "e.jsonl"
+    config.write_text(rules)
+    lines.write_text(events)
+    return config, lines
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -93,11 +101,10 @@ def test_test_command_on_the_example(tmp_path: Path) -> None:
 
 
 def test_test_command_skips_bad_lines(tmp_path: Path) -> None:
-    config = tmp_path / "t.toml"
-    config.write_text('[[rules]]\nname = "any"\nmatch = { x = 1 }\n')
-    events = tmp_path / "e.jsonl"
-    events.write_text(
-        '{"id": "1", "source": "s", "type": "t", "data": {"x": 1}}\nnot json\n{"id": 2}\n'
+    config, events = rules_and_events(
+        tmp_path,
+        '[[rules]]\nname = "any"\nmatch = { x = 1 }\n',
+        '{"id": "1", "source": "s", "type": "t", "data": {"x": 1}}\nnot json\n{"id": 2}\n',
     )
     run = tocsin("test", "-c", str(config), str(events))
     assert run.returncode == 0
@@ -106,18 +113,15 @@ def test_test_command_skips_bad_lines(tmp_path: Path) -> None:
 
 
 def test_test_command_retracts_as_the_daemon_does(tmp_path: Path) -> None:
-    config = tmp_path / "t.toml"
-    config.write_text(
-        '[[rules]]\nname = "in"\nmatch = { x = 1 }\n'
-        '[[rules]]\nname = "quiet"\nmatch = { x = 1 }\non_removed = "ignore"\n'
-    )
     fact = '{"id": "f%s", "source": "s", "type": "t", "removed": %s, "data": {"x": 1}}\n'
-    events = tmp_path / "e.jsonl"
     # f1 fires, is retracted, comes back (fires anew), is pushed again (nothing);
     # f2 is removed without having fired.
-    events.write_text(
+    config, events = rules_and_events(
+        tmp_path,
+        '[[rules]]\nname = "in"\nmatch = { x = 1 }\n'
+        '[[rules]]\nname = "quiet"\nmatch = { x = 1 }\non_removed = "ignore"\n',
         "".join(fact % (n, r) for n, r in [(1, "false"), (1, "true"), (1, "false"), (1, "false")])
-        + fact % (2, "true")
+        + fact % (2, "true"),
     )
     run = tocsin("test", "-c", str(config), str(events))
     assert run.returncode == 0, run.stderr
@@ -360,11 +364,12 @@ def test_golden_file_written_then_expected(tmp_path: Path) -> None:
 
 
 def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
-    config = tmp_path / "t.toml"
-    config.write_text('[[rules]]\nname = "any"\nmatch = { x = 1 }\n')
-    events = tmp_path / "e.jsonl"
     line = '{"id": "%d", "source": "s", "type": "t", "data": {"x": %d}}\n'
-    events.write_text("".join(line % (n, n % 2) for n in range(2000)))
+    config, events = rules_and_events(
+        tmp_path,
+        '[[rules]]\nname = "any"\nmatch = { x = 1 }\n',
+        "".join(line % (n, n % 2) for n in range(2000)),
+    )
     env = {**os.environ, "TOCSIN_LOAD_PLUGINS": "builtin"}
     command = [sys.executable, "-m", "tocsin.cli", "test", "-c", str(config), str(events)]
 
@@ -584,14 +589,13 @@ def test_emulate_on_a_busy_port_says_so_in_one_sentence() -> None:
 
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
-    config = tmp_path / "t.toml"
-    config.write_text('[[rules]]\nname = "any"\nmatch = { x = 1 }\n')
-    events = tmp_path / "e.jsonl"
-    events.write_text(
+    config, events = rules_and_events(
+        tmp_path,
+        '[[rules]]\nname = "any"\nmatch = { x = 1 }\n',
         "".join(
             f'{{"id": "{i}", "source": "s", "type": "t", "data": {{"x": 1}}}}\n'
             for i in range(5000)
-        )
+        ),
     )
     run = subprocess.Popen(
         [sys.executable, "-m", "tocsin.cli", "test", "-c", str(config), str(events)],
@@ -608,14 +612,13 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 
 
 def test_test_and_explain_never_show_a_secret(tmp_path: Path) -> None:
-    config = tmp_path / "t.toml"
-    config.write_text(
-        '[[rules]]\nname = "memo"\nmatch = { "args.memo" = { env = "S_MEMO" } }\n'
-        '[[rules]]\nname = "to"\nwhen = { env = "S_WHEN" }\n'
-    )
     event = '{"id": "1", "source": "s", "type": "t", "data": {"args": {"memo": "m", "to": "x"}}}'
-    events = tmp_path / "e.jsonl"
-    events.write_text(event + "\n")
+    config, events = rules_and_events(
+        tmp_path,
+        '[[rules]]\nname = "memo"\nmatch = { "args.memo" = { env = "S_MEMO" } }\n'
+        '[[rules]]\nname = "to"\nwhen = { env = "S_WHEN" }\n',
+        event + "\n",
+    )
     secrets = {"S_MEMO": "SECRET_MEMO_42", "S_WHEN": "args.to == 'SECRET_WHEN_43'"}
     test = tocsin("test", "-c", str(config), str(events), **secrets)
     assert test.returncode == 0, test.stderr
