@@ -179,6 +179,9 @@ class _Loader:
         self.registry = registry
         self.environ = dict(os.environ if environ is None else environ)
         self.problems: list[Problem] = []
+        # (file, path) of each secret reference that could not be read: its value is "",
+        # and what validation then says of that path would only repeat the problem.
+        self.unresolved: set[tuple[str, str]] = set()
         self.source_plugins: dict[str, str | None] = {}  # every [sources.X], valid or not
         self.action_names: set[str] = set()
         self.env = make_environment(registry.filter_functions())
@@ -217,8 +220,12 @@ class _Loader:
         return self.resolve(raw, name) if resolve else raw
 
     def resolve(self, raw: dict[str, Any], file: str, path: str = "") -> dict[str, Any]:
+        def unresolved(at: str, message: str) -> None:
+            self.unresolved.add((file, at))
+            self.problem(file, at, message)
+
         return resolve_secret_refs(  # type: ignore[no-any-return]
-            raw, lambda p, m: self.problem(file, p, m), path, environ=self.environ
+            raw, unresolved, path, environ=self.environ
         )
 
     def validate(
@@ -227,7 +234,8 @@ class _Loader:
         try:
             return model.model_validate(raw)
         except ValidationError as err:
-            self.problems.extend(problems_from(err, model, file, prefix, sep))
+            found = problems_from(err, model, file, prefix, sep)
+            self.problems.extend(p for p in found if (p.file, p.path) not in self.unresolved)
             return None
 
     def plugin_table(

@@ -222,8 +222,8 @@ def resolve_secret_refs(
 ) -> Any:
     """Replace every secret reference table in ``value`` by the secret's text.
 
-    ``on_error(path, message)`` is called for each reference that cannot be resolved
-    (the reference stays, so validation goes on and reports the rest).
+    ``on_error(path, message)`` is called for each reference that cannot be resolved;
+    its value becomes ``""``, so validation goes on and reports the rest.
     """
     env = dict(os.environ) if environ is None else environ
     if isinstance(value, dict):

@@ -28,12 +28,12 @@ from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 from urllib.parse import unquote
 
 import anyio
 import apprise
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from tocsin import (
     Action,
@@ -177,18 +177,25 @@ def _channel(service: Any, key_source: str, asset: apprise.AppriseAsset) -> _Cha
     return _Channel(_key(key_source), private, client)
 
 
-def _from_urls(urls: list[SecretValue]) -> tuple[list[_Channel], list[int]]:
-    """Channels for the URLs that Apprise understands, and the indexes of those it does not."""
+def _from_urls(urls: list[SecretValue]) -> list[_Channel]:
+    """Channels for the URLs (``_understood`` checked each)."""
     asset = _asset()
-    channels, bad = [], []
+    channels = []
     with _apprise_quiet():
-        for index, url in enumerate(urls):
+        for url in urls:
             service = apprise.Apprise.instantiate(url.get().strip(), asset=asset)
-            if service is None:
-                bad.append(index)
-            else:
+            if service is not None:
                 channels.append(_channel(service, url.get().strip(), asset))
-    return channels, bad
+    return channels
+
+
+def _understood(url: SecretValue) -> SecretValue:
+    """``url`` if Apprise understands it; the error is reported at its index, without it
+    (the URL holds tokens)."""
+    with _apprise_quiet():
+        if apprise.Apprise.instantiate(url.get().strip(), asset=_asset()) is None:
+            raise ValueError("not a URL Apprise understands")
+    return url
 
 
 def _from_config_file(path: str, tag: str | list[str] | None) -> tuple[list[_Channel], int]:
@@ -217,22 +224,11 @@ class AppriseActionConfig(ActionConfig):
     # A validation error would otherwise quote the raw input: the URL with its token.
     model_config = ConfigDict(hide_input_in_errors=True)
 
-    urls: list[Secret] = []
+    urls: list[Annotated[Secret, AfterValidator(_understood)]] = []
     config: str | None = None
     tag: str | list[str] | None = None
     workers: int = Field(default=4, ge=1, le=32)
     deadline: Duration = Field(default=30.0, gt=0)
-
-    @field_validator("urls")
-    @classmethod
-    def _check_urls(cls, value: list[SecretValue]) -> list[SecretValue]:
-        _, bad = _from_urls(value)
-        if bad:
-            # By index only: the URL holds tokens.
-            which = ", ".join(f"urls[{i}]" for i in bad)
-            verb = "is not a URL" if len(bad) == 1 else "are not URLs"
-            raise ValueError(f"{which} {verb} Apprise understands")
-        return value
 
     @field_validator("config")
     @classmethod
@@ -294,7 +290,7 @@ class AppriseAction(Action):
                     len(channels),
                 )
         else:
-            channels, _ = _from_urls(config.urls)
+            channels = _from_urls(config.urls)
         self._channels: dict[str, _Channel] = {}
         for channel in channels:  # the same URL twice is one target
             self._channels.setdefault(channel.key, channel)

@@ -77,11 +77,13 @@ def env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return dict(os.environ)
 
 
-def test_good_config_loads_with_secrets_and_includes(tmp_path: Path, env: dict[str, str]) -> None:
+def test_good_config_loads_with_secrets_and_includes(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "hook.secret").write_text("s3cret-from-file\n")
     (tmp_path / "rules.d").mkdir()
     (tmp_path / "rules.d" / "more.toml").write_text('[[rules]]\nname = "more"\nmatch = { x = 1 }\n')
-    os.chdir(tmp_path)  # the secret file path is relative to the working directory
+    monkeypatch.chdir(tmp_path)  # the secret file path is relative to the working directory
     config = load_config(write_config(tmp_path / "tocsin.toml", GOOD), make_registry(), env)
     assert [r.config.name for r in config.rules] == ["incoming transfer", "more"]
     assert config.rules[1].file.endswith("more.toml")
@@ -108,6 +110,29 @@ def test_credential_secret(tmp_path: Path, env: dict[str, str]) -> None:
         {**env, "CREDENTIALS_DIRECTORY": str(tmp_path / "creds")},
     )
     assert config.actions["hook"].secret.get() == "from-systemd"  # type: ignore[attr-defined]
+
+
+def test_a_secret_that_cannot_be_read_is_one_problem(tmp_path: Path, env: dict[str, str]) -> None:
+    # The unread secret's value is "": what validation says of it would only repeat it.
+    text = (
+        GOOD.replace('url = "ws://127.0.0.1:1/feed"', 'url = { env = "NO_FEED_URL" }')
+        .replace('include = ["rules.d/*.toml"]', "")
+        .replace('{ file = "hook.secret" }', '{ env = "NO_HOOK_SECRET" }')
+        .replace(
+            "[[rules]]",
+            '[actions.phone]\nplugin = "apprise"\n'
+            'urls = ["json://127.0.0.1:1/", { env = "NO_PHONE_URL" }, "nosuch://x"]\n\n[[rules]]',
+        )
+    )
+    path = write_config(tmp_path / "t.toml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, make_registry(), env)
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}: sources.eos.url: environment variable NO_FEED_URL is not set",
+        f"{path}: actions.hook.secret: environment variable NO_HOOK_SECRET is not set",
+        f"{path}: actions.phone.urls[1]: environment variable NO_PHONE_URL is not set",
+        f"{path}: actions.phone.urls[2]: not a URL Apprise understands",
+    ]
 
 
 def test_every_problem_is_listed_with_file_and_path(tmp_path: Path, env: dict[str, str]) -> None:

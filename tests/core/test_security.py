@@ -314,7 +314,8 @@ def test_tocsin_check_names_problems_not_secrets(tmp_path: Path) -> None:
         "sources.eos.url: put the key in api_key, not in the URL",
         "actions.hook.url: url must start with http",
         "actions.hook.headers: the value of header Authorization cannot contain a line break",
-        "actions.phone.urls: urls[0], urls[1] are not URLs Apprise understands",
+        "actions.phone.urls[0]: not a URL Apprise understands",
+        "actions.phone.urls[1]: not a URL Apprise understands",
         "actions.creds.url: credential missing-one",
         'unknown action "nope"',
     ):

@@ -212,9 +212,9 @@ def test_an_invalid_url_is_refused_by_index_without_quoting_it(
     caplog.set_level(logging.DEBUG)
     with pytest.raises(ValidationError) as caught:
         config(urls=["json://127.0.0.1/a", f"tgram://{TOKEN}/", f"nosuchscheme://{TOKEN}"])
-    (error,) = caught.value.errors()
-    assert error["loc"] == ("urls",)
-    assert "urls[1], urls[2] are not URLs Apprise understands" in error["msg"]
+    errors = caught.value.errors()
+    assert [e["loc"] for e in errors] == [("urls", 1), ("urls", 2)]
+    assert all("not a URL Apprise understands" in e["msg"] for e in errors)
     assert TOKEN not in str(caught.value)
     # Apprise's own complaint quotes the URL: it must not reach our log handlers.
     assert TOKEN not in caplog.text
