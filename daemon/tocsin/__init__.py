@@ -28,6 +28,7 @@ from .events import (
     stable_id,
     to_json,
     utc_iso,
+    wire_number,
 )
 from .fields import (
     ConfigModel,
@@ -102,6 +103,7 @@ __all__ = [
     "stable_id",
     "to_json",
     "utc_iso",
+    "wire_number",
 ]
 
 __version__ = "0.1.0"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import time as _time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -51,6 +53,23 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v, depth + 1) for v in value]
     return str(value)
+
+
+_DECIMAL = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?(?:[eE][-+]?[0-9]{1,3})?")
+
+
+def wire_number(value: Any) -> Any:
+    """A provider's decimal string as a number, for rules to compare (``price > 2.0``): an
+    int when integral and exact (``"30200.00"`` -> ``30200``), else a finite float
+    (``"3.5334"``); anything else (``""``, ``"1e999"``, a non-string) as it is."""
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        return value
+    number = float(value)
+    if not math.isfinite(number):
+        return value
+    if number.is_integer() and abs(number) < 2**53:
+        return int(number)
+    return number
 
 
 class Numbering:

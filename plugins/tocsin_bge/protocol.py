@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import math
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +27,15 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from tocsin import RecentIds, SourceAuthError, SourceError, printable, stable_id, utc_iso
+from tocsin import (
+    RecentIds,
+    SourceAuthError,
+    SourceError,
+    printable,
+    stable_id,
+    utc_iso,
+    wire_number,
+)
 
 DEFAULT_URL = "wss://ws.bg.exchange/v2/ws"
 
@@ -99,7 +106,6 @@ AUTH_CODES: dict[int, tuple[str, bool]] = {
 MAX_TS_S = 253_402_300_799  # 9999-12-31: the last time utc_iso() can show
 _CODE_TEXT = re.compile(r"-?[0-9]{1,9}")
 _DIGITS = re.compile(r"[0-9]{1,19}")
-_DECIMAL = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?(?:[eE][-+]?[0-9]{1,3})?")
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
 _MAX_TEXT = 200
 
@@ -462,23 +468,10 @@ def snake_case(key: str) -> str:
     return _CAMEL.sub(r"_\1", key).lower()
 
 
-def to_number(value: Any) -> Any:
-    """A decimal string as a number: an int when integral and exact (``"30200.00"`` ->
-    ``30200``), else a finite float (``"3.5334"``); anything else as is."""
-    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
-        return value
-    number = float(value)
-    if not math.isfinite(number):
-        return value
-    if number.is_integer() and abs(number) < 2**53:
-        return int(number)
-    return number
-
-
 def _book(levels: Any) -> Any:
     if not isinstance(levels, list):
         return levels
-    return [[to_number(v) for v in lvl] if isinstance(lvl, list) else lvl for lvl in levels]
+    return [[wire_number(v) for v in lvl] if isinstance(lvl, list) else lvl for lvl in levels]
 
 
 def snake_fields(item: Mapping[str, Any]) -> dict[str, Any]:
@@ -578,11 +571,11 @@ def normalize(push: Push) -> list[Item]:
         if seq is None:
             seq = push.seq_id
         for name in NUMERIC_FIELDS & fields.keys():
-            fields[name] = to_number(fields[name])
+            fields[name] = wire_number(fields[name])
         for name in BOOK_FIELDS & fields.keys():
             fields[name] = _book(fields[name])
         if type_ == "orders" and isinstance(fields.get("status"), str):
-            fields["status"] = to_number(fields["status"])  # "1" -> 1: statuses are 0-7
+            fields["status"] = wire_number(fields["status"])  # "1" -> 1: statuses are 0-7
         index = seen_seq.get(seq, 0)
         seen_seq[seq] = index + 1
         ident = item_id(type_, push, fields, seq, index)

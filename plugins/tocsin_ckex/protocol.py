@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
-from tocsin import Numbering, stable_id
+from tocsin import Numbering, stable_id, wire_number
 
 MAX_FRAME = 1024 * 1024  # a snapshot of a few markets is a few kB; more is a broken server
 MAX_VALUE = 256  # longest id, price or time string accepted in a quote
@@ -403,6 +403,10 @@ def quote_event(
     an earlier one. A re-sent snapshot is no move (the book drops it). A fancy quote's
     ``ut`` is left out: a snapshot re-sent with a newer ``ut`` but the same values is not
     a new fact.
+
+    Odds and lines are numbers in ``data`` (``"2.37"`` -> 2.37, so a rule says
+    ``price > 2.0``); one that is not a decimal (a locked quote's ``""``) stays as sent.
+    The id is made of the strings as sent.
     """
     after = ("after", *previous, str(move)) if previous else ()
     open_ = quote.status == "1"  # "1": open and shown; anything else: locked
@@ -411,7 +415,7 @@ def quote_event(
             "event_id": quote.event_id,
             "market_id": quote.market_id,
             "product_id": quote.product_id,
-            "price": quote.price,
+            "price": wire_number(quote.price),
             "status": quote.status,
             "open": open_,
         }
@@ -426,10 +430,10 @@ def quote_event(
     data = {
         "mid": quote.mid,
         "pid": quote.pid,
-        "bl": quote.bl,
-        "bo": quote.bo,
-        "ll": quote.ll,
-        "lo": quote.lo,
+        "bl": wire_number(quote.bl),
+        "bo": wire_number(quote.bo),
+        "ll": wire_number(quote.ll),
+        "lo": wire_number(quote.lo),
         "ut": quote.ut,
         "status": quote.status,
         "open": open_,

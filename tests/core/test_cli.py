@@ -85,7 +85,7 @@ def test_test_command_on_the_example(tmp_path: Path) -> None:
     assert "[firing] incoming transfer -> console, hook" in run.stdout
     assert "title: 250.0000 EOS from alice" in run.stdout
     assert "title: consumption cns_01 confirmed" in run.stdout
-    assert "title: odds 2.10 on event 219 market 33753655" in run.stdout
+    assert "title: odds 2.37 on event 40789105-e market 219_33753655" in run.stdout
     assert "1.85" not in run.stdout.split("odds")[1].splitlines()[0]
     # Why each rule taking an event did not alert: the first failing check, or what held it.
     assert "no alert from 'incoming transfer': a duplicate of an alert already made" in run.stdout
@@ -461,7 +461,7 @@ def test_explain_rules_that_do_not_fire(tmp_path: Path) -> None:
     assert "  ok    kind: threshold: 0 of 2 within 30s" in small.stdout
     quiet = explain(tmp_path, "odds moved", 7)  # passes every check, yet the window decides
     assert quiet.stdout.splitlines()[-1] == (
-        "does not fire: matched; change: 2.10 is the only value within 5m; fires on a move of 20%"
+        "does not fire: matched; change: 2.37 is the only value within 5m; fires on a move of 20%"
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tocsin.events import stable_id
+from tocsin.events import stable_id, wire_number
 
 
 def test_stable_ids_do_not_change_between_versions() -> None:
@@ -16,3 +16,15 @@ def test_stable_ids_do_not_change_between_versions() -> None:
 
 def test_parts_are_separated() -> None:
     assert stable_id("ab", "c") != stable_id("a", "bc")
+
+
+def test_wire_numbers() -> None:
+    assert wire_number("30000") == 30000 and isinstance(wire_number("30000"), int)
+    assert wire_number("30200.00") == 30200 and isinstance(wire_number("30200.00"), int)
+    assert wire_number("3.53340000") == 3.5334
+    assert wire_number("-0.5") == -0.5
+    assert wire_number("1e-8") == 1e-8
+    assert wire_number("12345678901234567890") == 12345678901234567890.0  # too long for an int
+    assert wire_number("1e999") == "1e999"  # not finite: kept
+    for kept in ("abc", "", "1.2.3", " 1", "NaN", 5, None):
+        assert wire_number(kept) == kept

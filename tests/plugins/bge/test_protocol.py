@@ -36,7 +36,6 @@ from tocsin_bge.protocol import (
     sign,
     snake_case,
     sub_message,
-    to_number,
 )
 
 from tocsin import SourceAuthError, SourceError
@@ -277,18 +276,6 @@ def test_snake_case_wins_over_its_camel_twin() -> None:
     assert isinstance(msg, Push)
     assert normalize(msg)[0].data["seq_id"] == 2
     assert snake_case("changePercent") == "change_percent" and snake_case("seq_id") == "seq_id"
-
-
-def test_numbers() -> None:
-    assert to_number("30000") == 30000 and isinstance(to_number("30000"), int)
-    assert to_number("30200.00") == 30200 and isinstance(to_number("30200.00"), int)
-    assert to_number("3.53340000") == 3.5334
-    assert to_number("-0.5") == -0.5
-    assert to_number("1e-8") == 1e-8
-    assert to_number("12345678901234567890") == 12345678901234567890.0  # too long for an int
-    assert to_number("1e999") == "1e999"  # not finite: kept
-    for kept in ("abc", "", "1.2.3", " 1", "NaN", 5, None):
-        assert to_number(kept) == kept
 
 
 def test_candles_pushed_and_fetched_agree() -> None:

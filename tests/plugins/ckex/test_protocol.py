@@ -74,7 +74,7 @@ def test_seed_sportsbook_frame() -> None:
         "event_id": "41115853-e",
         "market_id": "1_31260330",
         "product_id": "2",
-        "price": "2.37",
+        "price": 2.37,  # a number, for rules to compare; the id has the string as sent
         "status": "1",
         "open": True,
     }
@@ -89,10 +89,10 @@ def test_seed_fancy_frame_is_locked_and_timed() -> None:
     assert data == {
         "mid": "878_55854706_f",
         "pid": "1",
-        "bl": "181",
-        "bo": "0",
-        "ll": "181",
-        "lo": "0",
+        "bl": 181,
+        "bo": 0,
+        "ll": 181,
+        "lo": 0,
         "ut": "2023-11-07T08:29:39.306Z",
         "status": "-3",
         "open": False,
@@ -105,7 +105,7 @@ def test_schema_spelling_and_eid_are_accepted() -> None:
     (quote,) = quotes(fixture_text("order_slipt_fancy_with_eid.json"))
     _, data, _ = quote_event(quote)
     assert data["eid"] == "44914246-e"
-    assert data["open"] is True and data["bl"] == "175"
+    assert data["open"] is True and data["bl"] == 175
 
 
 def test_keepalives_and_error() -> None:
@@ -418,3 +418,13 @@ def test_any_command_parses_or_value_error(raw: str | bytes) -> None:
 def test_any_text_is_a_time_or_none(text: str) -> None:
     assert parse_time(text) is None or isinstance(parse_time(text), float)
     assert token_expiry(text) is None or isinstance(token_expiry(text), float)
+
+
+def test_odds_are_numbers_and_ids_keep_the_strings_as_sent() -> None:
+    _, data, id_ = quote_event(sb(price="2.10"))
+    assert data["price"] == 2.1 and isinstance(data["price"], float)
+    assert id_ != quote_event(sb(price="2.1"))[2]  # a different wire text is a different fact
+    assert quote_event(sb(price="3"))[1]["price"] == 3
+    for kept in ("", "-", "1e999"):  # a locked quote's empty price: as sent
+        assert quote_event(sb(price=kept, status="2"))[1]["price"] == kept
+    assert quote_event(fancy(bl=""))[1]["bl"] == ""

@@ -43,7 +43,7 @@ def settings(emu: CkexEmulator, **extra: Any) -> dict[str, Any]:
     }
 
 
-def prices(ctx: RecordingContext) -> list[tuple[str, str]]:
+def prices(ctx: RecordingContext) -> list[tuple[str, float]]:
     return [(e.data["product_id"], e.data["price"]) for e in ctx.events if e.type == "order_slip"]
 
 
@@ -119,13 +119,13 @@ async def test_registers_then_start_and_quotes_become_events(run_source: RunSour
     assert emu.commands == [REGISTER_SB, register_command(FANCY), start_command()]
     assert ctx.states() == ["up"]
     sportsbook = [e for e in ctx.events if e.type == "order_slip"]
-    assert [e.data["price"] for e in sportsbook] == ["1.61", "2.37"]
+    assert [e.data["price"] for e in sportsbook] == [1.61, 2.37]
     quote = SportsbookQuote(SB.event_id, SB.market_id, "2", "2.37", "1")
     assert sportsbook[1].id == quote_event(quote)[2]
     assert sportsbook[1].data["open"] is True
     assert (sportsbook[1].source, sportsbook[1].provider) == ("odds", "ckex")
     (fancy,) = [e for e in ctx.events if e.type == "order_slip_fancy"]
-    assert fancy.data["open"] is False and fancy.data["bl"] == "181"
+    assert fancy.data["open"] is False and fancy.data["bl"] == 181
     assert fancy.time == "2023-11-07T08:29:39.306Z"  # the provider's time
 
 
@@ -153,7 +153,7 @@ async def test_repeated_snapshots_are_one_event_and_changes_are_new(
             await ctx.wait_until(lambda: len(ctx.events) == 4)
 
         _, ctx = await run_source(settings(emu), body)
-    assert prices(ctx) == [("1", "1.90"), ("1", "2.05"), ("1", "2.05"), ("1", "1.90")]
+    assert prices(ctx) == [("1", 1.9), ("1", 2.05), ("1", 2.05), ("1", 1.9)]
     assert [e.data["open"] for e in ctx.events] == [True, True, False, True]
     ids = [e.id for e in ctx.events]
     assert len(set(ids)) == 4  # back at 1.90 is a move, so a new fact with a new id
@@ -177,7 +177,7 @@ async def test_fancy_quotes_last_write_wins_by_ut(run_source: RunSource) -> None
             await ctx.wait_until(lambda: len(ctx.events) == 3)
 
         _, ctx = await run_source(settings(emu), body)
-    assert [e.data.get("bl") for e in ctx.events] == ["181", "182", None]
+    assert [e.data.get("bl") for e in ctx.events] == [181, 182, None]
     assert ctx.events[1].time == "2023-11-07T08:29:50.000Z"
 
 
@@ -251,7 +251,7 @@ async def test_malformed_frames_are_counted_and_skipped(run_source: RunSource) -
         "malformed quote",
         "not JSON",
     ]
-    assert prices(ctx) == [("1", "3")]
+    assert prices(ctx) == [("1", 3)]
     assert emu.connections == 1
 
 
@@ -285,7 +285,7 @@ async def test_markets_are_registered_again_before_they_expire(run_source: RunSo
             await ctx.wait_until(lambda: len(ctx.events) == 2)
 
         _, ctx = await run_source(settings(emu, resubscribe_every=1, stale_after=5), body)
-    assert prices(ctx) == [("1", "1.5"), ("1", "1.6")]
+    assert prices(ctx) == [("1", 1.5), ("1", 1.6)]
     assert emu.connections == 1  # the same connection: registered again, not reconnected
     assert emu.commands[3:6] == [REGISTER_SB, register_command(FANCY), start_command()]
 
@@ -358,7 +358,7 @@ async def test_dropped_connection_reconnects_and_does_not_repeat_events(
         _, ctx = await run_source(settings(emu), body)
     assert ctx.states() == ["up", "down", "up", "gap"]
     assert ctx.status[1][1].startswith("connection closed (1011 dropped by the emulator")
-    assert prices(ctx) == [("1", "2.5"), ("2", "3.1")]
+    assert prices(ctx) == [("1", 2.5), ("2", 3.1)]
 
 
 async def test_the_token_appears_nowhere(
