@@ -112,7 +112,9 @@ async def pump(emu: EOSParkEmulator, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    emu = EOSParkEmulator(api_keys=["bench-key"], heartbeat_interval=10.0, max_accounts=5)
+    emu = EOSParkEmulator(
+        api_keys=["bench-key"], heartbeat_interval=10.0, first_heartbeat=10.0, max_accounts=5
+    )
     async with emu, anyio.create_task_group() as tg:
         print(json.dumps({"port": emu.port}), flush=True)
         tg.start_soon(pump, emu, args)

@@ -5,7 +5,9 @@
 - one connection per key: a second one gets ``406 No repeat connection.`` and a close;
 - ``subscribe``/``unsubscribe`` (and the legacy ``subscribe_account`` forms), at most
   ``max_accounts`` accounts and ``max_contracts`` contracts per connection;
-- a heartbeat every ``heartbeat_interval`` seconds;
+- a heartbeat ``first_heartbeat`` seconds after a connection is accepted (at once by
+  default: a client hears one well within the seed's 10 s), then every
+  ``heartbeat_interval`` seconds;
 - a transaction is pushed to a client when one of its actions matches a subscription:
   contract in its contracts AND (the actor or a notified account) in its accounts.
 
@@ -191,6 +193,7 @@ class EOSParkEmulator(WebSocketEmulator):
         *,
         api_keys: Iterable[str] = (DEMO_KEY,),
         heartbeat_interval: float = 10.0,
+        first_heartbeat: float = 0.0,
         max_accounts: int = 5,
         max_contracts: int = 5,
         auth_refusal: Literal["message", "http"] = "message",
@@ -201,6 +204,7 @@ class EOSParkEmulator(WebSocketEmulator):
         super().__init__(host, port)
         self.api_keys = set(api_keys)
         self.heartbeat_interval = heartbeat_interval
+        self.first_heartbeat = first_heartbeat
         self.max_accounts = max_accounts
         self.max_contracts = max_contracts
         self.auth_refusal = auth_refusal
@@ -332,12 +336,13 @@ class EOSParkEmulator(WebSocketEmulator):
         return True
 
     async def _heartbeats(self, client: Client) -> None:
+        await anyio.sleep(self.first_heartbeat)
         while True:
-            await anyio.sleep(self.heartbeat_interval)
             if client.heartbeats:
                 now = datetime.now(CST).strftime("%Y-%m-%d %H:%M:%S")
                 if not await self._send(client, heartbeat_frame(now)):
                     return
+            await anyio.sleep(self.heartbeat_interval)
 
     async def _on_message(self, client: Client, raw: str | bytes) -> None:
         try:

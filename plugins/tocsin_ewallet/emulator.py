@@ -102,7 +102,9 @@ class EWalletEmulator(WebSocketEmulator):
     ``idle_timeout`` is the server's 60 s idle close; ``broken_client_channels`` makes
     ``account:`` and ``address:`` joins crash on the client socket as the provider's code
     does (their channel modules do not exist); ``seed_broadcast_ref`` sends the seed's
-    ``"ref": "1"`` on broadcasts instead of the code's ``null``.
+    ``"ref": "1"`` on broadcasts instead of the code's ``null``; ``seed_provider_on_client``
+    accepts provider credentials (``OMGProvider`` or ``Basic`` with an access and secret
+    key) on the client socket as the seed implies, where the code answers 403.
     """
 
     name = "ewallet"
@@ -117,11 +119,13 @@ class EWalletEmulator(WebSocketEmulator):
         idle_timeout: float = 60.0,
         broken_client_channels: bool = True,
         seed_broadcast_ref: bool = False,
+        seed_provider_on_client: bool = False,
     ) -> None:
         super().__init__(host, port)
         self.idle_timeout = idle_timeout
         self.broken_client_channels = broken_client_channels
         self.seed_broadcast_ref = seed_broadcast_ref
+        self.seed_provider_on_client = seed_provider_on_client
         self.answer_heartbeats = True
         # Credentials: api_key -> (auth_token, user id); access_key -> secret_key.
         self.clients: dict[str, tuple[str, str]] = {DEMO_API_KEY: (DEMO_AUTH_TOKEN, DEMO_USER)}
@@ -350,11 +354,14 @@ class EWalletEmulator(WebSocketEmulator):
             return None
         if not sep:
             return None
+        provider = scheme in ("OMGProvider", "Basic") and self.providers.get(user) == password
         if kind == "client":
             if scheme in ("OMGClient", "Basic") and self.clients.get(user, ("",))[0] == password:
                 return ("client", self.clients[user][1])
+            if provider and self.seed_provider_on_client:
+                return ("provider", user)  # the seed's reading
             return None  # OMGProvider and OMGAdmin work only on the admin socket
-        if scheme in ("OMGProvider", "Basic") and self.providers.get(user) == password:
+        if provider:
             return ("provider", user)
         if scheme == "OMGAdmin" and self.admins.get(user) == password:
             return ("admin", user)

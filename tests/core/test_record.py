@@ -80,7 +80,9 @@ async def test_record_count_then_replay_through_the_rules(tmp_path: Path) -> Non
     )
     out = tmp_path / "frames.jsonl"
     # No heartbeat within the test: the frames are the subscribe ack and three pushes.
-    async with EOSParkEmulator(api_keys=[KEY], heartbeat_interval=60) as emulator:
+    async with EOSParkEmulator(
+        api_keys=[KEY], heartbeat_interval=60, first_heartbeat=60
+    ) as emulator:
         config = write_config(tmp_path, emulator.url)
         done: dict[str, subprocess.CompletedProcess[bytes]] = {}
 
@@ -137,7 +139,9 @@ async def test_record_count_then_replay_through_the_rules(tmp_path: Path) -> Non
 
 async def test_record_until_sigterm_keeps_every_frame(tmp_path: Path) -> None:
     out = tmp_path / "frames.jsonl"
-    async with EOSParkEmulator(api_keys=[KEY], heartbeat_interval=60) as emulator:
+    async with EOSParkEmulator(
+        api_keys=[KEY], heartbeat_interval=60, first_heartbeat=60
+    ) as emulator:
         config = write_config(tmp_path, emulator.url)
         with anyio.fail_after(30):
             async with await anyio.open_process(
