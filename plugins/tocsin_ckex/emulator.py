@@ -8,6 +8,11 @@ like the provider). Quotes flow only after ``start`` (``require_start``), are re
 every ``quote_interval`` (the provider streams snapshots), and ``alive`` frames come every
 ``alive_interval`` whether started or not.
 
+What PROTOCOLS.md marks [inferred] has a switch for the other reading: ``refusal`` (how a
+refused token is answered: HTTP 401, HTTP 403, or ``"close"``: the upgrade accepted, an
+error frame, then a 1008 close) and ``snapshot`` (``False``: each push to a connection
+carries only the products that changed since the last push to it).
+
 Tests drive it with the control methods: ``quote``/``fancy_quote`` (set and push),
 ``flip_status``, ``push`` (re-send a snapshot: a duplicate), ``send_alive``,
 ``send_empty``, ``send_error``, ``send_raw``, ``drop_connections``, ``silent`` (no frame
@@ -28,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -57,6 +62,10 @@ PATH = "/dev-f/quote/do-not-look-back"
 DEMO_SECRET = "tocsin-ckex-emulator-secret"  # the demo's token is signed with it
 DEMO_ISSUED = datetime(2024, 1, 1, tzinfo=UTC)
 DEMO_EXPIRES = datetime(2099, 12, 31, tzinfo=UTC)  # fixed: the demo token never changes
+
+REFUSALS = (401, 403, "close")
+Refusal = Literal[401, 403, "close"]
+REFUSAL_CLOSE_CODE = 1008  # policy violation: a refused token, told after the upgrade [inferred]
 
 # The demo's markets: the seed's examples.
 DEMO_MARKETS = (
@@ -141,6 +150,8 @@ class _Session:
     started: bool
     registered: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
     """(event_id, market_id) -> (kind, monotonic time of the registration)."""
+    sent: dict[tuple[str, str], dict[str, dict[str, str]]] = field(default_factory=dict)
+    """(event_id, market_id) -> product id -> the item as last pushed (``snapshot=False``)."""
 
 
 @dataclass
@@ -168,7 +179,11 @@ class CkexEmulator(WebSocketEmulator):
         require_start: bool = True,
         fancy_type: str = FANCY_FRAMES[0],
         fancy_eid: bool = False,
+        refusal: Refusal = 401,
+        snapshot: bool = True,
     ) -> None:
+        if refusal not in REFUSALS:
+            raise ValueError(f"refusal must be one of {REFUSALS}, not {refusal!r}")
         super().__init__(host, port)
         self.secret = secret
         self.market_ttl = market_ttl
@@ -177,16 +192,25 @@ class CkexEmulator(WebSocketEmulator):
         self.require_start = require_start
         self.fancy_type = fancy_type  # "order-slipt-fancy" for the seed's schema spelling
         self.fancy_eid = fancy_eid  # the schema lists eid; the example lacks it
+        # 401 or 403: an HTTP refusal at the upgrade; "close": the upgrade is accepted, an
+        # error frame sent, the socket closed (1008). Which one the provider does is a guess.
+        self.refusal = refusal
+        # True: each push is the market's full snapshot (a guess); False: only the
+        # products that changed since the last push to that connection.
+        self.snapshot = snapshot
         self.silent = False  # True: no frame at all, the TCP connection stays open
-        self.reject_all = False  # True: every upgrade is refused with 401
-        self.connections = 0  # upgrades accepted, ever
-        self.refused: list[tuple[float, str]] = []  # (monotonic time, reason) per 401/404
+        self.reject_all = False  # True: every token is refused, as ``refusal`` says
+        self.connections = 0  # connections admitted with a good token, ever
+        # (monotonic time, reason) per refusal: 404, and every refused token whatever
+        # ``refusal`` is.
+        self.refused: list[tuple[float, str]] = []
         self.commands: list[str] = []  # every frame a client sent, as text
         self.sent_alive = 0
-        self.sent_quotes = 0  # quote frames sent (snapshots and their repeats)
+        self.sent_quotes = 0  # quote frames sent (snapshots, their repeats, or deltas)
         self.expired = 0  # registrations dropped after market_ttl
         self._markets: dict[tuple[str, str], _Market] = {}
         self._sessions: list[_Session] = []
+        self._refusing: dict[ServerConnection, str] = {}  # "close": upgraded, then refused
         self._logger = ScrubbingLogger("websockets.server", query=["authorization"])
 
     # -- lifecycle --------------------------------------------------------------------
@@ -276,7 +300,11 @@ class CkexEmulator(WebSocketEmulator):
         await self.push(event_id, market_id)
 
     async def push(self, event_id: str, market_id: str) -> None:
-        """Send the market's snapshot to every started client that registered it."""
+        """Send the market to every started client that registered it.
+
+        The whole market (a duplicate if nothing changed), or with ``snapshot=False`` what
+        changed since the last push to that client (nothing at all if nothing did).
+        """
         for session in list(self._sessions):
             if session.started and (event_id, market_id) in self._live(session):
                 await self._send_market(session, event_id, market_id)
@@ -310,24 +338,37 @@ class CkexEmulator(WebSocketEmulator):
         if parts.path != PATH:
             self.refused.append((time.monotonic(), "not found"))
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        value = parse_qs(parts.query).get("authorization", [""])[0]
+        reason = self._token_refusal(parts.query)
+        if not reason:
+            return None
+        self.refused.append((time.monotonic(), reason))
+        if self.refusal == "close":
+            self._refusing[connection] = reason  # told once the socket is open
+            return None
+        return connection.respond(HTTPStatus(self.refusal), f"{reason}\n")
+
+    def _token_refusal(self, query: str) -> str:
+        """Why the query's token is refused, or ``""`` when it is good."""
+        value = parse_qs(query).get("authorization", [""])[0]
         scheme, _, token = value.partition(" ")
-        reason = ""
         if self.reject_all:
-            reason = "token revoked"
-        elif scheme.lower() != "bearer" or not token:
-            reason = "missing bearer token"
-        else:
-            try:
-                verify_token(token, self.secret, time.time())
-            except ValueError as err:
-                reason = str(err)
-        if reason:
-            self.refused.append((time.monotonic(), reason))
-            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{reason}\n")
-        return None
+            return "token revoked"
+        if scheme.lower() != "bearer" or not token:
+            return "missing bearer token"
+        try:
+            verify_token(token, self.secret, time.time())
+        except ValueError as err:
+            return str(err)
+        return ""
 
     async def handle(self, ws: ServerConnection) -> None:
+        reason = self._refusing.pop(ws, "")
+        if reason:
+            # The error frame's shape is the inferred one of every ckex error frame.
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(json.dumps({"type": "error", "error": reason}))
+                await ws.close(REFUSAL_CLOSE_CODE, reason)
+            return
         self.connections += 1
         session = _Session(ws, self.connections, started=not self.require_start)
         self._sessions.append(session)
@@ -357,10 +398,12 @@ class CkexEmulator(WebSocketEmulator):
             market = command.market
             key = (market.event_id, market.market_id)
             session.registered[key] = (market.kind, time.monotonic())
+            session.sent.pop(key, None)  # a new registration starts with the whole market
             if session.started:
                 await self._send_market(session, *key)
         elif isinstance(command, Unsubscribe):
             session.registered.pop((command.event_id, command.market_id), None)
+            session.sent.pop((command.event_id, command.market_id), None)
         elif isinstance(command, Toggle):
             was, session.started = session.started, command.running
             if session.started and not was:
@@ -373,6 +416,7 @@ class CkexEmulator(WebSocketEmulator):
         for key, (_, since) in list(session.registered.items()):
             if now - since >= self.market_ttl:
                 del session.registered[key]
+                session.sent.pop(key, None)
                 self.expired += 1
         return session.registered
 
@@ -382,9 +426,19 @@ class CkexEmulator(WebSocketEmulator):
         if market is None or not market.items or market.kind != kind:
             return  # unknown market, or registered as the other kind: nothing to quote
         frame_type = SPORTSBOOK_FRAME if market.kind == SPORTSBOOK else self.fancy_type
-        if not self.silent:
-            self.sent_quotes += 1
-        await self._send(session, {"type": frame_type, "data": list(market.items.values())})
+        items = list(market.items.values())
+        if not self.snapshot:
+            last = session.sent.get((event_id, market_id), {})
+            items = [item for pid, item in market.items.items() if last.get(pid) != item]
+            if not items:
+                return  # nothing changed since the last push to this client
+        if self.silent:
+            return  # nothing goes out, so nothing counts as pushed
+        if not self.snapshot:
+            pushed = session.sent.setdefault((event_id, market_id), {})
+            pushed.update((pid, dict(item)) for pid, item in market.items.items())
+        self.sent_quotes += 1
+        await self._send(session, {"type": frame_type, "data": items})
 
     async def _alive_loop(self, session: _Session) -> None:
         while True:

@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import Field, field_validator, model_validator
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from tocsin import (
     Backoff,
@@ -38,6 +38,7 @@ from tocsin import (
     closed_for_size,
     failure_reason,
     format_duration,
+    printable,
     utc_iso,
 )
 
@@ -65,6 +66,7 @@ DEFAULT_URL = "wss://webapi.ckex.xyz/dev-f/quote/do-not-look-back"
 OPEN_TIMEOUT = 10.0
 ERROR_LOG_EVERY = 60.0  # at most one warning a minute for the server's error frames
 AUTH_REFUSED = (401, 403)  # 401 is what we expect; a gateway may well answer 403
+POLICY_CLOSE = 1008  # a server that refuses the token after the upgrade closes with it
 
 
 class MarketConfig(ConfigModel):
@@ -296,7 +298,11 @@ class CkexSource(Source):
     def _describe(self, err: Exception, config: CkexConfig) -> tuple[str, bool]:
         """A reason for ``source.down`` (never the URL's query), and whether it is the token."""
         if isinstance(err, InvalidStatus) and err.response.status_code in AUTH_REFUSED:
-            return self._refusal(err.response.status_code, config), True
+            return self._refusal(f"HTTP {err.response.status_code}", config), True
+        if isinstance(err, ConnectionClosed) and err.rcvd and err.rcvd.code == POLICY_CLOSE:
+            # The other reading of a refusal [inferred]: the upgrade accepted, then closed.
+            said = printable(err.rcvd.reason)
+            return self._refusal(" ".join(filter(None, ["close 1008", said])), config), True
         return self._reason(err, config), False
 
     def _reason(self, err: Exception, config: CkexConfig) -> str:
@@ -311,8 +317,8 @@ class CkexSource(Source):
             self.ctx.reject("oversized frame")
         return self._scrub(failure_reason(err))
 
-    def _refusal(self, status: int, config: CkexConfig) -> str:
-        reason = f"the server refused the token (HTTP {status})"
+    def _refusal(self, how: str, config: CkexConfig) -> str:
+        reason = self._scrub(f"the server refused the token ({how})")
         expires = token_expiry(config.token.get())
         if expires is not None and expires <= time.time():
             reason += f"; it expired at {utc_iso(expires)}"
