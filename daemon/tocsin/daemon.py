@@ -47,6 +47,8 @@ STATUS_EVERY = 5.0
 """Under systemd, ``STATUS=`` is refreshed this often (and at each watchdog ping)."""
 HEALTHY = 60.0
 """Seconds a connection stays up before its outage is over (as ``Backoff`` resets)."""
+RESTART_KEYS = ("state_dir", "fsync", "queue_size", "http", "http_allow_remote")
+"""``[daemon]`` keys a reload does not apply (it says so); the others apply at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,7 +583,13 @@ class Daemon:
     # -- reload --------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the config; on any problem keep the running one and return False."""
+        """Re-read the config; on any problem keep the running one and return False.
+
+        Once the daemon is stopping, a reload would restart sources during the drain and
+        tell systemd READY=1 after STOPPING=1: it is ignored."""
+        if self.stopping:
+            log.warning("reload ignored: the daemon is stopping")
+            return False
         self.notifier.reloading()
         try:
             try:
@@ -627,8 +635,9 @@ class Daemon:
         """Switch to ``config``; ``fresh`` holds its new and changed actions, started."""
         old = self.config
         self.config = config
-        if config.daemon.http != old.daemon.http:
-            log.warning("[daemon] http changed: the new address is served after a restart")
+        for key in RESTART_KEYS:
+            if getattr(config.daemon, key) != getattr(old.daemon, key):
+                log.warning("[daemon] %s changed: the new value applies after a restart", key)
         for name, action in list(self.actions.items()):
             if name in fresh or name not in config.actions:  # changed, or gone
                 self._action_scopes.pop(name).cancel()

@@ -316,6 +316,32 @@ async def test_reload_keeps_unchanged_source_and_refuses_bad_file(tmp_path: Path
         assert server.connections == 1
 
 
+async def test_a_reload_names_what_waits_for_a_restart_and_none_runs_while_stopping(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url())
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            path.write_text(text.replace("[daemon]", "[daemon]\nfsync = true\nqueue_size = 500"))
+            assert await daemon.reload()
+            for key in ("fsync", "queue_size"):
+                assert f"[daemon] {key} changed: the new value applies after a restart" in (
+                    caplog.text
+                )
+            assert "state_dir changed" not in caplog.text
+            daemon.stop()
+            # A SIGHUP while draining: no source restarts, no READY=1 after STOPPING=1.
+            path.write_text(text.replace('url = "ws', 'stale_after = "9s"\nurl = "ws'))
+            assert not await daemon.reload()
+            assert "reload ignored: the daemon is stopping" in caplog.text
+            assert "config reloaded: 1 rule(s)" in caplog.text  # the first one only
+            assert caplog.text.count("config reloaded") == 1
+        assert server.connections == 1
+
+
 async def test_throttle_survives_a_restart_unless_the_rule_changed(tmp_path: Path) -> None:
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         text = config_text(server, receiver.url()).replace(
