@@ -457,6 +457,7 @@ class Daemon:
             await tg.start(self.http.serve)  # /readyz says "starting" from here on
         for name in self.config.actions:
             await self._start_action(name)
+        await self._dead_letter_unconfigured()
         await self._start_sources(self.config.sources)
         tg.start_soon(self._ticker)
         tg.start_soon(self._purger)
@@ -536,6 +537,23 @@ class Daemon:
             runner.carry_counts(replaced)
         self.sources[name] = runner
         await self._tg.start(runner.run)
+
+    async def _dead_letter_unconfigured(self) -> None:
+        """What waits in the outbox for an action no longer configured is dead-lettered
+        (SPEC section 5): counted and listed, not pending for ever."""
+        try:
+            found = await self.store.call(Store.dead_letter_unconfigured, list(self.actions))
+        except StateError as err:
+            log.error("cannot check the outbox for removed actions: %s", err)
+            return
+        for action, count in sorted(found.items()):
+            log.warning(
+                "action %r is no longer configured: its %d pending deliver%s dead-lettered"
+                " (tocsin outbox retry sends them again once it is back)",
+                action,
+                count,
+                "y is" if count == 1 else "ies are",
+            )
 
     async def _make_action(self, name: str, config: ActionConfig) -> Action:
         """The action ``name``, built and started; a plugin's failure is a ``PluginError``
@@ -645,6 +663,7 @@ class Daemon:
                 del self.actions[name]
         for name, action in fresh.items():
             await self._start_action(name, action)
+        await self._dead_letter_unconfigured()
         for name, runner in list(self.sources.items()):
             if config.sources.get(name) != old.sources.get(name):
                 if runner.scope is not None:

@@ -567,6 +567,29 @@ class Store:
         return len(rows)
 
     @staticmethod
+    def dead_letter_unconfigured(
+        conn: sqlite3.Connection, actions: Iterable[str]
+    ) -> dict[str, int]:
+        """Dead-letter the pending deliveries of actions not in ``actions`` (removed from
+        the config): no worker would ever try them. Returns how many, per action; they
+        stay listed and re-sendable (``tocsin outbox retry``) once the action is back."""
+        known = list(actions)
+        marks = ",".join("?" * len(known)) or "NULL"
+        found = conn.execute(
+            f"SELECT action, COUNT(*) FROM outbox WHERE state = 0 AND action NOT IN ({marks})"
+            " GROUP BY action",
+            known,
+        ).fetchall()
+        now = time.time()
+        for action, _ in found:
+            conn.execute(
+                "UPDATE outbox SET state = ?, head = 0, updated_at = ?, last_error = ?"
+                " WHERE state = 0 AND action = ?",
+                (DEAD, now, f"action {action!r} is no longer configured", action),
+            )
+        return dict(found)
+
+    @staticmethod
     def firing_alerts_for(conn: sqlite3.Connection, event_id: str) -> list[tuple[str, str, str]]:
         """(alert id, rule, group) of the unretracted firing alerts of ``event_id``: the
         latest of each rule and group (a repeat of a still-firing alert is the same alert)."""

@@ -342,6 +342,31 @@ async def test_a_reload_names_what_waits_for_a_restart_and_none_runs_while_stopp
         assert server.connections == 1
 
 
+async def test_deliveries_of_a_removed_action_are_dead_lettered_not_pending_for_ever(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with PushServer(token=TOKEN) as server, Receiver(script=[500] * 1000) as receiver:
+        text = config_text(server, receiver.url())
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            await server.push(transfer("t1"))
+            await server.push(transfer("t2", frm="bo"))
+            await wait_for(lambda: len(receiver.requests) >= 2, what="two failing tries")
+            head, rules = text.split("[actions.hook]")[0], text.split("[[rules]]")[1]
+            rules = rules.replace('actions = ["hook"]', 'actions = ["console"]')
+            path.write_text(f'{head}[actions.console]\nplugin = "log"\n\n[[rules]]{rules}')
+            assert await daemon.reload()
+            pending, dead, _ = await daemon.store.call(Store.depth)
+        assert (pending, dead) == (0, 2)
+        assert "action 'hook' is no longer configured: its 2 pending deliveries are" in caplog.text
+        listed = cli("outbox", "-c", str(path), "--json")
+        assert listed.returncode == 0, listed.stderr
+        deliveries = json.loads(listed.stdout)["deliveries"]
+        assert [(d["state"], d["action"]) for d in deliveries] == [("dead", "hook")] * 2
+        assert {d["last_error"] for d in deliveries} == {"action 'hook' is no longer configured"}
+
+
 async def test_throttle_survives_a_restart_unless_the_rule_changed(tmp_path: Path) -> None:
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         text = config_text(server, receiver.url()).replace(
