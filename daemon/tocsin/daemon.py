@@ -374,8 +374,9 @@ class Daemon:
         rows = [self._new_alert(p) for p in alerts]
         delay = 0.1
         while True:
+            skipped: list[str] = []
             try:
-                ready = await self.store.call(Store.commit_alerts, rows, cursors, state)
+                ready = await self.store.call(Store.commit_alerts, rows, cursors, state, skipped)
                 break
             except StateError as err:
                 # Intake pauses (the stream fills and sources wait) until the disk takes it.
@@ -384,6 +385,7 @@ class Daemon:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         self.paused = ""
+        self.engine.committed(alerts, skipped)
         self.dispatcher.offer(ready)
 
     def _targets(self, name: str) -> list[Target]:

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,7 +265,7 @@ class EngineStats:
     last_fired: dict[str, float] = field(default_factory=dict)  # rule -> unix time
 
     def made(self, rule: str, status: str, at: float) -> None:
-        """Count an alert the engine made."""
+        """Count an alert made: one the state database took (``Engine.committed``)."""
         self.alerts += 1
         self.alerts_per_rule[rule] += 1
         self.alerts_per_status[status] += 1
@@ -376,6 +376,17 @@ class Engine:
         self._throttle = dict(sorted(self._throttle.items(), key=lambda item: item[1]))
         for name in sorted(changed):
             log.info("rule %r changed since its state was saved: it starts fresh", name)
+
+    def committed(self, alerts: Iterable[PendingAlert], skipped: Collection[str]) -> None:
+        """Count the alerts the state database took; those it already had (``skipped``: a
+        fact alerted before a restart, sent again by the provider) are duplicates."""
+        now = self.wall()
+        for pending in alerts:
+            alert = pending.alert
+            if alert.id in skipped:
+                self.stats.duplicates += 1
+            else:
+                self.stats.made(alert.rule, alert.status, now)
 
     def take_state(self) -> list[StateWrite]:
         """Rule state to persist with the alerts made since the last call."""
@@ -591,7 +602,6 @@ class Engine:
             if len(self._throttle) > _RECENT_ALERTS:
                 self._expire_throttles(now)
         self._recent.seen(alert_id)
-        self.stats.made(rule.name, firing.status, self.wall())
         return PendingAlert(
             alert=self.render(rule, firing.status, event, alert_id),
             event_id=event.id,
@@ -615,7 +625,6 @@ class Engine:
         self.generations[key] = self.generations.get(key, 0) + 1
         alert_id = stable_id(rule_name, firing_id, "retracted")
         self._recent.seen(alert_id)
-        self.stats.made(rule_name, "retracted", self.wall())
         return PendingAlert(
             alert=self.render(rule, "retracted", event, alert_id),
             event_id=event.id,

@@ -344,8 +344,10 @@ class Store:
         alerts: Iterable[NewAlert],
         cursors: Iterable[tuple[str, str, str]] = (),
         rule_state: Iterable[tuple[str, str, str | None]] = (),
+        skipped: list[str] | None = None,
     ) -> list[Delivery]:
-        """Insert new alerts and their deliveries; an alert id seen before is skipped.
+        """Insert new alerts and their deliveries; an alert id seen before is skipped (and
+        added to ``skipped``, when given).
 
         Returns the new deliveries that are due at once (the head of their group), for
         the dispatcher. ``cursors`` (source, key, value) are saved in the same
@@ -361,6 +363,8 @@ class Store:
                 (alert.id, alert.rule, alert.event_id, alert.status, alert.group, now, payload),
             ).rowcount
             if not inserted:
+                if skipped is not None:
+                    skipped.append(alert.id)
                 continue
             if alert.retracts:
                 # Every firing of the rule and group that carried the fact: a firing and

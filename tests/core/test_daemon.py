@@ -150,6 +150,10 @@ async def test_duplicates_alert_once_also_across_restart(tmp_path: Path) -> None
             await server.push(transfer("after", frm="yan"))
             await wait_for(lambda: len(receiver.ok()) == 3)
             await wait_for(lambda: daemon.engine.stats.events >= 3)
+            # The re-sent fact is counted a duplicate, not an alert made (/metrics).
+            stats = daemon.engine.stats
+            assert (stats.alerts, stats.duplicates) == (1, 1)
+            assert stats.alerts_per_rule["incoming transfer"] == 1
         assert [r.json()["event"]["id"] for r in receiver.ok()][2] == "after"
         assert len(receiver.requests) == 3
 
