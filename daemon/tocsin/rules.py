@@ -350,6 +350,7 @@ class Engine:
         """Load persisted rule state (throttles, kinds' groups) of rules unchanged since."""
         now = self.clock()
         changed: set[str] = set()
+        kept: set[str] = set()  # a reload changed a rule: rows of both versions are here
         for rule_name, key, value in rows:
             what, _, rest = key.partition("\x1f")
             fingerprint, _, group_key = rest.partition("\x1f")
@@ -367,6 +368,7 @@ class Engine:
                 if rule.config.throttle is not None and 0 <= now - last < rule.config.throttle:
                     self._throttle[(rule_name, group_key)] = last
             elif what == "kind":
+                kept.add(rule_name)
                 try:
                     rule.kind.load_state(group_key, orjson.loads(value))
                 except Exception as err:  # a plugin's bug, or a row it cannot read
@@ -374,7 +376,7 @@ class Engine:
                     self._error("kind", rule, err)
         # In the order of the groups' last alerts, as _expire_throttles expects.
         self._throttle = dict(sorted(self._throttle.items(), key=lambda item: item[1]))
-        for name in sorted(changed):
+        for name in sorted(changed - kept):
             log.info("rule %r changed since its state was saved: it starts fresh", name)
 
     def committed(self, alerts: Iterable[PendingAlert], skipped: Collection[str]) -> None:

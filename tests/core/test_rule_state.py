@@ -156,6 +156,31 @@ def test_a_changed_rule_starts_fresh_and_says_so(
         store.close()
 
 
+def test_a_restart_after_a_reload_that_changed_a_rule_restores_it_without_a_word(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    store = Store.open(tmp_path / "state")
+    try:
+        first = engine(tmp_path, clock, every=2)
+        first.process(ping("ann", 1))
+        commit(store, first)  # a row of the rule as it was
+        reloaded = engine(tmp_path, clock, every=3)
+        reloaded.adopt(first)  # the reload: the changed rule starts fresh, and says so
+        reloaded.process(ping("bob", 1))
+        commit(store, reloaded)  # a row of the rule as it is now, beside the old one
+        restarted = engine(tmp_path, clock, every=3)
+        with caplog.at_level(logging.INFO, logger="tocsin.rules"):
+            restarted.restore(store.call_sync(Store.load_rule_state))
+        assert "starts fresh" not in caplog.text  # its current state is restored
+        assert restarted.process(ping("bob", 2)) == []
+        assert len(restarted.process(ping("bob", 3))) == 1  # the third of three: bob's 1 came back
+        commit(store, restarted)
+        assert set(saved(store)) == {'["bob"]'}  # the old version's row is gone
+    finally:
+        store.close()
+
+
 def test_reload_keeps_unchanged_kinds_and_their_pending_state(tmp_path: Path) -> None:
     clock = Clock()
     old = engine(tmp_path, clock)
