@@ -439,9 +439,12 @@ class Daemon:
         finally:
             if self._send is not None:
                 self._send.close()  # also when cancelled rather than stopped
-            for action in self.actions.values():
+            for name, action in self.actions.items():
                 with anyio.CancelScope(shield=True):
-                    await action.aclose()
+                    try:
+                        await action.aclose()
+                    except Exception:  # a plugin's bug: the others still close
+                        log.exception("action %r: closing it failed", name)
             self.store.close()
             self.stopped.set()
 
@@ -570,11 +573,13 @@ class Daemon:
             ) from err
         return action
 
-    async def _start_action(self, name: str, action: Action | None = None) -> None:
-        """Run the action ``name`` (``action`` when already started, else a new one)."""
+    async def _start_action(self, name: str) -> None:
+        """Start the action ``name`` of the config and run it."""
+        self._run_action(name, await self._make_action(name, self.config.actions[name]))
+
+    def _run_action(self, name: str, action: Action) -> None:
+        """Run ``action`` (started) as ``name``: its deliveries go from now on."""
         assert self._tg is not None
-        if action is None:
-            action = await self._make_action(name, self.config.actions[name])
         self.actions[name] = action
         scope = self._action_scopes[name] = anyio.CancelScope()
 
@@ -658,13 +663,20 @@ class Daemon:
         for key in RESTART_KEYS:
             if getattr(config.daemon, key) != getattr(old.daemon, key):
                 log.warning("[daemon] %s changed: the new value applies after a restart", key)
-        for name, action in list(self.actions.items()):
+        # Swapped with no await in between: an alert committed meanwhile (the engine runs
+        # on) must find every configured action, or it would get no delivery to it.
+        closing = []
+        for name in list(self.actions):
             if name in fresh or name not in config.actions:  # changed, or gone
                 self._action_scopes.pop(name).cancel()
-                await action.aclose()
-                del self.actions[name]
+                closing.append((name, self.actions.pop(name)))
         for name, action in fresh.items():
-            await self._start_action(name, action)
+            self._run_action(name, action)
+        for name, action in closing:
+            try:
+                await action.aclose()
+            except Exception:  # a plugin's bug: the reload is done, the daemon goes on
+                log.exception("action %r: closing the replaced action failed", name)
         await self._dead_letter_unconfigured()
         for name, runner in list(self.sources.items()):
             if config.sources.get(name) != old.sources.get(name):

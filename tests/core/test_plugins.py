@@ -2,15 +2,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import anyio
 import pytest
 
 import tocsin
 import tocsin_builtin
-from support import make_registry, running, write_config
+from support import make_registry, running, wait_for, write_config
 from tocsin import (
     Action,
+    Alert,
     Emulator,
     Event,
     Firing,
@@ -304,3 +306,69 @@ async def test_an_action_that_cannot_start_stops_start_up_and_refuses_a_reload(
         assert await daemon.reload() is False
         assert set(daemon.actions) == {"console"}  # the running config stays whole
         assert daemon.config.actions.keys() == {"console"}
+
+
+class SlowClose(Action):
+    """Records what it delivers; closing the one named ``b`` waits for ``release``, and
+    the one named ``boom`` fails."""
+
+    name = "slowclose"
+    delivered: ClassVar[list[tuple[str, str]]] = []  # (action name, alert id)
+    closing: ClassVar[anyio.Event]
+    release: ClassVar[anyio.Event]
+
+    async def aclose(self) -> None:
+        if self.instance == "boom":
+            raise RuntimeError("a bug in closing")
+        if self.instance == "b":
+            SlowClose.closing.set()
+            await SlowClose.release.wait()
+
+    async def deliver(self, alert: Alert, target: str) -> None:
+        SlowClose.delivered.append((self.instance, alert.id))
+
+
+class SlowClosePlugin:
+    @staticmethod
+    @hookimpl
+    def register_actions(register: Callable[[type[Action]], None]) -> None:
+        register(SlowClose)
+
+
+async def test_an_alert_made_while_a_reload_closes_actions_goes_to_every_action(
+    tmp_path: Path,
+) -> None:
+    SlowClose.delivered.clear()
+    SlowClose.closing, SlowClose.release = anyio.Event(), anyio.Event()
+    text = (
+        '[daemon]\nstate_dir = "state"\n'
+        '[actions.a]\nplugin = "slowclose"\n[actions.b]\nplugin = "slowclose"\n'
+        '[[rules]]\nname = "r"\nmatch = { x = 1 }\nactions = ["a", "b"]\n'
+    )
+    path = write_config(tmp_path / "t.toml", text)
+    async with running(path, make_registry(SlowClosePlugin())) as daemon:
+        path.write_text(text.replace('"slowclose"\n', '"slowclose"\nconcurrency = 2\n'))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.reload)  # both actions changed: both are replaced
+            with anyio.fail_after(5):
+                await SlowClose.closing.wait()  # the reload waits on closing the old "b"
+            await daemon.intake(Event(id="e1", source="s", provider="p", type="t", data={"x": 1}))
+            await wait_for(lambda: daemon.engine.stats.alerts == 1, what="the alert committed")
+            SlowClose.release.set()
+        await wait_for(lambda: len(SlowClose.delivered) == 2, what="a delivery to each")
+    assert sorted(name for name, _ in SlowClose.delivered) == ["a", "b"]
+
+
+async def test_an_action_that_fails_to_close_on_a_reload_costs_nothing_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = '[daemon]\nstate_dir = "state"\n[actions.boom]\nplugin = "slowclose"\n'
+    path = write_config(tmp_path / "t.toml", text)
+    async with running(path, make_registry(SlowClosePlugin())) as daemon:
+        path.write_text(text + "concurrency = 2\n")
+        assert await daemon.reload()
+        assert daemon.actions["boom"].config.concurrency == 2
+        assert "action 'boom': closing the replaced action failed" in caplog.text
+        assert not daemon.stopping
+    # At exit too: the failure is logged, the daemon stops cleanly (no exception).
+    assert "action 'boom': closing it failed" in caplog.text
