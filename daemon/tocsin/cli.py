@@ -540,6 +540,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     store = Store.open(daemon.resolved_state_dir(), fsync=daemon.fsync)
     try:
         if args.verb == "list":
+            if args.seq:
+                raise UsageError(
+                    "outbox list takes no delivery numbers (they are for retry and drop)"
+                )
             states = [DEAD] if args.dead else [PENDING, DEAD]
             rows = store.call_sync(Store.list_deliveries, states)
             counts = store.call_sync(Store.counts)
@@ -553,22 +557,38 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             raise UsageError(f"outbox {args.verb} needs delivery numbers or --all")
         seqs = None if args.all else args.seq
         if args.verb == "retry":
-            n = store.call_sync(Store.retry, seqs)
+            done = store.call_sync(Store.retry, seqs)
+            n = len(done)
             print(
                 f"{n} dead-lettered deliver{'y' if n == 1 else 'ies'} queued again;"
                 " a running daemon picks them up within 5 s"
             )
-            return 0
+            return _not_done(seqs, done, "dead-lettered")
         # By number, a pending delivery can be dropped too (one stuck at the head of its
         # group); --all drops the dead letters only.
-        n = store.call_sync(Store.drop, seqs, seqs is None)
+        done = store.call_sync(Store.drop, seqs, seqs is None)
+        n = len(done)
         print(
             f"{n} deliver{'y' if n == 1 else 'ies'} dropped"
             + ("" if seqs is None else "; a running daemon may still finish one it had begun")
         )
-        return 0
+        return _not_done(seqs, done, "undelivered")
     finally:
         store.close()
+
+
+def _not_done(asked: list[int] | None, done: list[int], what: str) -> int:
+    """Exit status of ``outbox retry``/``drop``: 1, saying which, when a number asked for
+    was not a delivery it could act on."""
+    missed = sorted(set(asked or ()) - set(done))
+    if not missed:
+        return 0
+    numbers = ", ".join(str(seq) for seq in missed)
+    print(
+        f"tocsin: not {what}, or no such delivery: {numbers} (see tocsin outbox)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:

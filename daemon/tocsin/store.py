@@ -532,8 +532,8 @@ class Store:
         return int(pending), int(dead), oldest
 
     @staticmethod
-    def retry(conn: sqlite3.Connection, seqs: Iterable[int] | None) -> int:
-        """Send dead-lettered deliveries again (all when ``seqs`` is None)."""
+    def retry(conn: sqlite3.Connection, seqs: Iterable[int] | None) -> list[int]:
+        """Send dead-lettered deliveries again (all when ``seqs`` is None); their numbers."""
         now = time.time()
         where = (
             "state = 2"
@@ -550,12 +550,15 @@ class Store:
                 (now, now, now, seq),
             )
             Store._promote(conn, action, group)
-        return len(rows)
+        return [seq for seq, _, _ in rows]
 
     @staticmethod
-    def drop(conn: sqlite3.Connection, seqs: Iterable[int] | None, dead_only: bool = True) -> int:
+    def drop(
+        conn: sqlite3.Connection, seqs: Iterable[int] | None, dead_only: bool = True
+    ) -> list[int]:
         """Give up deliveries for good (dead-lettered ones, or pending ones too with
-        ``dead_only=False``): they stay listed as dropped, and the next of their group goes."""
+        ``dead_only=False``): they stay listed as dropped, and the next of their group goes.
+        Returns their numbers."""
         clauses = ["state = 2"] if dead_only else ["state IN (0, 2)"]
         if seqs is not None:
             clauses.append(f"seq IN ({','.join(str(int(s)) for s in seqs) or 'NULL'})")
@@ -568,7 +571,7 @@ class Store:
                 (DROPPED, seq),
             )
             Store._promote(conn, action, group)
-        return len(rows)
+        return [seq for seq, _, _ in rows]
 
     @staticmethod
     def dead_letter_unconfigured(

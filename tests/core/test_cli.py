@@ -652,6 +652,16 @@ def test_outbox_drops_a_stuck_pending_delivery_by_number(tmp_path: Path) -> None
     assert dropped.stdout.startswith("1 delivery dropped;")
     listing = tocsin("outbox", "-c", str(config))
     assert listing.stdout.splitlines()[0] == "0 pending, 0 dead-lettered, 0 delivered, 1 dropped"
+    # A number it cannot act on (dropped already, or none such) is named, with exit 1.
+    again = tocsin("outbox", "-c", str(config), "drop", str(pending.seq), "99999")
+    assert (again.returncode, again.stdout.split(";")[0]) == (1, "0 deliveries dropped")
+    assert again.stderr == (
+        f"tocsin: not undelivered, or no such delivery: {pending.seq}, 99999 (see tocsin outbox)\n"
+    )
+    retry = tocsin("outbox", "-c", str(config), "retry", "99999")
+    assert retry.returncode == 1 and "not dead-lettered, or no such delivery: 99999" in retry.stderr
+    listed = tocsin("outbox", "-c", str(config), "list", "5")
+    assert listed.returncode == 2 and "outbox list takes no delivery numbers" in listed.stderr
 
 
 def test_demo_away_from_the_source_tree_says_where_its_config_is(tmp_path: Path) -> None:

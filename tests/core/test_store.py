@@ -107,7 +107,7 @@ def test_retry_and_drop_dead_letters(store: Store) -> None:
     store.call_sync(Store.finish, x.seq, DEAD, "HTTP 400")
     dead = store.call_sync(Store.list_deliveries, [DEAD])
     assert [(d.alert_id, d.last_error, d.state_name) for d in dead] == [("x", "HTTP 400", "dead")]
-    assert store.call_sync(Store.retry, None) == 1
+    assert len(store.call_sync(Store.retry, None)) == 1
     # y is the head now; x waits behind it (a manual retry does not jump the queue)
     assert ready(store) == ["y"]
     assert store.call_sync(Store.counts)["dead"] == 0
@@ -116,7 +116,7 @@ def test_retry_and_drop_dead_letters(store: Store) -> None:
     assert ready(store) == ["x"]
     (x,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
     store.call_sync(Store.finish, x.seq, DEAD, "again")
-    assert store.call_sync(Store.drop, [x.seq]) == 1
+    assert store.call_sync(Store.drop, [x.seq]) == [x.seq]
     counts = store.call_sync(Store.counts)
     assert counts == {"pending": 0, "done": 1, "dead": 0, "dropped": 1, "alerts": 2}
 
@@ -125,8 +125,8 @@ def test_a_pending_delivery_can_be_dropped_by_number(store: Store) -> None:
     store.call_sync(Store.commit_alerts, [alert("stuck", "G"), alert("next", "G")])
     (stuck,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
     store.call_sync(Store.reschedule, stuck.seq, time.time() + 3600, "HTTP 503")
-    assert store.call_sync(Store.drop, None) == 0  # --all: dead letters only
-    assert store.call_sync(Store.drop, [stuck.seq], False) == 1
+    assert store.call_sync(Store.drop, None) == []  # --all: dead letters only
+    assert store.call_sync(Store.drop, [stuck.seq], False) == [stuck.seq]
     assert ready(store) == ["next"]  # the group goes on
     # A daemon that had the dropped one in hand finishing it changes nothing.
     assert store.call_sync(Store.finish, stuck.seq, DONE) is False
