@@ -457,8 +457,9 @@ class QuoteBook:
     ``accept(quote)`` is True when the quote is news: its values differ from the last
     ones seen for its product. Fancy quotes are last-write-wins by ``ut``: one older than
     the newest seen for its ``(mid, pid)`` is ignored. Bounded: the least recently
-    updated products are forgotten first (a forgotten product's next quote is emitted
-    again, with the same id, which the daemon deduplicates).
+    updated products are forgotten first. The live source saves what the book knows of a
+    product (``saved``) as a cursor and gives it back after a restart, or when the book
+    forgot the product (``recall``); a replay's book starts empty.
     """
 
     def __init__(
@@ -482,14 +483,41 @@ class QuoteBook:
         """Whether ``quote`` is news (see ``news``)."""
         return self.news(quote) is not None
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._last
+
+    @staticmethod
+    def key(quote: Quote) -> tuple[str, ...]:
+        """The product a quote is of: ``("s", event_id, market_id, product_id)`` or
+        ``("f", mid, pid)``."""
+        if isinstance(quote, SportsbookQuote):
+            return ("s", quote.event_id, quote.market_id, quote.product_id)
+        return ("f", quote.mid, quote.pid)
+
+    def saved(self, key: tuple[str, ...]) -> str:
+        """What the book knows of a product, as text to save (``recall`` reads it)."""
+        values, when = self._last[key]
+        return json.dumps([list(values), when], separators=(",", ":"))
+
+    def recall(self, key: tuple[str, ...], text: str) -> None:
+        """Know a product's last values from ``saved`` text of an earlier run, so that a
+        snapshot re-sent after a restart is no news and a change is a move (a new fact).
+        Unreadable text is ignored: the product's next quote is then a first quote."""
+        try:
+            values, when = json.loads(text)
+            last = (tuple(str(v) for v in values), None if when is None else float(when))
+        except (ValueError, TypeError):
+            return
+        self._remember(key, last)
+
     def news(self, quote: Quote) -> tuple[str, ...] | None:
         """The values ``quote`` replaces (``()`` when none are known), or None if no news."""
+        key = self.key(quote)
+        values: tuple[str, ...]
         if isinstance(quote, SportsbookQuote):
-            key: tuple[str, ...] = ("s", quote.event_id, quote.market_id, quote.product_id)
-            values: tuple[str, ...] = (quote.price, quote.status)
+            values = (quote.price, quote.status)
             when = None
         else:
-            key = ("f", quote.mid, quote.pid)
             values = (quote.bl, quote.bo, quote.ll, quote.lo, quote.status)
             when = parse_time(quote.ut) if quote.ut else None
         last = self._last.get(key)
@@ -502,10 +530,13 @@ class QuoteBook:
                 if when is not None:
                     self._last[key] = (values, when)
                 return None
-        self._last[key] = (values, when)
-        self._last.move_to_end(key)
-        while len(self._last) > self.max_products:
-            self._last.popitem(last=False)
+        self._remember(key, (values, when))
         if previous:
             self.moves.next()
         return previous
+
+    def _remember(self, key: tuple[str, ...], last: tuple[tuple[str, ...], float | None]) -> None:
+        self._last[key] = last
+        self._last.move_to_end(key)
+        while len(self._last) > self.max_products:
+            self._last.popitem(last=False)

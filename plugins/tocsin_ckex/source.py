@@ -47,6 +47,7 @@ from .protocol import (
     MAX_FRAME,
     Keepalive,
     Market,
+    Quote,
     QuoteBook,
     Quotes,
     ServerError,
@@ -142,17 +143,26 @@ def quote_events(
     frame: Quotes, book: QuoteBook, factory: SourceContext | EventFactory
 ) -> list[Event]:
     """The events of a pushed batch: one per quote that is news to ``book`` (which it updates)."""
-    events = []
-    for quote in frame.quotes:
-        previous = book.news(quote)
-        if previous is None:
-            continue  # a repeated snapshot, or an out-of-order fancy quote
-        type_, data, id_ = quote_event(quote, previous, book.move)
-        ts = event_time(quote)
-        events.append(
-            factory.event(type_, data, id=id_, time=utc_iso(ts) if ts is not None else "")
-        )
-    return events
+    events = (quote_news(quote, book, factory) for quote in frame.quotes)
+    return [event for event in events if event is not None]
+
+
+def quote_news(
+    quote: Quote, book: QuoteBook, factory: SourceContext | EventFactory
+) -> Event | None:
+    """The event of ``quote`` if it is news to ``book`` (which it updates), else None: a
+    repeated snapshot, or an out-of-order fancy quote."""
+    previous = book.news(quote)
+    if previous is None:
+        return None
+    type_, data, id_ = quote_event(quote, previous, book.move)
+    ts = event_time(quote)
+    return factory.event(type_, data, id=id_, time=utc_iso(ts) if ts is not None else "")
+
+
+def cursor_key(product: tuple[str, ...]) -> str:
+    """Where a product's last values are saved (``QuoteBook.saved``)."""
+    return "quote|" + "|".join(product)
 
 
 # websockets logs the request line, query (the token) and all, at debug level.
@@ -168,7 +178,8 @@ class CkexSource(Source):
 
     def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
         super().__init__(config, ctx)
-        # Kept across reconnects: a re-sent snapshot is no news.
+        # Kept across reconnects, and each product's last values saved as a cursor across
+        # restarts: a re-sent snapshot is no news, a change a new fact (SPEC section 4).
         self.book = QuoteBook(clock=time.time)
         self.errors = 0  # error frames received
         self.heard = 0.0  # when the last frame arrived (unix seconds): a gap starts there
@@ -277,8 +288,17 @@ class CkexSource(Source):
         assert isinstance(frame, Quotes)
         for _ in range(frame.invalid):
             self.ctx.reject("malformed quote")
-        for event in quote_events(frame, self.book, self.ctx):
-            await self.ctx.emit(event)
+        for quote in frame.quotes:
+            product = QuoteBook.key(quote)
+            if product not in self.book:  # new to this run (or forgotten): as saved before?
+                saved = await self.ctx.load_cursor(cursor_key(product))
+                if saved is not None:
+                    self.book.recall(product, saved)
+            event = quote_news(quote, self.book, self.ctx)
+            if event is not None:
+                await self.ctx.emit(event)
+                # After the event: committed once its alerts are (SPEC section 5).
+                await self.ctx.save_cursor(cursor_key(product), self.book.saved(product))
 
     def _server_error(self, message: str) -> None:
         """Count an error frame; the connection stays (the server keeps it open too)."""

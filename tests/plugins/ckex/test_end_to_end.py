@@ -29,7 +29,7 @@ name = "odds above 2.0"
 source = "odds"
 type = "order_slip"
 match = {{ open = true }}
-when = "price | to_number > 2.0"
+when = "price > 2.0"
 actions = ["hook"]
 title = "{{{{ event_id }}}} #{{{{ product_id }}}} at {{{{ price }}}}"
 """
@@ -114,6 +114,36 @@ async def test_odds_alert_once_per_fact_through_duplicates_locks_reconnects_and_
             "open": True,
         }
         assert len(receiver.requests) == 5 and emu.connections == 3
+
+
+async def test_a_restart_knows_the_last_odds_of_each_product(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SPEC section 4: the same fact keeps its id across a restart, so a re-sent snapshot
+    # alerts nothing, and a change made while stopped is a new fact that alerts.
+    async with CkexEmulator(quote_interval=0.05, alive_interval=0.5) as emu, Receiver() as receiver:
+        monkeypatch.setenv("CKEX_TOKEN", emu.token())
+        await emu.quote(EVENT, MARKET, "1", "2.37", push=False)
+        await emu.quote(EVENT, MARKET, "2", "1.50", push=False)
+        path = write_config(tmp_path / "tocsin.toml", config(emu, receiver))
+        async with running(path, registry) as daemon:
+            await wait_for(lambda: len(receiver.ok()) == 1, what="#1 at 2.37")
+            await emu.quote(EVENT, MARKET, "2", "2.20")  # #2 reaches 2.20 by a move
+            await wait_for(lambda: len(receiver.ok()) == 2, what="#2 at 2.2")
+            await emu.quote(EVENT, MARKET, "1", "1.90")  # #1 falls below: no alert
+            await wait_for(lambda: daemon.sources["odds"].events == 4, what="#1 at 1.9")
+        await emu.quote(EVENT, MARKET, "1", "2.37", push=False)  # while stopped: back up
+        async with running(path, registry) as daemon:
+            await wait_for(lambda: len(receiver.ok()) == 3, what="#1 back at 2.37")
+            await emu.quote(EVENT, MARKET, "3", "2.05")  # a marker after the snapshots
+            await wait_for(lambda: len(receiver.ok()) == 4, what="#3 at 2.05")
+            assert daemon.sources["odds"].events == 2  # #2's re-sent 2.20 is no news
+    assert titles(receiver) == [
+        f"{EVENT} #1 at 2.37",
+        f"{EVENT} #2 at 2.2",
+        f"{EVENT} #1 at 2.37",  # a new crossing: its own alert
+        f"{EVENT} #3 at 2.05",
+    ]
 
 
 async def test_demo_alerts_within_seconds_of_subscribing(

@@ -428,3 +428,25 @@ def test_odds_are_numbers_and_ids_keep_the_strings_as_sent() -> None:
     for kept in ("", "-", "1e999"):  # a locked quote's empty price: as sent
         assert quote_event(sb(price=kept, status="2"))[1]["price"] == kept
     assert quote_event(fancy(bl=""))[1]["bl"] == ""
+
+
+def test_a_book_recalls_what_an_earlier_run_saved() -> None:
+    before = QuoteBook()
+    before.news(sb(price="2.20"))
+    key = QuoteBook.key(sb())
+    saved = before.saved(key)
+    after = QuoteBook(clock=lambda: 1_800_000_000.0)  # a restart
+    after.recall(key, saved)
+    assert key in after
+    assert after.news(sb(price="2.20")) is None  # the re-sent snapshot: no news
+    assert after.news(sb(price="2.37")) == ("2.20", "1")  # a move, numbered by the clock
+    assert after.move == 1_800_000_000_000
+    fancy_key = QuoteBook.key(fancy())
+    before.news(fancy())
+    later = QuoteBook()
+    later.recall(fancy_key, before.saved(fancy_key))
+    assert later.news(fancy(ut="2023-11-07T08:29:38.000Z", bl="99")) is None  # older than saved
+    for unreadable in ("", "[1]", "{}", '[["2.20"], "x"]'):
+        blank = QuoteBook()
+        blank.recall(key, unreadable)
+        assert key not in blank  # ignored: the next quote is a first quote
