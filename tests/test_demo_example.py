@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXED_PORTS = re.compile(r"127\.0\.0\.1:(91\d\d)")
 
@@ -136,3 +138,74 @@ def test_emulate_refuses_unknown_providers_and_other_addresses() -> None:
         timeout=60,
     )
     assert run.returncode == 2 and "loopback only" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_emulate_takes_settings_for_the_other_readings_of_a_protocol() -> None:
+    # PROTOCOLS.md: what is only inferred has a switch; --set reaches it from the shell.
+    port = free_port()
+    command = [sys.executable, "-m", "tocsin.cli", "emulate", "ckex", "--port", str(port)]
+    with subprocess.Popen(
+        [*command, "--set", "refusal=403", "--set", "snapshot=false"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(),
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            read_until(
+                proc,
+                lambda lines: any(line.startswith("[sources.ckex]") for line in lines),
+                time.monotonic() + 20,
+                "no source table within 20 s",
+            )
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(
+                    b"GET /dev-f/quote/do-not-look-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                )
+                answer = conn.recv(200)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert answer.startswith(b"HTTP/1.1 403 "), answer  # no token: refused as set (not 401)
+    wrong = subprocess.run(
+        [*command, "--set", "refusel=403"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert wrong.returncode == 2 and wrong.stderr.strip() == (
+        "tocsin: --set 'refusel=403': the ckex emulator has no setting \"refusel\""
+        ' (did you mean "refusal"?) (NAME=VALUE; it takes alive_interval, fancy_eid,'
+        " fancy_type, market_ttl, quote_interval, refusal, require_start, secret, snapshot)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("refusal=402", "--set refusal: '402' is not one of 401, 403, close"),
+        ("snapshot=maybe", "--set snapshot: 'maybe' is not true or false"),
+        ("quote_interval=soon", "--set quote_interval: 'soon' is not a number"),
+        ("quote_interval=-1", "--set quote_interval: '-1' is not a number from 0"),
+        ("quote_interval=nan", "--set quote_interval: 'nan' is not a finite number"),
+        ("refusal", "NAME=VALUE"),
+    ],
+)
+def test_emulate_refuses_a_setting_it_cannot_read(setting: str, message: str) -> None:
+    from tocsin_ckex.emulator import CkexEmulator
+
+    from tocsin.demo import emulator_settings
+    from tocsin.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        emulator_settings(CkexEmulator, "ckex", [setting])
+    assert emulator_settings(
+        CkexEmulator, "ckex", ["refusal=close", "snapshot=off", "quote-interval=0.5"]
+    ) == {"refusal": "close", "snapshot": False, "quote_interval": 0.5}
+    assert emulator_settings(CkexEmulator, "ckex", ["refusal=403"]) == {"refusal": 403}

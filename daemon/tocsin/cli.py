@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("provider", help="e.g. eospark, ewallet, ckex (see tocsin plugins)")
     emulate.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
     emulate.add_argument("--port", type=_port, default=0, help="port (default: a free one)")
+    emulate.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an emulator setting, e.g. refusal=403 for ckex (repeatable; a wrong name lists them)",
+    )
 
     init = sub.add_parser("init", help="write a starter config")
     init.add_argument(
@@ -687,7 +694,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     from .demo import printer, run_emulator
 
     setup_logging("info")
-    _run(run_emulator, _registry(), args.provider, args.host, args.port, printer())
+    _run(run_emulator, _registry(), args.provider, args.host, args.port, printer(), args.set)
     return 0
 
 

@@ -9,12 +9,15 @@ terminal as they fire. ``run_emulator`` runs one emulator standalone.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import ipaddress
+import math
 import os
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any, TextIO
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
 import anyio
@@ -168,9 +171,17 @@ async def _on_signal(
 
 
 async def run_emulator(
-    registry: Registry, provider: str, host: str, port: int, say: Printer
+    registry: Registry,
+    provider: str,
+    host: str,
+    port: int,
+    say: Printer,
+    settings: Sequence[str] = (),
 ) -> None:
-    """One emulator, standalone, with its demo traffic, until SIGINT/SIGTERM."""
+    """One emulator, standalone, with its demo traffic, until SIGINT/SIGTERM.
+
+    ``settings`` are ``NAME=VALUE`` texts for the emulator's keyword arguments
+    (``emulator_settings``)."""
     if provider not in registry.emulators:
         known = ", ".join(sorted(registry.emulators)) or "none installed"
         raise UsageError(
@@ -180,8 +191,13 @@ async def run_emulator(
         raise UsageError(f"emulators listen on loopback only, not {host}")
     import tomli_w
 
+    cls = registry.emulator(provider)
+    options = emulator_settings(cls, provider, settings)
     stopped = anyio.Event()
-    emulator = registry.emulator(provider)(host, port)
+    try:
+        emulator = cls(host, port, **options)
+    except ValueError as err:  # a setting the emulator itself refuses
+        raise UsageError(f"the {provider} emulator refused its settings: {err}") from None
     async with anyio.create_task_group() as tg:
         await tg.start(_on_signal, stopped.set)  # before anything is announced
         await _listen(emulator)
@@ -194,6 +210,69 @@ async def run_emulator(
         finally:
             with anyio.CancelScope(shield=True):
                 await emulator.aclose()
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def settable(cls: type[Emulator]) -> dict[str, Any]:
+    """The keyword arguments of an emulator's constructor that ``tocsin emulate --set``
+    can give (a bool, number, text or a choice of them), with their types."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # a plugin's annotations that do not resolve: nothing to set
+        return {}
+    out = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if param.kind is not param.KEYWORD_ONLY or name not in hints:
+            continue
+        kind = hints[name]
+        if kind in (bool, int, float, str) or typing.get_origin(kind) is Literal:
+            out[name] = kind
+    return out
+
+
+def emulator_settings(cls: type[Emulator], provider: str, texts: Sequence[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` texts as keyword arguments of ``cls`` (``settable``), each VALUE read
+    as its argument's type; a usage error names what can be set."""
+    known = settable(cls)
+    out: dict[str, Any] = {}
+    for text in texts:
+        name, sep, raw = text.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in known:
+            names = ", ".join(sorted(known)) or "nothing"
+            hint = did_you_mean(name, known) if sep else ""
+            raise UsageError(
+                f'--set {text!r}: the {provider} emulator has no setting "{name}"{hint}'
+                f" (NAME=VALUE; it takes {names})"
+            )
+        out[name] = _setting(known[name], raw.strip(), f"--set {name}")
+    return out
+
+
+def _setting(kind: Any, raw: str, where: str) -> Any:
+    if typing.get_origin(kind) is Literal:
+        for choice in typing.get_args(kind):
+            if str(choice) == raw:
+                return choice
+        choices = ", ".join(str(c) for c in typing.get_args(kind))
+        raise UsageError(f"{where}: {raw!r} is not one of {choices}")
+    if kind is bool:
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise UsageError(f"{where}: {raw!r} is not true or false")
+    if kind in (int, float):
+        try:
+            number = kind(raw)
+        except ValueError:
+            raise UsageError(f"{where}: {raw!r} is not a number") from None
+        if not math.isfinite(number):
+            raise UsageError(f"{where}: {raw!r} is not a finite number")
+        if number < 0:  # intervals, timeouts, limits
+            raise UsageError(f"{where}: {raw!r} is not a number from 0")
+        return number
+    return raw
 
 
 def _plain(value: Any) -> Any:
