@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,13 @@ def test_demo_shows_alerts_within_ten_seconds_and_stops_on_ctrl_c(tmp_path: Path
     assert "ALERT [firing]" in output
 
 
-def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
-    port = free_port()
+@contextlib.contextmanager
+def emulate(provider: str, port: int, *settings: str) -> Iterator[list[str]]:
+    """``tocsin emulate PROVIDER --port PORT ARGS``, running, with the lines it printed up
+    to its source table; stopped with SIGINT at the end (and the rest of its lines added)."""
+    command = [sys.executable, "-m", "tocsin.cli", "emulate", provider, "--port", str(port)]
     with subprocess.Popen(
-        [sys.executable, "-m", "tocsin.cli", "emulate", "eospark", "--port", str(port)],
+        [*command, *settings],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -103,12 +107,11 @@ def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
         try:
             lines = read_until(
                 proc,
-                lambda lines: any(line.startswith("[sources.eospark]") for line in lines),
+                lambda lines: any(line.startswith(f"[sources.{provider}]") for line in lines),
                 time.monotonic() + 20,
                 "no source table within 20 s",
             )
-            with socket.create_connection(("127.0.0.1", port), timeout=5):
-                pass  # it listens where it said
+            yield lines
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
             lines += proc.stdout.read().splitlines(keepends=True)
@@ -116,6 +119,12 @@ def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 0
+
+
+def test_emulate_runs_one_emulator_and_prints_its_source_table() -> None:
+    port = free_port()
+    with emulate("eospark", port) as lines, socket.create_connection(("127.0.0.1", port), 5):
+        pass  # it listens where it said
     assert lines[0].startswith(f"eospark emulator on ws://127.0.0.1:{port}/")
     assert f'url = "ws://127.0.0.1:{port}/v1/ws"\n' in lines
 
@@ -143,42 +152,17 @@ def test_emulate_refuses_unknown_providers_and_other_addresses() -> None:
 def test_emulate_takes_settings_for_the_other_readings_of_a_protocol() -> None:
     # PROTOCOLS.md: what is only inferred has a switch; --set reaches it from the shell.
     port = free_port()
-    command = [sys.executable, "-m", "tocsin.cli", "emulate", "ckex", "--port", str(port)]
-    with subprocess.Popen(
-        [*command, "--set", "refusal=403", "--set", "snapshot=false"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=cli_env(),
-    ) as proc:
-        assert proc.stdout is not None
-        try:
-            read_until(
-                proc,
-                lambda lines: any(line.startswith("[sources.ckex]") for line in lines),
-                time.monotonic() + 20,
-                "no source table within 20 s",
-            )
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-                conn.sendall(
-                    b"GET /dev-f/quote/do-not-look-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-                )
-                answer = conn.recv(200)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    settings = ("--set", "refusal=403", "--set", "snapshot=false")
+    with emulate("ckex", port, *settings), socket.create_connection(("127.0.0.1", port), 5) as conn:
+        conn.sendall(
+            b"GET /dev-f/quote/do-not-look-back HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        answer = conn.recv(200)
     assert answer.startswith(b"HTTP/1.1 403 "), answer  # no token: refused as set (not 401)
-    wrong = subprocess.run(
-        [*command, "--set", "refusel=403"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=60,
-    )
+    command = [sys.executable, "-m", "tocsin.cli", "emulate", "ckex", "--set", "refusel=403"]
+    wrong = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=60)
     assert wrong.returncode == 2 and wrong.stderr.strip() == (
         "tocsin: --set 'refusel=403': the ckex emulator has no setting \"refusel\""
         ' (did you mean "refusal"?) (NAME=VALUE; it takes alive_interval, fancy_eid,'

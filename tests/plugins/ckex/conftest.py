@@ -10,11 +10,17 @@ from typing import Any
 import anyio
 import pytest
 import tocsin_ckex
+from tocsin_ckex.emulator import CkexEmulator
+from tocsin_ckex.protocol import Market
 from tocsin_ckex.source import CkexSource
+from websockets.asyncio.client import ClientConnection
 
 from tocsin.testing import RecordingContext, Registry, build_registry, make_plugin_manager
 
 FIXTURES = Path(__file__).parent / "fixtures"
+SB = Market("sportsbook", "40789105-e", "219_33753655")
+FANCY = Market("fancy", "44914246-e", "878_55854706_f")
+QUIET: dict[str, Any] = {"quote_interval": 60.0, "alive_interval": 60.0}  # frames on demand only
 
 Body = Callable[[CkexSource, RecordingContext], Awaitable[None]]
 RunSource = Callable[..., Awaitable[tuple[CkexSource, RecordingContext]]]
@@ -26,6 +32,28 @@ def fixture_text(name: str) -> str:
 
 def fixture_json(name: str) -> Any:
     return json.loads(fixture_text(name))
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    """The next frame a plain client gets, as JSON (within 5 s)."""
+    with anyio.fail_after(5):
+        frame = json.loads(await ws.recv())
+    assert isinstance(frame, dict)
+    return frame
+
+
+def settings(emu: CkexEmulator, **extra: Any) -> dict[str, Any]:
+    """A source's settings for ``emu``: SB and FANCY, a 1 s backoff."""
+    return {
+        "url": emu.url,
+        "token": emu.token(),
+        "markets": [
+            {"kind": "sportsbook", "event_id": SB.event_id, "market_id": SB.market_id},
+            {"kind": "fancy", "event_id": FANCY.event_id, "market_id": FANCY.market_id},
+        ],
+        "max_backoff": 1,
+        **extra,
+    }
 
 
 @pytest.fixture

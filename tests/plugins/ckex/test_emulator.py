@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import anyio
 import pytest
@@ -26,17 +24,9 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from support import wait_for
 from tocsin.testing import Registry
 
-SB = Market("sportsbook", "40789105-e", "219_33753655")
+from .conftest import FANCY, QUIET, SB, recv
+
 SB2 = Market("sportsbook", "41115853-e", "1_31260330")
-FANCY = Market("fancy", "44914246-e", "878_55854706_f")
-QUIET: dict[str, Any] = {"quote_interval": 60.0, "alive_interval": 60.0}  # frames on demand only
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    with anyio.fail_after(5):
-        frame = json.loads(await ws.recv())
-    assert isinstance(frame, dict)
-    return frame
 
 
 async def until_processed(emu: CkexEmulator, ws: ClientConnection, *frames: str) -> None:

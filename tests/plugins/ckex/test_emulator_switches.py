@@ -10,7 +10,6 @@ import anyio
 import pytest
 from tocsin_ckex.emulator import CkexEmulator
 from tocsin_ckex.protocol import (
-    Market,
     connect_url,
     register_command,
     start_command,
@@ -23,18 +22,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from support import wait_for
 from tocsin.testing import RecordingContext
 
-from .conftest import RunSource
-
-SB = Market("sportsbook", "40789105-e", "219_33753655")
-FANCY = Market("fancy", "44914246-e", "878_55854706_f")
-QUIET: dict[str, Any] = {"quote_interval": 60.0, "alive_interval": 60.0}  # frames on demand only
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    with anyio.fail_after(5):
-        frame = json.loads(await ws.recv())
-    assert isinstance(frame, dict)
-    return frame
+from .conftest import FANCY, QUIET, SB, RunSource, recv, settings
 
 
 async def next_after_marker(emu: CkexEmulator, ws: ClientConnection) -> dict[str, Any]:
@@ -55,19 +43,6 @@ def products(frame: dict[str, Any]) -> dict[str, str]:
     return {
         item.get("product_id", item.get("pid")): item.get("price", item.get("bl"))
         for item in frame["data"]
-    }
-
-
-def settings(emu: CkexEmulator, **extra: Any) -> dict[str, Any]:
-    return {
-        "url": emu.url,
-        "token": emu.token(),
-        "markets": [
-            {"kind": "sportsbook", "event_id": SB.event_id, "market_id": SB.market_id},
-            {"kind": "fancy", "event_id": FANCY.event_id, "market_id": FANCY.market_id},
-        ],
-        "max_backoff": 1,
-        **extra,
     }
 
 

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 from tocsin_ckex.emulator import CkexEmulator
 from tocsin_ckex.protocol import (
     MAX_FRAME,
-    Market,
     SportsbookQuote,
     quote_event,
     register_command,
@@ -22,25 +21,9 @@ from support import wait_for
 from tocsin import utc_iso
 from tocsin.testing import RecordingContext
 
-from .conftest import RunSource
+from .conftest import FANCY, QUIET, SB, RunSource, settings
 
-SB = Market("sportsbook", "40789105-e", "219_33753655")
-FANCY = Market("fancy", "44914246-e", "878_55854706_f")
-QUIET: dict[str, Any] = {"quote_interval": 60.0, "alive_interval": 60.0}  # frames on demand only
 REGISTER_SB = register_command(SB)
-
-
-def settings(emu: CkexEmulator, **extra: Any) -> dict[str, Any]:
-    return {
-        "url": emu.url,
-        "token": emu.token(),
-        "markets": [
-            {"kind": "sportsbook", "event_id": SB.event_id, "market_id": SB.market_id},
-            {"kind": "fancy", "event_id": FANCY.event_id, "market_id": FANCY.market_id},
-        ],
-        "max_backoff": 1,
-        **extra,
-    }
 
 
 def prices(ctx: RecordingContext) -> list[tuple[str, float]]:

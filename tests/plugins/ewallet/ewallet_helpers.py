@@ -13,7 +13,14 @@ from typing import Any
 
 import anyio
 import tocsin_ewallet
-from tocsin_ewallet.emulator import DEMO_API_KEY, DEMO_AUTH_TOKEN, DEMO_REQUEST
+from tocsin_ewallet.emulator import (
+    DEMO_ACCESS_KEY,
+    DEMO_API_KEY,
+    DEMO_AUTH_TOKEN,
+    DEMO_REQUEST,
+    DEMO_SECRET_KEY,
+)
+from tocsin_ewallet.protocol import authorization
 from tocsin_ewallet.source import EWalletConfig
 
 from tocsin import Source
@@ -21,6 +28,8 @@ from tocsin.testing import RecordingContext, build_registry, make_plugin_manager
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REQUEST_TOPIC = f"transaction_request:{DEMO_REQUEST}"
+CLIENT_AUTH = authorization("OMGClient", DEMO_API_KEY, DEMO_AUTH_TOKEN)
+PROVIDER_AUTH = authorization("OMGProvider", DEMO_ACCESS_KEY, DEMO_SECRET_KEY)
 
 
 def fixture_text(name: str) -> str:

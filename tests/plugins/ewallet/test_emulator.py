@@ -11,10 +11,8 @@ from typing import Any
 import anyio
 import pytest
 from tocsin_ewallet.emulator import (
-    DEMO_ACCESS_KEY,
     DEMO_API_KEY,
     DEMO_AUTH_TOKEN,
-    DEMO_SECRET_KEY,
     DEMO_USER,
     EWalletEmulator,
 )
@@ -23,10 +21,8 @@ from tocsin_ewallet.protocol import ACCEPT, authorization
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .ewallet_helpers import REQUEST_TOPIC
+from .ewallet_helpers import CLIENT_AUTH, PROVIDER_AUTH, REQUEST_TOPIC
 
-CLIENT_AUTH = authorization("OMGClient", DEMO_API_KEY, DEMO_AUTH_TOKEN)
-PROVIDER_AUTH = authorization("OMGProvider", DEMO_ACCESS_KEY, DEMO_SECRET_KEY)
 FRAME_KEYS = {"success", "version", "data", "error", "topic", "event", "ref"}
 USER_TOPIC = f"user:{DEMO_USER}"
 

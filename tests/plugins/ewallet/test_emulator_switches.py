@@ -11,8 +11,6 @@ import anyio
 import pytest
 from tocsin_ewallet.emulator import (
     DEMO_ACCESS_KEY,
-    DEMO_API_KEY,
-    DEMO_AUTH_TOKEN,
     DEMO_SECRET_KEY,
     DEMO_USER,
     EWalletEmulator,
@@ -21,11 +19,9 @@ from tocsin_ewallet.protocol import ACCEPT, authorization
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from .ewallet_helpers import REQUEST_TOPIC
+from .ewallet_helpers import CLIENT_AUTH, PROVIDER_AUTH, REQUEST_TOPIC
 
-PROVIDER = authorization("OMGProvider", DEMO_ACCESS_KEY, DEMO_SECRET_KEY)
 PROVIDER_BASIC = authorization("Basic", DEMO_ACCESS_KEY, DEMO_SECRET_KEY)
-CLIENT = authorization("OMGClient", DEMO_API_KEY, DEMO_AUTH_TOKEN)
 OTHER_USER = "usr_01hsomeoneelse0000000000"
 
 
@@ -53,11 +49,11 @@ async def join(ws: ClientConnection, topic: str, ref: str = "1") -> dict[str, An
 async def test_provider_credentials_are_refused_on_the_client_socket_by_default() -> None:
     async with EWalletEmulator() as emu:
         assert emu.seed_provider_on_client is False
-        for auth in (PROVIDER, PROVIDER_BASIC):
+        for auth in (PROVIDER_AUTH, PROVIDER_BASIC):
             assert await status_of(emu.url, headers(auth)) == 403
             async with connect(emu.admin_url, additional_headers=headers(auth), open_timeout=5):
                 pass  # the admin socket is where the provider's code takes them
-        async with connect(emu.url, additional_headers=headers(CLIENT), open_timeout=5) as ws:
+        async with connect(emu.url, additional_headers=headers(CLIENT_AUTH), open_timeout=5) as ws:
             assert (await join(ws, REQUEST_TOPIC))["success"] is True
     assert [(h.path, h.accepted) for h in emu.handshakes] == [
         ("/api/client/socket", False),
@@ -69,7 +65,7 @@ async def test_provider_credentials_are_refused_on_the_client_socket_by_default(
     assert emu.refused == 2 and emu.connections == 3
 
 
-@pytest.mark.parametrize("auth", [PROVIDER, PROVIDER_BASIC], ids=["OMGProvider", "Basic"])
+@pytest.mark.parametrize("auth", [PROVIDER_AUTH, PROVIDER_BASIC], ids=["OMGProvider", "Basic"])
 async def test_the_seed_reading_accepts_provider_credentials_on_the_client_socket(
     auth: str,
 ) -> None:
@@ -102,8 +98,8 @@ async def test_the_seed_reading_still_checks_the_credentials() -> None:
         )
         for auth in refused:
             assert await status_of(emu.url, headers(auth)) == 403
-        assert await status_of(emu.url, {"Authorization": PROVIDER}) == 403  # no Accept
-        async with connect(emu.url, additional_headers=headers(CLIENT), open_timeout=5) as ws:
+        assert await status_of(emu.url, {"Authorization": PROVIDER_AUTH}) == 403  # no Accept
+        async with connect(emu.url, additional_headers=headers(CLIENT_AUTH), open_timeout=5) as ws:
             # Client credentials are unchanged: the user's own channels only.
             assert (await join(ws, REQUEST_TOPIC))["success"] is True
             assert (await join(ws, f"user:{OTHER_USER}", "2"))["success"] is False
