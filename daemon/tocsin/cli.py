@@ -209,6 +209,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_WAKES_PER_GAP = 100_000
+"""``tocsin test`` ticks at most this many times between two events (then at the second)."""
+
+
 def _event_clock(event: Event) -> float:
     try:
         return datetime.fromisoformat(event.time.replace("Z", "+00:00")).timestamp()
@@ -310,6 +314,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         out.line(
             f"{where}: [{alert.status}] {alert.rule} -> {', '.join(pending.actions) or '(no action)'}"
         )
+        if where.endswith("(before)"):  # caused by time alone: when
+            out.line(f"    at:    {alert.fired_at}")
         out.line(f"    title: {alert.title}")
         for body_line in alert.body.splitlines() or [""]:
             out.line(f"    body:  {body_line}")
@@ -322,8 +328,18 @@ def cmd_test(args: argparse.Namespace) -> int:
     try:
         for where, event in read(counted(lines), skip):
             events += 1
-            now[0] = max(now[0], _event_clock(event))  # never backwards, as in the daemon
-            for pending in engine.tick():  # what time alone caused before this event
+            # What time alone caused before this event, at each time a kind wakes (a repeat
+            # due between two events hours apart); never backwards, as in the daemon.
+            until = max(now[0], _event_clock(event))
+            for _ in range(MAX_WAKES_PER_GAP):
+                for pending in engine.tick():
+                    show(f"{where} (before)", pending)
+                due = engine.wakes_at()
+                if due is None or not now[0] < due <= until:
+                    break
+                now[0] = due
+            now[0] = until
+            for pending in engine.tick():
                 show(f"{where} (before)", pending)
             engine.suppressed.clear()
             if event.removed:  # as the daemon does: retract what the fact fired, nothing else

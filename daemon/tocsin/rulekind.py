@@ -108,6 +108,13 @@ class RuleKind:
         """Alerts caused by time passing (a window closing, silence); none by default."""
         return []
 
+    def wakes_at(self) -> float | None:
+        """The earliest time ``on_tick`` may fire something, if the kind knows it (None:
+        it does not say). The daemon ticks every second whatever this says; ``tocsin
+        test``, replaying hours of events in their own time, ticks at these times, so a
+        repeat due between two events is shown. Never later than the real next one."""
+        return None
+
     def on_removed(self, event: Event, group_key: str, now: float) -> None:
         """The provider took back ``event``, which a sent firing of this group carried;
         its ``retracted`` alert is on its way. A kind whose alerts repeat or resolve stops

@@ -450,6 +450,21 @@ class Engine:
                     out.append(pending)
         return out
 
+    def wakes_at(self) -> float | None:
+        """The earliest time a tick may fire something, as far as the kinds say (None:
+        none says; see ``RuleKind.wakes_at``)."""
+        times = []
+        for rule in self.ticking:
+            try:
+                when = rule.kind.wakes_at()
+            except Exception as err:
+                self.stats.kind_errors += 1
+                self._error("kind", rule, err)
+                continue
+            if when is not None:
+                times.append(when)
+        return min(times, default=None)
+
     def tick(self) -> list[PendingAlert]:
         """Alerts caused by time passing (stateful kinds)."""
         now = self.clock()

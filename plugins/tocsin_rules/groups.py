@@ -128,6 +128,10 @@ class GroupTable(Generic[G]):
         self.changed = {}
         return out
 
+    def next_wake(self) -> float | None:
+        """The earliest deadline filed (it may be stale: never later than the real one)."""
+        return self._heap[0][0] if self._heap else None
+
     def heap_size(self) -> int:
         return len(self._heap)
 

@@ -163,6 +163,9 @@ class StatefulKind(RuleKind, Generic[G]):
                 self.settle(key, group)
         return out
 
+    def wakes_at(self) -> float | None:
+        return self.table.next_wake()
+
     def state_changes(self) -> list[tuple[str, Any]]:
         return self.table.changes(lambda group: {"v": STATE_VERSION, **self.encode(group)})
 

@@ -103,3 +103,36 @@ def test_tocsin_test_explains_windows_and_shows_what_time_caused(
     ]
     for line in expected:
         assert line in out.splitlines(), f"missing: {line}\n{out}"
+
+
+def test_tocsin_test_shows_every_repeat_due_in_a_gap_between_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The daemon ticks every second; a replay ticks at each time a rule wakes, so repeats
+    # due hours before the next event are all shown, each at its own time.
+    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules")
+    config = tmp_path / "tocsin.toml"
+    config.write_text(
+        CONFIG.replace(
+            'window = "2m"\n', 'window = "10m"\nrealert = "30m"\nrealert_backoff = true\n'
+        )
+    )
+    events = tmp_path / "events.jsonl"
+    lines = [
+        quote("q1", "2026-11-22T10:00:00Z", "2.10"),
+        transfer("t1", "2026-11-22T14:00:00Z", frm="someone"),
+    ]
+    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code = main(["test", "-c", str(config), str(events)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    fired = [i for i, line in enumerate(lines) if "[firing] market quiet" in line]
+    assert all(lines[i].startswith(f"{events}:2 (before): ") for i in fired)
+    # Silent from 10:00: fires at 10:10, repeats 30m later, then with backoff 1h and 2h later.
+    assert [lines[i + 1] for i in fired] == [
+        "    at:    2026-11-22T10:10:00.000Z",
+        "    at:    2026-11-22T10:40:00.000Z",
+        "    at:    2026-11-22T11:40:00.000Z",
+        "    at:    2026-11-22T13:40:00.000Z",
+    ]
