@@ -462,7 +462,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     try:
-        handle = out.open("wb")
+        handle = out.open("ab")  # a second recording adds to the first, never erases it
     except OSError as err:
         raise UsageError(f"cannot write {out}: {err.strerror}") from None
     with handle:

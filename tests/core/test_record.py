@@ -177,13 +177,15 @@ def test_record_usage_errors(tmp_path: Path) -> None:
 def test_record_for_a_duration_with_the_provider_down(tmp_path: Path) -> None:
     config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws")  # nothing listens there
     out = tmp_path / "f.jsonl"
+    earlier = '{"t": 1763805600.0, "frame": "{}"}\n'  # a recording made before
+    out.write_text(earlier)
     run = cli(
         "record", "-c", str(config), "--source", "eos", "--out", str(out), "--duration", "300ms"
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"recorded 0 frame(s), 0 event(s) from 'eos' to {out}"
     assert "is down" in run.stderr
-    assert out.read_text() == ""
+    assert out.read_text() == earlier  # appended to, never erased
 
 
 def test_a_source_that_cannot_replay_is_recorded_with_a_warning(tmp_path: Path) -> None:
