@@ -399,7 +399,8 @@ class Daemon:
 
     def _new_alert(self, pending: PendingAlert) -> NewAlert:
         deliveries = tuple(
-            (name, target.key, target.label)
+            # The label is kept and shown by tocsin outbox: a secret URL's parts masked.
+            (name, target.key, secret_registry.scrub(target.label))
             for name in pending.actions
             if name in self.actions
             for target in self._targets(name)

@@ -27,6 +27,7 @@ import orjson
 
 from .action import Action, Alert, RetryPolicy
 from .errors import PermanentDelivery, RetryableDelivery, StateError
+from .fields import secret_registry
 from .store import DEAD, DONE, Delivery, Ready, Store
 
 log = logging.getLogger(__name__)
@@ -270,14 +271,16 @@ class Dispatcher:
             due - self.wall(),
             error,
         )
-        await self._write(Store.reschedule, delivery.seq, due, error)
+        await self._write(Store.reschedule, delivery.seq, due, secret_registry.scrub(error))
         lane.disk_has_work(due)
 
     async def _finish(
         self, name: str, delivery: Delivery, lane: Lane, state: int, error: str = ""
     ) -> None:
         self.outcomes[(name, "delivered" if state == DONE else "dead")] += 1
-        if await self._write(Store.finish, delivery.seq, state, error):
+        # Kept in the state database and shown by tocsin outbox, which (reading the
+        # [daemon] table only) knows no secret to mask: masked here.
+        if await self._write(Store.finish, delivery.seq, state, secret_registry.scrub(error)):
             lane.disk_has_work()  # the next delivery of its group is now due
 
     async def _write(self, op: Callable[..., T], *args: object) -> T:

@@ -54,6 +54,7 @@ HOOK_SECRET = "hmac-secret-6d2c8f1b9e4a"
 HEADER_TOKEN = "hdrtok-0c7e5b3a9d1f2468"
 APPRISE_PASS = "appr1se-pa55-7f3e9c1d"
 APPRISE_DEAD_PASS = "dead-appr1se-pa55-2b8d4e6f"
+DEAD_TOPIC = "topic-5e1f9a2b7c3d8e0f"  # a path secret that Apprise's privacy form shows
 DEAD_HOOK_TOKEN = "deadhook-tok-5e1a7c9b3d"
 BAD_EOS_KEY = "refused-eospark-key-8c2e4a6b"
 
@@ -182,7 +183,7 @@ async def test_no_secret_in_any_output_at_debug_level(
         expires_at=datetime.now(UTC) - timedelta(days=1),
         player_id="expired_player",
     )
-    dead_apprise = f"json://tocsin:{APPRISE_DEAD_PASS}@127.0.0.1:{closed_port}/notify"
+    dead_apprise = f"json://tocsin:{APPRISE_DEAD_PASS}@127.0.0.1:{closed_port}/{DEAD_TOPIC}"
     secrets = [
         KEY,
         BAD_EOS_KEY,
@@ -196,6 +197,7 @@ async def test_no_secret_in_any_output_at_debug_level(
         HEADER_TOKEN,
         APPRISE_PASS,
         APPRISE_DEAD_PASS,
+        DEAD_TOPIC,
         DEAD_HOOK_TOKEN,
         # forms they take on the wire
         base64.b64encode(f"tocsin:{APPRISE_PASS}".encode()).decode(),
@@ -258,7 +260,11 @@ async def test_no_secret_in_any_output_at_debug_level(
     listing = cli("outbox", "-c", str(config), env=env)
     assert listing.returncode == 0, listing.stderr
     assert "dead_hook (http://127.0.0.1:" in listing.stdout
+    assert "dead_phone" in listing.stdout
     assert leaks(listing.stdout + listing.stderr, secrets) == []
+    as_json = cli("outbox", "-c", str(config), "--json", env=env)
+    assert as_json.returncode == 0 and '"dead_phone"' in as_json.stdout
+    assert leaks(as_json.stdout + as_json.stderr, secrets) == []
 
 
 BROKEN = f"""
