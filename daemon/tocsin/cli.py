@@ -533,7 +533,7 @@ STARTER: dict[str, Any] = {
 }
 
 STARTER_HEADER = """\
-# tocsin starter config: see README.md and SPEC section 3 for every key.
+# tocsin starter config: see README.md and docs/SPEC.md section 3 for every key.
 # Add a [sources.NAME] table for each provider connection (`tocsin plugins` lists them),
 # point actions.hook.url at your receiver, then: tocsin check -c THIS_FILE
 # The webhook secret is read from $TOCSIN_HOOK_SECRET; remove "hook" if you have none.
