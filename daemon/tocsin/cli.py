@@ -508,7 +508,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 STARTER: dict[str, Any] = {
-    "daemon": {"state_dir": "~/.local/state/tocsin"},
     "actions": {
         "console": {"plugin": "log", "level": "warning"},
         "hook": {
@@ -537,6 +536,8 @@ STARTER_HEADER = """\
 # Add a [sources.NAME] table for each provider connection (`tocsin plugins` lists them),
 # point actions.hook.url at your receiver, then: tocsin check -c THIS_FILE
 # The webhook secret is read from $TOCSIN_HOOK_SECRET; remove "hook" if you have none.
+# State (alerts, outbox, cursors) goes to $STATE_DIRECTORY under systemd, else to
+# ~/.local/state/tocsin; set [daemon] state_dir only to put it elsewhere.
 
 """
 

@@ -66,6 +66,8 @@ def test_init_writes_a_config_that_checks(tmp_path: Path) -> None:
     assert run.returncode == 0 and "wrote" in run.stdout
     check = tocsin("check", "-c", str(tmp_path / "new.toml"), TOCSIN_HOOK_SECRET="x-secret-x")
     assert check.returncode == 0, check.stderr
+    # Under the unit, the state goes where systemd's StateDirectory= says: none is set.
+    assert "state_dir =" not in (tmp_path / "new.toml").read_text()
     again = tocsin("init", str(tmp_path / "new.toml"))
     assert again.returncode == 2 and "--force" in again.stderr
     assert tocsin("init", "--force", str(tmp_path / "new.toml")).returncode == 0
