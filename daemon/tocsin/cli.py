@@ -331,6 +331,8 @@ def cmd_test(args: argparse.Namespace) -> int:
             # What time alone caused before this event, at each time a kind wakes (a repeat
             # due between two events hours apart); never backwards, as in the daemon.
             until = max(now[0], _event_clock(event))
+            if events == 1:
+                now[0] = until  # the replay's time starts at its first event
             for _ in range(MAX_WAKES_PER_GAP):
                 for pending in engine.tick():
                     show(f"{where} (before)", pending)

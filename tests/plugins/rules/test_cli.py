@@ -136,3 +136,28 @@ def test_tocsin_test_shows_every_repeat_due_in_a_gap_between_events(
         "    at:    2026-11-22T11:40:00.000Z",
         "    at:    2026-11-22T13:40:00.000Z",
     ]
+
+
+def test_a_replay_starts_its_time_at_its_first_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An absence without group_by is watched from when the rule is loaded: in a replay,
+    # the first event's time, never the epoch (which would be a silence of 56 years).
+    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules")
+    config = tmp_path / "tocsin.toml"
+    config.write_text(
+        '[actions.console]\nplugin = "log"\n[[rules]]\nname = "stalled"\nkind = "absence"\n'
+        'type = "order_slip"\nwindow = "1m"\n'
+    )
+    events = tmp_path / "events.jsonl"
+    lines = [
+        transfer("t1", "2026-11-22T10:00:00Z"),
+        quote("q1", "2026-11-22T10:00:30Z", "2.10"),
+        transfer("t2", "2026-11-22T10:02:00Z"),
+    ]
+    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["test", "-c", str(config), str(events)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    fired = [line for line in out if "[firing] stalled" in line]
+    assert fired == [f"{events}:3 (before): [firing] stalled -> console"]  # at 10:01:30
+    assert out[out.index(fired[0]) + 1] == "    at:    2026-11-22T10:01:30.000Z"
