@@ -356,13 +356,16 @@ def cmd_test(args: argparse.Namespace) -> int:
                     out.line(f"{where}: a removal of a fact that fired nothing: no alert")
                 continue
             alerts = engine.process(event)
+            explained = engine.explain(event)
+            states = {rule: state for rule, _, state in explained if state}
             for pending in alerts:
                 show(where, pending)
+                rule = pending.alert.rule
+                if rule in states:  # under the rule's (first) alert
+                    out.line(f"    {rule}: {states.pop(rule)}")
             rules_sent = {p.alert.rule for p in alerts}
-            for rule, reason, state in engine.explain(event):
+            for rule, reason, state in explained:
                 if rule in rules_sent:
-                    if state:
-                        out.line(f"    {rule}: {state}")
                     continue
                 why = reason or engine.suppressed.get(rule) or state or "matched; no alert yet"
                 out.line(f"{where}: no alert from {rule!r}: {why}")

@@ -161,3 +161,30 @@ def test_a_replay_starts_its_time_at_its_first_event(
     fired = [line for line in out if "[firing] stalled" in line]
     assert fired == [f"{events}:3 (before): [firing] stalled -> console"]  # at 10:01:30
     assert out[out.index(fired[0]) + 1] == "    at:    2026-11-22T10:01:30.000Z"
+
+
+def test_a_fired_rule_s_window_is_shown_under_its_own_alert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules")
+    head, _burst, moved, quiet = CONFIG.split("[[rules]]")
+    config = tmp_path / "tocsin.toml"
+    config.write_text("[[rules]]".join([head, quiet, moved]))  # the quiet rule first
+    events = tmp_path / "events.jsonl"
+    lines = [
+        quote("q1", "2026-11-22T10:02:00Z", "2.10"),
+        quote("q2", "2026-11-22T10:03:30Z", "2.45"),
+    ]
+    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["test", "-c", str(config), str(events)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index(f"{events}:2: [firing] odds moved -> console")
+    assert out[at + 1 : at + 4] == [
+        "    title: odds 2.45 on market 219_33753655",
+        out[at + 2],  # the body
+        "    odds moved: 2.45 is the only value within 5m; fires on a move of 15%",
+    ]
+    assert (
+        out[at + 4]
+        == f"{events}:2: no alert from 'market quiet': last event 0s ago; fires after 2m"
+    )
