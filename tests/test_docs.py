@@ -356,3 +356,12 @@ async def test_pager_action_example_delivers(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         await runner.cleanup()
     assert [p["dedup_key"] for p in pages] == ["a1", "a1", "a1"]
+
+
+def test_the_public_api_table_names_every_name_tocsin_exports() -> None:
+    import tocsin
+
+    text = guide()
+    table = text[text.index("| name | what it is |") : text.index("Everything else in the")]
+    named = set(re.findall(r"`([A-Za-z_]+)`", table))
+    assert sorted(set(tocsin.__all__) - named - {"__version__"}) == []
