@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
@@ -358,6 +359,12 @@ class Daemon:
 
     async def _retractions(self, event: Event) -> list[PendingAlert]:
         fired = await self.store.call(Store.firing_alerts_for, event.id)
+        if fired and not event.data:
+            # A source that no longer holds the fact (a rollback found after a restart)
+            # retracts it by id: the retraction carries the fact's data, as SPEC says.
+            data = await self.store.call(Store.fact_data, event.id)
+            if data is not None:
+                event = dataclasses.replace(event, data=data)
         out = []
         for alert_id, rule, group in fired:
             pending = self.engine.retraction(rule, alert_id, group, event)

@@ -610,6 +610,22 @@ class Store:
         return [(alert_id, rule, group) for (rule, group), alert_id in latest.items()]
 
     @staticmethod
+    def fact_data(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
+        """The data of the event ``event_id`` as its latest firing alert carried it."""
+        row = conn.execute(
+            "SELECT payload FROM alerts WHERE event_id = ? AND status = 'firing'"
+            " ORDER BY rowid DESC LIMIT 1",
+            (event_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            data = orjson.loads(row[0])["event"]["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    @staticmethod
     def load_rule_state(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
         return conn.execute("SELECT rule, key, value FROM rule_state").fetchall()
 

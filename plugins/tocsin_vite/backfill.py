@@ -16,6 +16,11 @@ Cursor keys (values are heights, except where noted):
   no height, so the value is the UTC time the source last processed them (to name the
   time range of a gap after a restart).
 
+Beside a height watch's cursor ``KEY``: ``KEY#block``, ``height:hash`` of the block at the
+cursor, and ``KEY#recent``, the facts emitted at the last ``REREAD`` heights (JSON
+``[[height, block hash, fact id, type], ...]``): a resume that finds the chain rolled back
+while away retracts those no longer in it.
+
 The ledger reads below fetch one page of at most ``MAX_PAGE`` heights each and return
 facts in ascending height order; a failed call raises ``CallFailed`` (the server said
 no) or ``ValueError`` (the answer made no sense), which the source turns into a gap.
@@ -51,6 +56,15 @@ from .protocol import (
 )
 from .rpc import RpcConnection
 
+REREAD = 16
+"""Heights read again below the cursor when the chain was rolled back there while away;
+the facts emitted at as many heights are kept to retract what the rollback removed."""
+RECENT_FACTS = 512
+"""At most this many of them (a block may hold many logs)."""
+
+Recent = tuple[int, str, str, str]
+"""A fact emitted at a height: (height, block hash, fact id, event type)."""
+
 
 @dataclass(eq=False)
 class Watch:
@@ -67,6 +81,19 @@ class Watch:
     start: int | None = None  # the head at this run's first start (nothing below is new)
     seen_at: str | None = None  # heightless watches: when last processed
     loaded: bool = False  # the cursor was read from the state database
+    recent: list[Recent] = field(default_factory=list)  # facts of the last REREAD heights
+
+    def remember(self, fact: Recent) -> None:
+        """Keep a fact just emitted; forget those ``REREAD`` heights below the newest."""
+        if any(r[2] == fact[2] for r in self.recent):
+            return
+        self.recent.append(fact)
+        top = max(r[0] for r in self.recent)
+        self.recent = [r for r in self.recent if r[0] > top - REREAD][-RECENT_FACTS:]
+
+    def forget(self, fact_id: str) -> None:
+        """A fact retracted: no longer one to retract."""
+        self.recent = [r for r in self.recent if r[2] != fact_id]
 
     @property
     def label(self) -> dict[str, str | int]:

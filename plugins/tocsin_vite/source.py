@@ -40,6 +40,7 @@ recorded answers. Backfilled facts do not replay: ``pushes`` says why, and what 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -68,7 +69,7 @@ from tocsin import (
 )
 
 from . import backfill
-from .backfill import Channel, Watch
+from .backfill import REREAD, Channel, Recent, Watch
 from .protocol import (
     EVENT_TYPES,
     GET_CHANGES,
@@ -97,11 +98,10 @@ GAP_LIMIT = "more heights were missed than backfill_limit; the oldest were not f
 GAP_OFF = "backfill is off; heights missed while away were not fetched"
 GAP_LEDGER = "the ledger query failed; missed heights were not fetched"
 GAP_ROLLED_BACK = (
-    "the chain was rolled back at or below the last height seen while away; the heights"
-    " before it were read again, but facts it removed could not be retracted"
+    f"the chain was rolled back at or below the last height seen while away; the last"
+    f" {REREAD} heights were read again and the facts they no longer hold retracted, but"
+    " a deeper rollback's could not be"
 )
-REREAD = 16
-"""Heights read again below the cursor when the chain was rolled back there while away."""
 GAP_NO_START = (
     "reconnected before a first position was known (the head could not be read);"
     " events while away may be missed"
@@ -352,6 +352,7 @@ class ViteSource(Source):
             )
             if block_hash and height == value:
                 watch.block = (watch.cursor, block_hash)
+            watch.recent = _read_recent(await self.ctx.load_cursor(_recent_key(watch)))
         else:
             watch.seen_at = value
 
@@ -381,9 +382,9 @@ class ViteSource(Source):
             watch.cursor = watch.start = head
             self._unsaved.append(watch)
             return
-        if head <= cursor:
-            # The chain was rolled back while we were away, or the node is behind: go on
-            # from its head.
+        if head < cursor:
+            # The chain was rolled back below the cursor while we were away, or the node
+            # is behind (no telling which): go on from its head.
             await self._save(watch, head)
             return
         lo, hi = cursor + 1, head
@@ -392,6 +393,10 @@ class ViteSource(Source):
             # Read again what replaced it (new facts, new ids; the unchanged ones are known),
             # never below where this run started from nothing.
             lo = max(1, cursor - REREAD + 1, (watch.start or 0) + 1)
+            await self._retract_replaced(conn, watch, lo, cursor)
+        if hi < lo:  # nothing new since the cursor
+            await self._save(watch, head)
+            return
         if not self.vite.backfill:
             await self._gap(GAP_OFF, since, detail=_range(watch, lo, hi))
             await self._save(watch, hi)
@@ -515,10 +520,29 @@ class ViteSource(Source):
                 if fact.removed:  # rolled back: the heights from it on must be read again
                     below = fact.height - 1
                     watch.cursor = below if cursor is None else min(cursor, below)
+                    watch.forget(fact.id)
                 else:
                     watch.cursor = fact.height if cursor is None else max(cursor, fact.height)
-                    if watch.cursor == fact.height and (block_hash := _block_hash(fact)):
+                    block_hash = _block_hash(fact)
+                    if watch.cursor == fact.height and block_hash:
                         watch.block = (fact.height, block_hash)
+                    watch.remember((fact.height, block_hash, fact.id, fact.type))
+
+    async def _retract_replaced(self, conn: RpcConnection, watch: Watch, lo: int, hi: int) -> None:
+        """Retract the facts emitted at heights ``lo``..``hi`` whose blocks the chain no
+        longer holds (rolled back while away). The removal carries no data: the daemon
+        gives a retraction the data of the fact from the alert that carried it."""
+        try:
+            chain = await backfill.fetch(conn, watch, lo, hi)
+        except (CallFailed, ValueError) as err:
+            self.ctx.logger.warning("%s: cannot read the heights rolled back: %s", watch.key, err)
+            return
+        held = {(f.height, _block_hash(f)) for f in chain}
+        for height, block_hash, fact_id, type_ in list(watch.recent):
+            if lo <= height <= hi and (height, block_hash) not in held:
+                watch.forget(fact_id)
+                if self.memory.is_new(fact_id, True):
+                    await self.ctx.emit(self.ctx.event(type_, {}, id=fact_id, removed=True))
 
     async def _gap(self, reason: str, since: str, *, detail: dict[str, str | int]) -> None:
         await self.ctx.gap(reason, since, utc_iso(), detail=detail)
@@ -547,6 +571,7 @@ class ViteSource(Source):
         block = watch.block
         if block is not None and block[0] == height:
             await self.ctx.save_cursor(_block_key(watch), f"{height}:{block[1]}")
+        await self.ctx.save_cursor(_recent_key(watch), json.dumps(watch.recent))
 
     async def _save_time(self, watch: Watch) -> None:
         watch.seen_at = utc_iso()
@@ -556,6 +581,20 @@ class ViteSource(Source):
 def _block_key(watch: Watch) -> str:
     """Where the hash of the block at a watch's cursor is saved."""
     return f"{watch.key}#block"
+
+
+def _recent_key(watch: Watch) -> str:
+    """Where the facts of a watch's last heights are saved."""
+    return f"{watch.key}#recent"
+
+
+def _read_recent(text: str | None) -> list[Recent]:
+    """``_recent_key``'s value; anything unreadable is none."""
+    try:
+        rows = json.loads(text or "[]")
+        return [(int(h), str(b), str(i), str(t)) for h, b, i, t in rows]
+    except (ValueError, TypeError):
+        return []
 
 
 def _block_hash(fact: Fact) -> str:

@@ -186,3 +186,38 @@ async def test_more_missed_than_the_limit_alerts_the_newest_and_the_gap(
     (gap,) = alerts(receiver, "gap")
     assert gap["title"] == "chain: vmlog 1-3 missed"
     assert gap["event"]["data"]["address"] == CONTRACT
+
+
+async def test_a_rollback_while_stopped_is_retracted_at_the_restart(
+    tmp_path: Path, emulator: ViteEmulator
+) -> None:
+    async with Receiver() as receiver:
+        path = write(tmp_path, emulator, receiver.url())
+        async with running(path, registry()) as daemon:
+            await wait_for(lambda: emulator.subscriptions == 1)
+            await cursor(daemon, "0")
+            await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"kept")
+            await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"rolled back")
+            await wait_for(lambda: len(alerts(receiver)) == 2, what="two alerts")
+            await cursor(daemon, "2")
+        await wait_for(lambda: emulator.subscriptions == 0)
+        await emulator.rollback_account(CONTRACT)  # the second block, while stopped
+        await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"in its place")
+        async with running(path, registry()):
+            await wait_for(lambda: len(alerts(receiver)) == 4, what="retracted, then the new one")
+    kept, gone, retracted, replaced = alerts(receiver)
+    assert [a["status"] for a in (kept, gone, retracted, replaced)] == [
+        "firing",
+        "firing",
+        "retracted",
+        "firing",
+    ]
+    # SPEC section 5: the retraction's event has the same id and data as the fact.
+    assert retracted["event"]["id"] == gone["event"]["id"]
+    assert retracted["event"]["data"] == gone["event"]["data"]
+    assert retracted["event"]["removed"] is True
+    assert retracted["title"] == "[retracted] Transfer at height 2"  # the data, rendered
+    assert replaced["event"]["data"]["account_block_height"] == 2
+    assert replaced["event"]["id"] != gone["event"]["id"]
+    (gap,) = alerts(receiver, "gap")  # and what a rollback deeper than it can reach
+    assert "rolled back" in gap["event"]["data"]["reason"]

@@ -48,8 +48,8 @@ ALL_TOPICS = [
 
 
 def positions(ctx: RecordingContext) -> dict[str, str]:
-    """The saved heights, less the hashes of the blocks at them (``KEY#block``)."""
-    return {k: v for k, v in ctx.cursors.items() if not k.endswith("#block")}
+    """The saved heights, less what is saved beside them (``KEY#block``, ``KEY#recent``)."""
+    return {k: v for k, v in ctx.cursors.items() if "#" not in k}
 
 
 def heights(ctx: RecordingContext, kind: str, field: str = "height") -> list[int]:
@@ -134,9 +134,9 @@ async def test_push_subscribes_every_topic_and_remaps_ids_after_a_reconnect(
     config = make_config(emulator.url, subscriptions=ALL_TOPICS)
     async with source_running(config) as ctx:
         await subscribed(emulator, ctx, 5)
-        await wait_for(lambda: len(ctx.cursors) == 6, what="six cursors")
+        await wait_for(lambda: len(positions(ctx)) == 6, what="six cursors")
         assert sorted(
-            k.rsplit(":", 1)[0] if k.count(":") == 2 else k for k in ctx.cursors
+            k.rsplit(":", 1)[0] if k.count(":") == 2 else k for k in positions(ctx)
         ) == sorted(
             [
                 "snapshot_block",
@@ -732,10 +732,14 @@ async def test_a_rollback_below_the_cursor_while_away_reads_the_new_blocks_and_s
         await away(emulator)
         gone = await emulator.rollback_snapshots(2)  # the two blocks seen, while away
         await emulator.produce_snapshots(3)  # what replaced them, and one more
-        await wait(ctx, lambda: len(ctx.events) == 5)
+        await wait(ctx, lambda: len(ctx.events) == 7)
     chain = emulator.chain.snapshots[-3:]
-    assert {e.data["hash"] for e in ctx.events[:2]} == set(gone)
-    assert [(e.data["height"], e.data["hash"]) for e in ctx.events[2:]] == [
+    seen, removals, added = ctx.events[:2], ctx.events[2:4], ctx.events[4:]
+    assert {e.data["hash"] for e in seen} == set(gone)
+    # The two facts the rollback removed are retracted (by id: the daemon gives the
+    # retraction the data of the alert it retracts), then what replaced them comes.
+    assert [(e.id, e.removed, e.data) for e in removals] == [(e.id, True, {}) for e in seen]
+    assert [(e.data["height"], e.data["hash"]) for e in added] == [
         (b.height, b.hash) for b in chain
     ]
     (gap,) = ctx.gaps
@@ -761,5 +765,27 @@ async def test_a_rollback_while_stopped_is_found_at_the_restart(emulator: ViteEm
             ctx, lambda: ctx.cursors["snapshot_block"] == str(emulator.chain.snapshot_height)
         )
     new = {(b.height, b.hash) for b in emulator.chain.snapshots[-3:]}
-    assert new <= {(e.data["height"], e.data["hash"]) for e in ctx.events}
+    assert new <= {(e.data["height"], e.data["hash"]) for e in ctx.events if not e.removed}
     assert ctx.gaps[0]["reason"].startswith("the chain was rolled back")
+    # The facts of the first run that the rollback removed: retracted at the restart.
+    assert {e.id for e in ctx.events if e.removed} == {e.id for e in first.events}
+
+
+def test_a_watch_keeps_the_facts_of_its_last_heights_only() -> None:
+    from tocsin_vite.backfill import RECENT_FACTS, REREAD, Watch
+    from tocsin_vite.protocol import SNAPSHOT
+    from tocsin_vite.source import _read_recent
+
+    watch = Watch(SNAPSHOT, None, (), "snapshot_block")
+    for height in range(1, 41):
+        watch.remember((height, f"h{height}", f"id{height}", "snapshot_block"))
+    watch.remember((40, "h40", "id40", "snapshot_block"))  # the same fact again: kept once
+    assert [r[0] for r in watch.recent] == list(range(41 - REREAD, 41))
+    watch.forget("id40")
+    assert watch.recent[-1][2] == "id39"
+    for n in range(RECENT_FACTS + 10):  # many logs in one block: bounded
+        watch.remember((50, "h50", f"log{n}", "vmlog"))
+    assert len(watch.recent) == RECENT_FACTS and watch.recent[-1][2] == f"log{RECENT_FACTS + 9}"
+    assert _read_recent(json.dumps(watch.recent[:2])) == watch.recent[:2]
+    for unreadable in (None, "", "{}", "[[1]]", '[["x", "h", "i", "t"]]', "not json"):
+        assert _read_recent(unreadable) == []
