@@ -581,10 +581,10 @@ class Store:
         the config): no worker would ever try them. Returns how many, per action; they
         stay listed and re-sendable (``tocsin outbox retry``) once the action is back."""
         known = list(actions)
-        marks = ",".join("?" * len(known)) or "NULL"
+        # "NOT IN ()" is not SQL, and "NOT IN (NULL)" is never true: no action, no clause.
+        unknown = f" AND action NOT IN ({','.join('?' * len(known))})" if known else ""
         found = conn.execute(
-            f"SELECT action, COUNT(*) FROM outbox WHERE state = 0 AND action NOT IN ({marks})"
-            " GROUP BY action",
+            f"SELECT action, COUNT(*) FROM outbox WHERE state = 0{unknown} GROUP BY action",
             known,
         ).fetchall()
         now = time.time()

@@ -236,3 +236,13 @@ def test_group_bookkeeping_does_not_grow_with_the_groups_waiting(tmp_path: Path,
             costs.append(_steps(conn, lambda c, s=seq: Store.finish(c, s, DONE)))
         conn.close()
     assert costs[1] < 2 * costs[0], costs
+
+
+def test_deliveries_of_actions_no_longer_configured_are_dead_lettered(store: Store) -> None:
+    store.call_sync(Store.commit_alerts, [alert("a", actions=("hook", "phone")), alert("b")])
+    assert store.call_sync(Store.dead_letter_unconfigured, ["hook", "phone"]) == {}
+    assert store.call_sync(Store.dead_letter_unconfigured, ["phone"]) == {"hook": 2}
+    assert store.call_sync(Store.depth)[:2] == (1, 2)
+    # Every action removed: what waited for any of them is dead-lettered too.
+    assert store.call_sync(Store.dead_letter_unconfigured, []) == {"phone": 1}
+    assert store.call_sync(Store.depth)[:2] == (0, 3)
