@@ -651,18 +651,31 @@ class Daemon:
                     if action_config != self.config.actions.get(name):
                         fresh[name] = await self._make_action(name, action_config)
             except PluginError as err:
-                for action in fresh.values():
-                    with anyio.CancelScope(shield=True):
-                        await action.aclose()
+                await self._close_all(fresh)
                 log.error("reload refused, the running config stays: %s", err)
                 self._reload_note = "the last reload was refused (see the log)"
+                return False
+            if self._stop.is_set():  # stop() came while the new actions started
+                await self._close_all(fresh)
+                log.warning("reload abandoned: the daemon is stopping")
                 return False
             await self._apply(config, engine, fresh)
             self._reload_note = ""
             log.info("config reloaded: %d rule(s)", len(engine.rules))
             return True
         finally:
-            self.notifier.ready(self.status_line())
+            if not self._stop.is_set():  # never READY=1 after STOPPING=1
+                self.notifier.ready(self.status_line())
+
+    @staticmethod
+    async def _close_all(actions: dict[str, Action]) -> None:
+        """Close actions started for a reload that does not happen."""
+        for name, action in actions.items():
+            with anyio.CancelScope(shield=True):
+                try:
+                    await action.aclose()
+                except Exception:  # a plugin's bug: the others still close
+                    log.exception("action %r: closing it failed", name)
 
     async def _apply(self, config: Config, engine: Engine, fresh: dict[str, Action]) -> None:
         """Switch to ``config``; ``fresh`` holds its new and changed actions, started."""

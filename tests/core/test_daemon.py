@@ -24,7 +24,7 @@ from support import (
 )
 from tocsin import Event
 from tocsin import daemon as daemon_module
-from tocsin.daemon import Checkpoint, SourceRunner
+from tocsin.daemon import Checkpoint, Daemon, SourceRunner
 from tocsin.store import Store
 from tocsin_builtin.webhook import verify
 
@@ -369,6 +369,47 @@ async def test_deliveries_of_a_removed_action_are_dead_lettered_not_pending_for_
         deliveries = json.loads(listed.stdout)["deliveries"]
         assert [(d["state"], d["action"]) for d in deliveries] == [("dead", "hook")] * 2
         assert {d["last_error"] for d in deliveries} == {"action 'hook' is no longer configured"}
+
+
+async def test_a_reload_that_stop_overtakes_is_abandoned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SIGHUP, then SIGTERM while the reload starts a changed action: the reload must not
+    # go on to restart sources during the drain, nor say READY=1 after STOPPING=1.
+    caplog.set_level(logging.INFO)
+    entered, gate = anyio.Event(), anyio.Event()
+    make_action = Daemon._make_action
+
+    async def slow_make_action(self: Daemon, name: str, config: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await make_action(self, name, config)
+
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url())
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            monkeypatch.setattr(Daemon, "_make_action", slow_make_action)
+            readies: list[bool] = []
+            monkeypatch.setattr(daemon.notifier, "ready", lambda _: readies.append(True))
+            changed = text.replace('timeout = "2s"', 'timeout = "3s"')
+            path.write_text(changed.replace('url = "ws', 'stale_after = "9s"\nurl = "ws'))
+            result: list[bool] = []
+            async with anyio.create_task_group() as tg:
+
+                async def reload() -> None:
+                    result.append(await daemon.reload())
+
+                tg.start_soon(reload)
+                with anyio.fail_after(5):
+                    await entered.wait()
+                daemon.stop()
+                gate.set()
+        assert result == [False] and readies == []
+        assert "reload abandoned: the daemon is stopping" in caplog.text
+        assert "config reloaded" not in caplog.text
+        assert server.connections == 1  # the changed source was not restarted
 
 
 async def test_throttle_survives_a_restart_unless_the_rule_changed(tmp_path: Path) -> None:
