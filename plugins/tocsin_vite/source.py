@@ -69,7 +69,7 @@ from tocsin import (
 )
 
 from . import backfill
-from .backfill import REREAD, Channel, Recent, Watch
+from .backfill import RECENT_FACTS, REREAD, Channel, Recent, Watch
 from .protocol import (
     EVENT_TYPES,
     GET_CHANGES,
@@ -592,8 +592,8 @@ def _read_recent(text: str | None) -> list[Recent]:
     """``_recent_key``'s value; anything unreadable is none."""
     try:
         rows = json.loads(text or "[]")
-        return [(int(h), str(b), str(i), str(t)) for h, b, i, t in rows]
-    except (ValueError, TypeError):
+        return [(int(h), str(b), str(i), str(t)) for h, b, i, t in rows][-RECENT_FACTS:]
+    except (ValueError, TypeError, ArithmeticError):  # int(1e400): OverflowError
         return []
 
 

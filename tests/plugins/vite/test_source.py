@@ -787,5 +787,7 @@ def test_a_watch_keeps_the_facts_of_its_last_heights_only() -> None:
         watch.remember((50, "h50", f"log{n}", "vmlog"))
     assert len(watch.recent) == RECENT_FACTS and watch.recent[-1][2] == f"log{RECENT_FACTS + 9}"
     assert _read_recent(json.dumps(watch.recent[:2])) == watch.recent[:2]
-    for unreadable in (None, "", "{}", "[[1]]", '[["x", "h", "i", "t"]]', "not json"):
+    assert len(_read_recent(json.dumps(watch.recent * 3))) == RECENT_FACTS  # bounded too
+    unreadable_values = (None, "", "{}", "[[1]]", '[["x", "h", "i", "t"]]', "not json")
+    for unreadable in (*unreadable_values, '[[1e400, "h", "i", "t"]]'):
         assert _read_recent(unreadable) == []
