@@ -449,6 +449,15 @@ def _read_event(name: str) -> Event:
         raise UsageError(f"{name}: not one event envelope (SPEC section 4): {err}") from None
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` is a file whose last line has no newline (cut by a crash)."""
+    with path.open("rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
 def cmd_record(args: argparse.Namespace) -> int:
     setup_logging("info")
     registry = _registry()
@@ -468,6 +477,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         handle = out.open("ab")  # a second recording adds to the first, never erases it
+        if _ends_mid_line(out):  # a crash cut the last line: start on a line of our own
+            handle.write(b"\n")
     except OSError as err:
         raise UsageError(f"cannot write {out}: {err.strerror}") from None
     with handle:

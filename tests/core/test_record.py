@@ -177,7 +177,7 @@ def test_record_usage_errors(tmp_path: Path) -> None:
 def test_record_for_a_duration_with_the_provider_down(tmp_path: Path) -> None:
     config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws")  # nothing listens there
     out = tmp_path / "f.jsonl"
-    earlier = '{"t": 1763805600.0, "frame": "{}"}\n'  # a recording made before
+    earlier = '{"t": 1763805600.0, "frame": "{}"}'  # a recording a crash cut: no newline
     out.write_text(earlier)
     run = cli(
         "record", "-c", str(config), "--source", "eos", "--out", str(out), "--duration", "300ms"
@@ -185,7 +185,7 @@ def test_record_for_a_duration_with_the_provider_down(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"recorded 0 frame(s), 0 event(s) from 'eos' to {out}"
     assert "is down" in run.stderr
-    assert out.read_text() == earlier  # appended to, never erased
+    assert out.read_text() == earlier + "\n"  # appended to, never erased; lines kept apart
 
 
 def test_a_source_that_cannot_replay_is_recorded_with_a_warning(tmp_path: Path) -> None:
