@@ -384,8 +384,9 @@ class ViteSource(Source):
             return
         if head < cursor:
             # The chain was rolled back below the cursor while we were away, or the node
-            # is behind (no telling which): go on from its head.
-            await self._save(watch, head)
+            # is behind: go on from its head (retracting what a rollback removed).
+            if not (self.vite.backfill and await self._shortened(conn, watch, head, since)):
+                await self._save(watch, head)
             return
         lo, hi = cursor + 1, head
         if self.vite.backfill and await self._rolled_back(conn, watch):
@@ -538,11 +539,42 @@ class ViteSource(Source):
             self.ctx.logger.warning("%s: cannot read the heights rolled back: %s", watch.key, err)
             return
         held = {(f.height, _block_hash(f)) for f in chain}
-        for height, block_hash, fact_id, type_ in list(watch.recent):
-            if lo <= height <= hi and (height, block_hash) not in held:
-                watch.forget(fact_id)
-                if self.memory.is_new(fact_id, True):
-                    await self.ctx.emit(self.ctx.event(type_, {}, id=fact_id, removed=True))
+        await self._retract(
+            watch, [r for r in watch.recent if lo <= r[0] <= hi and r[:2] not in held]
+        )
+
+    async def _shortened(self, conn: RpcConnection, watch: Watch, head: int, since: str) -> bool:
+        """The chain's head is below the cursor: rolled back while away, or the node is
+        behind. A fact emitted at or below the head whose block the chain no longer holds
+        tells a rollback: retract it and every fact above the head, emit what replaced
+        them, and return True. False when nothing tells (the caller goes on from the head)."""
+        cursor = watch.cursor
+        lo = max(1, head - REREAD + 1, (watch.start or 0) + 1)
+        known = [r for r in watch.recent if lo <= r[0] <= head]
+        if cursor is None or not known:
+            return False
+        try:
+            chain = await backfill.fetch(conn, watch, lo, head)
+        except (CallFailed, ValueError) as err:
+            self.ctx.logger.warning("%s: cannot check the heights below: %s", watch.key, err)
+            return False
+        held = {(f.height, _block_hash(f)) for f in chain}
+        if all(r[:2] in held for r in known):
+            return False  # the node is behind: nothing we saw is gone
+        await self._gap(GAP_ROLLED_BACK, since, detail={**watch.label, "height": cursor})
+        gone = [r for r in watch.recent if r[0] > head or (r[0] >= lo and r[:2] not in held)]
+        await self._retract(watch, gone)
+        watch.cursor, watch.block = lo - 1, None
+        await self._deliver(watch, chain)
+        await self._save(watch, head)
+        return True
+
+    async def _retract(self, watch: Watch, gone: list[Recent]) -> None:
+        """Emit the removal of each fact, by id (no data: see ``_retract_replaced``)."""
+        for _, _, fact_id, type_ in gone:
+            watch.forget(fact_id)
+            if self.memory.is_new(fact_id, True):
+                await self.ctx.emit(self.ctx.event(type_, {}, id=fact_id, removed=True))
 
     async def _gap(self, reason: str, since: str, *, detail: dict[str, str | int]) -> None:
         await self.ctx.gap(reason, since, utc_iso(), detail=detail)

@@ -748,6 +748,31 @@ async def test_a_rollback_below_the_cursor_while_away_reads_the_new_blocks_and_s
     )
 
 
+async def test_a_rollback_to_a_shorter_chain_while_away_is_retracted_and_read_again(
+    emulator: ViteEmulator,
+) -> None:
+    config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
+    async with source_running(config) as ctx:
+        await subscribed(emulator, ctx, 1, "snapshot_block")
+        await emulator.produce_snapshots(3)
+        await wait(ctx, lambda: len(ctx.events) == 3)
+        await away(emulator)
+        await emulator.rollback_snapshots(2)  # the last two seen, while away
+        await emulator.produce_snapshots(1)  # the new head: below the cursor
+        replaced = emulator.chain.snapshots[-1]
+        await wait(ctx, lambda: any(e.data.get("hash") == replaced.hash for e in ctx.events))
+        await emulator.produce_snapshots(2)  # and the chain goes on past the old cursor
+        await wait(ctx, lambda: len(ctx.events) == 8)
+    seen, removals, after = ctx.events[:3], ctx.events[3:5], ctx.events[5:]
+    assert [(e.id, e.removed, e.data) for e in removals] == [(e.id, True, {}) for e in seen[1:]]
+    assert [(e.data["height"], e.data["hash"]) for e in after] == [
+        (b.height, b.hash) for b in emulator.chain.snapshots[-3:]
+    ]
+    (gap,) = ctx.gaps
+    assert gap["reason"].startswith("the chain was rolled back")
+    assert ctx.cursors["snapshot_block"] == str(emulator.chain.snapshot_height)
+
+
 async def test_a_rollback_while_stopped_is_found_at_the_restart(emulator: ViteEmulator) -> None:
     config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
     async with source_running(config) as first:
