@@ -167,25 +167,36 @@ def _url(service: Any, privacy: bool = False) -> str:
     return str(service.url(privacy=privacy))
 
 
-def _channel(service: Any, key_source: str, asset: apprise.AppriseAsset) -> _Channel:
+def _channel(
+    service: Any, key_source: str, asset: apprise.AppriseAsset, label: str = ""
+) -> _Channel:
     # Retries are the outbox's: a "?retry=N" in the URL must not multiply the sends.
     service.retry = 0
     private = _url(service, privacy=True)
     _masks.add(_secret_parts(key_source, private) | _secret_parts(_url(service), private))
     client = apprise.Apprise(asset=asset)
     client.add(service)
-    return _Channel(_key(key_source), private, client)
+    return _Channel(_key(key_source), label or private, client)
 
 
 def _from_urls(urls: list[SecretValue]) -> list[_Channel]:
-    """Channels for the URLs (``_understood`` checked each)."""
+    """Channels for the URLs (``_understood`` checked each).
+
+    Each is labelled by its place (``urls[1] (ntfy)``), not by Apprise's privacy form:
+    that masks the passwords and tokens Apprise knows of, but shows the rest, such as an
+    ntfy topic, which is as secret as a token. The label is what logs, errors and
+    ``tocsin outbox`` show."""
     asset = _asset()
     channels = []
     with _apprise_quiet():
-        for url in urls:
-            service = apprise.Apprise.instantiate(url.get().strip(), asset=asset)
-            if service is not None:
-                channels.append(_channel(service, url.get().strip(), asset))
+        for index, url in enumerate(urls):
+            text = url.get().strip()
+            service = apprise.Apprise.instantiate(text, asset=asset)
+            if service is None:
+                continue
+            scheme = text.partition("://")[0]
+            _masks.add(set(_secret_parts(text, "")) - {scheme})  # Apprise's own log lines
+            channels.append(_channel(service, text, asset, f"urls[{index}] ({scheme})"))
     return channels
 
 
@@ -299,7 +310,8 @@ class AppriseAction(Action):
         self._sending: dict[str, Future[str | None]] = {}
 
     def targets(self) -> list[Target]:
-        """One target per Apprise URL, labelled with Apprise's privacy form of it."""
+        """One target per Apprise service, labelled by its place in ``urls`` (or with
+        Apprise's privacy form of it, for a ``config`` file's)."""
         return [Target(c.key, c.label) for c in self._channels.values()]
 
     async def start(self) -> None:

@@ -55,6 +55,7 @@ HEADER_TOKEN = "hdrtok-0c7e5b3a9d1f2468"
 APPRISE_PASS = "appr1se-pa55-7f3e9c1d"
 APPRISE_DEAD_PASS = "dead-appr1se-pa55-2b8d4e6f"
 DEAD_TOPIC = "topic-5e1f9a2b7c3d8e0f"  # a path secret that Apprise's privacy form shows
+NTFY_TOPIC = "tpc7c3d8e0f"  # an ntfy topic: no password, short, shown by Apprise's form too
 DEAD_HOOK_TOKEN = "deadhook-tok-5e1a7c9b3d"
 BAD_EOS_KEY = "refused-eospark-key-8c2e4a6b"
 
@@ -150,7 +151,7 @@ urls = ["json://tocsin:{APPRISE_PASS}@127.0.0.1:{apprise_port}/notify"]
 
 [actions.dead_phone]
 plugin = "apprise"
-urls = [{{ env = "DEAD_APPRISE_URL" }}]
+urls = [{{ env = "DEAD_APPRISE_URL" }}, {{ env = "DEAD_NTFY_URL" }}]
 retry = {{ attempts = 1000, backoff = "100ms", max_backoff = "200ms" }}
 
 [[rules]]
@@ -198,6 +199,7 @@ async def test_no_secret_in_any_output_at_debug_level(
         APPRISE_PASS,
         APPRISE_DEAD_PASS,
         DEAD_TOPIC,
+        NTFY_TOPIC,
         DEAD_HOOK_TOKEN,
         # forms they take on the wire
         base64.b64encode(f"tocsin:{APPRISE_PASS}".encode()).decode(),
@@ -214,6 +216,7 @@ async def test_no_secret_in_any_output_at_debug_level(
         CKEX_EXPIRED=expired_token,
         HOOK_SECRET=HOOK_SECRET,
         DEAD_APPRISE_URL=dead_apprise,
+        DEAD_NTFY_URL=f"ntfy://127.0.0.1:{closed_port}/{NTFY_TOPIC}",
         PYTHONFAULTHANDLER="1",
     )
 
@@ -260,7 +263,7 @@ async def test_no_secret_in_any_output_at_debug_level(
     listing = cli("outbox", "-c", str(config), env=env)
     assert listing.returncode == 0, listing.stderr
     assert "dead_hook (http://127.0.0.1:" in listing.stdout
-    assert "dead_phone" in listing.stdout
+    assert "dead_phone" in listing.stdout and "urls[1] (ntfy)" in listing.stdout
     assert leaks(listing.stdout + listing.stderr, secrets) == []
     as_json = cli("outbox", "-c", str(config), "--json", env=env)
     assert as_json.returncode == 0 and '"dead_phone"' in as_json.stdout
