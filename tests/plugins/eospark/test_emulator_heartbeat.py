@@ -53,12 +53,11 @@ async def test_then_one_heartbeat_every_interval() -> None:
         before = time.monotonic()  # before the server accepts: a lower bound of its clock
         async with client(emu, query=False) as ws:
             assert (await recv(ws, within=2))["msg_type"] == "heartbeat"
-            # The ack comes before a second heartbeat: none follows the first at once.
             await ws.send(subscribe_message([ME], ["eosio.token"], ""))
-            assert (await recv(ws, within=2))["msg_type"] == "subscribe"
-            assert (await recv(ws, within=2))["msg_type"] == "heartbeat"
+            while (await recv(ws, within=2))["msg_type"] != "heartbeat":
+                pass  # the ack, before or after the next beat as the machine's load has it
             second = time.monotonic() - before
-    assert second >= interval - 0.01  # asyncio timers may fire a clock tick early
+    assert second >= interval - 0.01  # none at once after the first; timers may fire early
 
 
 async def test_first_heartbeat_after_a_full_interval_when_asked() -> None:
@@ -66,8 +65,7 @@ async def test_first_heartbeat_after_a_full_interval_when_asked() -> None:
     async with EOSParkEmulator(api_keys=[KEY], heartbeat_interval=0.4, first_heartbeat=0.4) as emu:
         before = time.monotonic()
         async with client(emu, query=True) as ws:
-            await ws.send(subscribe_message([ME], ["eosio.token"], ""))
-            assert (await recv(ws, within=2))["msg_type"] == "subscribe"  # no heartbeat yet
-            assert (await recv(ws, within=2))["msg_type"] == "heartbeat"
+            while (await recv(ws, within=2))["msg_type"] != "heartbeat":
+                pass
             first = time.monotonic() - before
-    assert first >= 0.4 - 0.01
+    assert first >= 0.4 - 0.01  # none at once: the first after a full interval
