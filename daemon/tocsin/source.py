@@ -103,7 +103,11 @@ class SourceContext(Protocol):
         ...
 
     async def save_cursor(self, key: str, value: str) -> None:
-        """Save a cursor; committed only after the alerts of every event emitted before it."""
+        """Save a cursor; committed only after the alerts of every event emitted before it.
+
+        A key starting with ``~`` is a memory rather than a position (what the source last
+        knew of one of many things): it is forgotten once not saved for ``[daemon]
+        dedup_horizon``, so such keys never pile up."""
         ...
 
 

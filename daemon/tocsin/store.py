@@ -644,13 +644,15 @@ class Store:
 
     @staticmethod
     def purge(conn: sqlite3.Connection, horizon: float) -> int:
-        """Forget alerts older than the dedup horizon whose deliveries are all done."""
+        """Forget alerts older than the dedup horizon whose deliveries are all done or
+        dropped, and ``~`` cursors (a source's memories) not saved within it."""
         cutoff = time.time() - horizon
-        old = "SELECT id FROM alerts a WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.alert_id = a.id AND o.state != 1)"
+        old = "SELECT id FROM alerts a WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.alert_id = a.id AND o.state NOT IN (1, 3))"
         conn.execute(f"DELETE FROM outbox WHERE alert_id IN ({old})", (cutoff,))
         removed = conn.execute(f"DELETE FROM alerts WHERE id IN ({old})", (cutoff,)).rowcount
         conn.execute("DELETE FROM generations WHERE updated_at < ?", (cutoff,))
         conn.execute(
             "DELETE FROM rule_state WHERE key LIKE 'throttle%' AND updated_at < ?", (cutoff,)
         )
+        conn.execute("DELETE FROM cursors WHERE key LIKE '~%' AND updated_at < ?", (cutoff,))
         return removed

@@ -161,8 +161,10 @@ def quote_news(
 
 
 def cursor_key(product: tuple[str, ...]) -> str:
-    """Where a product's last values are saved (``QuoteBook.saved``)."""
-    return "quote|" + "|".join(product)
+    """Where a product's last values are saved (``QuoteBook.saved``): a ``~`` key, which
+    the daemon forgets once the product is not quoted for its dedup horizon (markets
+    end; their products must not pile up)."""
+    return "~quote|" + "|".join(product)
 
 
 # websockets logs the request line, query (the token) and all, at debug level.

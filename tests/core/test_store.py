@@ -146,6 +146,18 @@ def test_purge_forgets_only_finished_alerts_past_the_horizon(store: Store) -> No
     assert ids(store.call_sync(Store.commit_alerts, [alert("old-done", "A")])) == ["old-done"]
 
 
+def test_purge_forgets_dropped_deliveries_and_old_memories_not_positions(store: Store) -> None:
+    store.call_sync(Store.commit_alerts, [alert("dropped")], [("odds", "~quote|a", "x")])
+    store.call_sync(Store.commit_alerts, [], [("vite", "height", "42")])
+    (row,) = store.call_sync(Store.fetch_ready, "hook", time.time() + 1, 10).deliveries
+    store.call_sync(Store.drop, [row.seq], False)
+    assert store.call_sync(Store.purge, 3600) == 0  # within the horizon: all kept
+    assert store.call_sync(Store.get_cursor, "odds", "~quote|a") == "x"
+    assert store.call_sync(Store.purge, -1) == 1  # past it: the dropped one's alert goes
+    assert store.call_sync(Store.get_cursor, "odds", "~quote|a") is None  # a memory
+    assert store.call_sync(Store.get_cursor, "vite", "height") == "42"  # a position: kept
+
+
 def test_cursors_commit_with_alerts(store: Store) -> None:
     store.call_sync(Store.commit_alerts, [alert("c")], [("vite", "height", "42")])
     assert store.call_sync(Store.get_cursor, "vite", "height") == "42"
