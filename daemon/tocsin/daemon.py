@@ -447,12 +447,7 @@ class Daemon:
         finally:
             if self._send is not None:
                 self._send.close()  # also when cancelled rather than stopped
-            for name, action in self.actions.items():
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await action.aclose()
-                    except Exception:  # a plugin's bug: the others still close
-                        log.exception("action %r: closing it failed", name)
+            await self._close_all(self.actions)
             self.store.close()
             self.stopped.set()
 
@@ -669,7 +664,7 @@ class Daemon:
 
     @staticmethod
     async def _close_all(actions: dict[str, Action]) -> None:
-        """Close actions started for a reload that does not happen."""
+        """Close ``actions`` (at exit, or started for a reload that does not happen)."""
         for name, action in actions.items():
             with anyio.CancelScope(shield=True):
                 try:
