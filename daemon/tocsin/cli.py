@@ -9,6 +9,7 @@ import argparse
 import difflib
 import functools
 import gc
+import itertools
 import os
 import re
 import signal
@@ -333,16 +334,15 @@ def cmd_test(args: argparse.Namespace) -> int:
             until = max(now[0], _event_clock(event))
             if events == 1:
                 now[0] = until  # the replay's time starts at its first event
-            for _ in range(MAX_WAKES_PER_GAP):
+            for wakes in itertools.count():
                 for pending in engine.tick():
                     show(f"{where} (before)", pending)
-                due = engine.wakes_at()
-                if due is None or not now[0] < due <= until:
+                if now[0] == until:
                     break
+                due = engine.wakes_at()
+                if due is None or not now[0] < due < until or wakes >= MAX_WAKES_PER_GAP:
+                    due = until  # nothing due before the event (or too many wakes)
                 now[0] = due
-            now[0] = until
-            for pending in engine.tick():
-                show(f"{where} (before)", pending)
             engine.suppressed.clear()
             if event.removed:  # as the daemon does: retract what the fact fired, nothing else
                 fired_before = firing.pop(event.id, {})
