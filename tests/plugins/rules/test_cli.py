@@ -58,13 +58,27 @@ def quote(id: str, time: str, price: str, market: str = "219_33753655") -> dict[
             "data": data}  # fmt: skip
 
 
-def test_tocsin_test_explains_windows_and_shows_what_time_caused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture(autouse=True)
+def _rules_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules")
-    config = tmp_path / "tocsin.toml"
-    config.write_text(CONFIG)
-    events = tmp_path / "events.jsonl"
+
+
+def replay(
+    tmp_path: Path, config: str, events: list[dict[str, object]], capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, list[str]]:
+    """``tocsin test`` of ``events`` on ``config``: the events file's path and the lines printed."""
+    (tmp_path / "tocsin.toml").write_text(config)
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(event) + "\n" for event in events))
+    code = main(["test", "-c", str(tmp_path / "tocsin.toml"), str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err  # 2 with "unknown rule kind" until the entry point is installed
+    return path, out.splitlines()
+
+
+def test_tocsin_test_explains_windows_and_shows_what_time_caused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     lines = [
         transfer("t1", "2026-11-22T10:00:00Z"),
         transfer("t2", "2026-11-22T10:01:00Z"),
@@ -75,10 +89,7 @@ def test_tocsin_test_explains_windows_and_shows_what_time_caused(
         quote("q3", "2026-11-22T10:06:00Z", "1.90", market="1_31260330"),
         transfer("t5", "2026-11-22T10:13:00Z"),
     ]
-    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    code = main(["test", "-c", str(config), str(events)])
-    out, err = capsys.readouterr()
-    assert code == 0, err  # 2 with "unknown rule kind" until the entry point is installed
+    events, out = replay(tmp_path, CONFIG, lines, capsys)
     expected = [
         f"{events}:1: no alert from 'burst': 1 of 3 within 10m",
         f"{events}:2: no alert from 'burst': 2 of 3 within 10m",
@@ -102,35 +113,26 @@ def test_tocsin_test_explains_windows_and_shows_what_time_caused(
         "8 event(s), 5 alert(s) would be sent",
     ]
     for line in expected:
-        assert line in out.splitlines(), f"missing: {line}\n{out}"
+        assert line in out, f"missing: {line}\n" + "\n".join(out)
 
 
 def test_tocsin_test_shows_every_repeat_due_in_a_gap_between_events(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The daemon ticks every second; a replay ticks at each time a rule wakes, so repeats
     # due hours before the next event are all shown, each at its own time.
-    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules")
-    config = tmp_path / "tocsin.toml"
-    config.write_text(
-        CONFIG.replace(
-            'window = "2m"\n', 'window = "10m"\nrealert = "30m"\nrealert_backoff = true\n'
-        )
+    config = CONFIG.replace(
+        'window = "2m"\n', 'window = "10m"\nrealert = "30m"\nrealert_backoff = true\n'
     )
-    events = tmp_path / "events.jsonl"
     lines = [
         quote("q1", "2026-11-22T10:00:00Z", "2.10"),
         transfer("t1", "2026-11-22T14:00:00Z", frm="someone"),
     ]
-    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    code = main(["test", "-c", str(config), str(events)])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    lines = out.splitlines()
-    fired = [i for i, line in enumerate(lines) if "[firing] market quiet" in line]
-    assert all(lines[i].startswith(f"{events}:2 (before): ") for i in fired)
+    events, out = replay(tmp_path, config, lines, capsys)
+    fired = [i for i, line in enumerate(out) if "[firing] market quiet" in line]
+    assert all(out[i].startswith(f"{events}:2 (before): ") for i in fired)
     # Silent from 10:00: fires at 10:10, repeats 30m later, then with backoff 1h and 2h later.
-    assert [lines[i + 1] for i in fired] == [
+    assert [out[i + 1] for i in fired] == [
         "    at:    2026-11-22T10:10:00.000Z",
         "    at:    2026-11-22T10:40:00.000Z",
         "    at:    2026-11-22T11:40:00.000Z",
@@ -139,45 +141,35 @@ def test_tocsin_test_shows_every_repeat_due_in_a_gap_between_events(
 
 
 def test_a_replay_starts_its_time_at_its_first_event(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # An absence without group_by is watched from when the rule is loaded: in a replay,
     # the first event's time, never the epoch (which would be a silence of 56 years).
-    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules")
-    config = tmp_path / "tocsin.toml"
-    config.write_text(
+    config = (
         '[actions.console]\nplugin = "log"\n[[rules]]\nname = "stalled"\nkind = "absence"\n'
         'type = "order_slip"\nwindow = "1m"\n'
     )
-    events = tmp_path / "events.jsonl"
     lines = [
         transfer("t1", "2026-11-22T10:00:00Z"),
         quote("q1", "2026-11-22T10:00:30Z", "2.10"),
         transfer("t2", "2026-11-22T10:02:00Z"),
     ]
-    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["test", "-c", str(config), str(events)]) == 0
-    out = capsys.readouterr().out.splitlines()
+    events, out = replay(tmp_path, config, lines, capsys)
     fired = [line for line in out if "[firing] stalled" in line]
     assert fired == [f"{events}:3 (before): [firing] stalled -> console"]  # at 10:01:30
     assert out[out.index(fired[0]) + 1] == "    at:    2026-11-22T10:01:30.000Z"
 
 
 def test_a_fired_rule_s_window_is_shown_under_its_own_alert(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules")
     head, _burst, moved, quiet = CONFIG.split("[[rules]]")
-    config = tmp_path / "tocsin.toml"
-    config.write_text("[[rules]]".join([head, quiet, moved]))  # the quiet rule first
-    events = tmp_path / "events.jsonl"
+    config = "[[rules]]".join([head, quiet, moved])  # the quiet rule first
     lines = [
         quote("q1", "2026-11-22T10:02:00Z", "2.10"),
         quote("q2", "2026-11-22T10:03:30Z", "2.45"),
     ]
-    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["test", "-c", str(config), str(events)]) == 0
-    out = capsys.readouterr().out.splitlines()
+    events, out = replay(tmp_path, config, lines, capsys)
     at = out.index(f"{events}:2: [firing] odds moved -> console")
     assert out[at + 1 : at + 4] == [
         "    title: odds 2.45 on market 219_33753655",
