@@ -721,14 +721,21 @@ async def test_a_watched_address_keeps_its_fields_beside_every_accounts_topic(
     assert {e.id for e in ctx.events} == {full[0].id}
 
 
+SNAPSHOTS = [{"topic": "snapshot_block"}]
+
+
+async def seen_snapshots(emulator: ViteEmulator, ctx: RecordingContext, count: int) -> None:
+    """Subscribed to snapshot blocks; ``count`` of them made and emitted."""
+    await subscribed(emulator, ctx, 1, "snapshot_block")
+    await emulator.produce_snapshots(count)
+    await wait(ctx, lambda: len(ctx.events) == count)
+
+
 async def test_a_rollback_below_the_cursor_while_away_reads_the_new_blocks_and_says_so(
     emulator: ViteEmulator,
 ) -> None:
-    config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
-    async with source_running(config) as ctx:
-        await subscribed(emulator, ctx, 1, "snapshot_block")
-        await emulator.produce_snapshots(2)
-        await wait(ctx, lambda: len(ctx.events) == 2)
+    async with source_running(make_config(emulator.url, subscriptions=SNAPSHOTS)) as ctx:
+        await seen_snapshots(emulator, ctx, 2)
         await away(emulator)
         gone = await emulator.rollback_snapshots(2)  # the two blocks seen, while away
         await emulator.produce_snapshots(3)  # what replaced them, and one more
@@ -751,11 +758,8 @@ async def test_a_rollback_below_the_cursor_while_away_reads_the_new_blocks_and_s
 async def test_a_rollback_to_a_shorter_chain_while_away_is_retracted_and_read_again(
     emulator: ViteEmulator,
 ) -> None:
-    config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
-    async with source_running(config) as ctx:
-        await subscribed(emulator, ctx, 1, "snapshot_block")
-        await emulator.produce_snapshots(3)
-        await wait(ctx, lambda: len(ctx.events) == 3)
+    async with source_running(make_config(emulator.url, subscriptions=SNAPSHOTS)) as ctx:
+        await seen_snapshots(emulator, ctx, 3)
         await away(emulator)
         await emulator.rollback_snapshots(2)  # the last two seen, while away
         await emulator.produce_snapshots(1)  # the new head: below the cursor
@@ -774,11 +778,9 @@ async def test_a_rollback_to_a_shorter_chain_while_away_is_retracted_and_read_ag
 
 
 async def test_a_rollback_while_stopped_is_found_at_the_restart(emulator: ViteEmulator) -> None:
-    config = make_config(emulator.url, subscriptions=[{"topic": "snapshot_block"}])
+    config = make_config(emulator.url, subscriptions=SNAPSHOTS)
     async with source_running(config) as first:
-        await subscribed(emulator, first, 1, "snapshot_block")
-        await emulator.produce_snapshots(2)
-        await wait(first, lambda: len(first.events) == 2)
+        await seen_snapshots(emulator, first, 2)
         await wait_for(lambda: "snapshot_block#block" in first.cursors, what="the block's hash")
     await emulator.rollback_snapshots(2)  # while the daemon is stopped
     await emulator.produce_snapshots(3)
