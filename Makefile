@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint demo venv clean bench systemd-analyze chromium
+.PHONY: test lint demo venv clean bench bench-split systemd-analyze chromium
 
 venv: $(STAMP)
 
@@ -62,3 +62,8 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
+
+# A probe, not a target: the ceiling of a daemon that receives in a second process
+# (README "What 70% would take").
+bench-split: $(BENCH_STAMP)
+	$(BIN)/python bench/split.py
