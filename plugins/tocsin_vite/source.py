@@ -20,7 +20,8 @@ restarts. Gaps (``source.gap``, the range in ``detail``):
 - more than ``backfill_limit`` heights missing: the newest ``backfill_limit`` are
   fetched; the gap names the older ones (``from_height``..``to_height``);
 - ``backfill = false``: nothing is fetched; the gap names the missed heights;
-- a ledger call answered with an error: the gap names what was not fetched;
+- a ledger call answered with an error: the gap names what was not fetched (or, for the
+  check for a rollback while away, the heights not checked);
 - topics without heights (``account_block`` of all accounts, ``unreceived_block``):
   after a reconnect or restart, a gap with the time range (``unreceived_block`` first
   re-lists what is still unreceived; what was received meanwhile may be missed).
@@ -101,6 +102,10 @@ GAP_ROLLED_BACK = (
     f"the chain was rolled back at or below the last height seen while away; the last"
     f" {REREAD} heights were read again and the facts they no longer hold retracted, but"
     " a deeper rollback's could not be"
+)
+GAP_UNCHECKED = (
+    "the ledger query failed; whether the chain was rolled back at the last heights seen"
+    " while away could not be checked"
 )
 GAP_NO_START = (
     "reconnected before a first position was known (the head could not be read);"
@@ -382,19 +387,13 @@ class ViteSource(Source):
             watch.cursor = watch.start = head
             self._unsaved.append(watch)
             return
+        if self.vite.backfill:
+            cursor = await self._check_below(conn, watch, cursor, head, since)
         if head < cursor:
-            # The chain was rolled back below the cursor while we were away, or the node
-            # is behind: go on from its head (retracting what a rollback removed).
-            if not (self.vite.backfill and await self._shortened(conn, watch, head, since)):
-                await self._save(watch, head)
+            # The node is behind (nothing seen is gone from its chain): go on from its head.
+            await self._save(watch, head)
             return
         lo, hi = cursor + 1, head
-        if self.vite.backfill and await self._rolled_back(conn, watch):
-            await self._gap(GAP_ROLLED_BACK, since, detail={**watch.label, "height": cursor})
-            # Read again what replaced it (new facts, new ids; the unchanged ones are known),
-            # never below where this run started from nothing.
-            lo = max(1, cursor - REREAD + 1, (watch.start or 0) + 1)
-            await self._retract_replaced(conn, watch, lo, cursor)
         if hi < lo:  # nothing new since the cursor
             await self._save(watch, head)
             return
@@ -512,7 +511,18 @@ class ViteSource(Source):
                 await self._save_time(watch)
 
     async def _deliver(self, watch: Watch, facts: list[Fact]) -> None:
-        """Emit the facts not emitted yet, in order, and move the watch's cursor."""
+        """Emit the facts not emitted yet, in order, and move the watch's cursor.
+
+        A block at a height where a block with another hash was seen replaced it (a node
+        may send the new block without the removal of the old): what was seen of the old
+        one is retracted first."""
+        if watch.topic.heights:
+            blocks = {(f.height, _block_hash(f)) for f in facts if not f.removed and f.height}
+            heights = {h for h, block_hash in blocks if block_hash}
+            await self._retract(
+                watch,
+                [r for r in watch.recent if r[0] in heights and r[1] and r[:2] not in blocks],
+            )
         for event in new_events(self.memory, self.ctx, facts):
             await self.ctx.emit(event)
         for fact in facts:
@@ -529,48 +539,45 @@ class ViteSource(Source):
                         watch.block = (fact.height, block_hash)
                     watch.remember((fact.height, block_hash, fact.id, fact.type))
 
-    async def _retract_replaced(self, conn: RpcConnection, watch: Watch, lo: int, hi: int) -> None:
-        """Retract the facts emitted at heights ``lo``..``hi`` whose blocks the chain no
-        longer holds (rolled back while away). The removal carries no data: the daemon
-        gives a retraction the data of the fact from the alert that carried it."""
+    async def _check_below(
+        self, conn: RpcConnection, watch: Watch, cursor: int, head: int, since: str
+    ) -> int:
+        """At a resume: whether the chain still holds the blocks of what was seen at the last
+        ``REREAD`` heights up to the cursor (or the head, if lower). A fact whose block is
+        gone, or a block at the cursor that is gone, tells a rollback while away: retract
+        what it removed (those above the head too) and emit what replaced it. A check that
+        cannot be made is a gap. Returns the height to go on from."""
+        seen_at = [r[0] for r in watch.recent] + ([watch.block[0]] if watch.block else [])
+        if not seen_at:
+            return cursor  # nothing seen to check
+        # Not below what this run or the last saw: heights never read are history.
+        top = min(cursor, head)
+        lo = max(1, top - REREAD + 1, (watch.start or 0) + 1, min(seen_at))
+        known = [r for r in watch.recent if r[0] >= lo]
+        block = watch.block if watch.block is not None and lo <= watch.block[0] <= top else None
+        if lo > top or not (block or any(r[0] <= top for r in known)):
+            return cursor  # nothing seen there to check
         try:
-            chain = await backfill.fetch(conn, watch, lo, hi)
-        except (CallFailed, ValueError) as err:
-            self.ctx.logger.warning("%s: cannot read the heights rolled back: %s", watch.key, err)
-            return
-        held = {(f.height, _block_hash(f)) for f in chain}
-        await self._retract(
-            watch, [r for r in watch.recent if lo <= r[0] <= hi and r[:2] not in held]
-        )
-
-    async def _shortened(self, conn: RpcConnection, watch: Watch, head: int, since: str) -> bool:
-        """The chain's head is below the cursor: rolled back while away, or the node is
-        behind. A fact emitted at or below the head whose block the chain no longer holds
-        tells a rollback: retract it and every fact above the head, emit what replaced
-        them, and return True. False when nothing tells (the caller goes on from the head)."""
-        cursor = watch.cursor
-        lo = max(1, head - REREAD + 1, (watch.start or 0) + 1)
-        known = [r for r in watch.recent if lo <= r[0] <= head]
-        if cursor is None or not known:
-            return False
-        try:
-            chain = await backfill.fetch(conn, watch, lo, head)
+            chain = await backfill.fetch(conn, watch, lo, top)
         except (CallFailed, ValueError) as err:
             self.ctx.logger.warning("%s: cannot check the heights below: %s", watch.key, err)
-            return False
+            await self._gap(GAP_UNCHECKED, since, detail=_range(watch, lo, top))
+            return cursor
         held = {(f.height, _block_hash(f)) for f in chain}
-        if all(r[:2] in held for r in known):
-            return False  # the node is behind: nothing we saw is gone
+        gone = [r for r in known if r[0] <= top and r[:2] not in held]
+        if not gone and (block is None or block in held):
+            return cursor
         await self._gap(GAP_ROLLED_BACK, since, detail={**watch.label, "height": cursor})
-        gone = [r for r in watch.recent if r[0] > head or (r[0] >= lo and r[:2] not in held)]
-        await self._retract(watch, gone)
+        await self._retract(watch, gone + [r for r in known if r[0] > top])
+        seen = {r[2] for r in watch.recent}
         watch.cursor, watch.block = lo - 1, None
-        await self._deliver(watch, chain)
-        await self._save(watch, head)
-        return True
+        await self._deliver(watch, [f for f in chain if f.id not in seen])
+        await self._save(watch, top)
+        return top
 
     async def _retract(self, watch: Watch, gone: list[Recent]) -> None:
-        """Emit the removal of each fact, by id (no data: see ``_retract_replaced``)."""
+        """Emit the removal of each fact, by id (no data: the daemon gives a retraction the data
+        of the fact from the alert that carried it)."""
         for _, _, fact_id, type_ in gone:
             watch.forget(fact_id)
             if self.memory.is_new(fact_id, True):
@@ -578,18 +585,6 @@ class ViteSource(Source):
 
     async def _gap(self, reason: str, since: str, *, detail: dict[str, str | int]) -> None:
         await self.ctx.gap(reason, since, utc_iso(), detail=detail)
-
-    async def _rolled_back(self, conn: RpcConnection, watch: Watch) -> bool:
-        """Whether the block at the cursor is no longer the chain's (a rollback while away)."""
-        if watch.block is None or watch.cursor is None or watch.block[0] != watch.cursor:
-            return False
-        height, block_hash = watch.block
-        try:
-            facts = await backfill.fetch(conn, watch, height, height)
-        except (CallFailed, ValueError) as err:
-            self.ctx.logger.warning("%s: cannot check the block at the cursor: %s", watch.key, err)
-            return False
-        return block_hash not in {_block_hash(f) for f in facts if f.height == height}
 
     async def _save_first_positions(self) -> None:
         unsaved, self._unsaved = self._unsaved, []

@@ -18,6 +18,7 @@ from tocsin_vite.source import (
     GAP_LIMIT,
     GAP_NO_HEIGHT,
     GAP_OFF,
+    GAP_UNCHECKED,
     GAP_UNRECEIVED,
 )
 from websockets.asyncio.server import ServerConnection, serve
@@ -818,3 +819,77 @@ def test_a_watch_keeps_the_facts_of_its_last_heights_only() -> None:
     unreadable_values = (None, "", "{}", "[[1]]", '[["x", "h", "i", "t"]]', "not json")
     for unreadable in (*unreadable_values, '[[1e400, "h", "i", "t"]]'):
         assert _read_recent(unreadable) == []
+
+
+def restarted_from(first: RecordingContext) -> RecordingContext:
+    """A context holding what ``first`` saved: the state a restart finds."""
+    ctx = RecordingContext("chain", "vite")
+    ctx.cursors.update(first.cursors)
+    return ctx
+
+
+async def test_a_rollback_under_a_cursor_without_a_log_is_found_at_the_restart(
+    emulator: ViteEmulator,
+) -> None:
+    # A vmlog cursor moves on to blocks without logs (here: the resume of a restart reads
+    # the head). Only the block at the cursor used to be checked, and it had no log: the
+    # rolled-back log was never retracted, and the log that replaced it never read.
+    config = make_config(emulator.url)
+    async with source_running(config) as first:
+        await subscribed(emulator, first, 1, VMLOG_KEY)
+        await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"pay me")
+        await emulator.produce_account_block(CONTRACT)  # no log
+        await wait(first, lambda: len(first.events) == 1)
+    second = restarted_from(first)
+    async with source_running(config, second):
+        await wait_for(lambda: second.cursors[VMLOG_KEY] == "2", what="the cursor at 2")
+    await emulator.rollback_account(CONTRACT, count=2)  # while stopped
+    await emulator.produce_account_block(CONTRACT)
+    replacement = await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"pay me again")
+    third = restarted_from(second)
+    async with source_running(config, third) as ctx:
+        await wait(ctx, lambda: len(ctx.events) == 2)
+    removal, added = ctx.events
+    assert (removal.id, removal.removed, removal.data) == (first.events[0].id, True, {})
+    assert (added.removed, added.data["account_block_hash"]) == (False, replacement.hash)
+    (gap,) = ctx.gaps
+    assert gap["reason"].startswith("the chain was rolled back") and gap["height"] == 2
+
+
+async def test_a_shorter_chain_that_grows_again_retracts_the_blocks_it_replaced(
+    emulator: ViteEmulator,
+) -> None:
+    # Rolled back to below the cursor while stopped, with nothing at or below the new head
+    # to tell it from a node that is behind: the new blocks at those heights tell it.
+    key = f"account_block:{ME}"
+    config = make_config(emulator.url, subscriptions=[{"topic": "account_block", "address": ME}])
+    async with source_running(config) as first:
+        await subscribed(emulator, first, 1, key)
+        for _ in range(3):
+            await emulator.produce_account_block(ME)
+        await wait(first, lambda: len(first.events) == 3)
+    await emulator.rollback_account(ME, count=2)  # heights 2 and 3, while stopped
+    async with source_running(config, restarted_from(first)) as ctx:
+        await wait_for(lambda: ctx.cursors[key] == "1", what="the cursor at the node's head")
+        new = [await emulator.produce_account_block(ME) for _ in range(2)]
+        await wait(ctx, lambda: len(ctx.events) == 4)
+    assert [(e.id, e.removed) for e in ctx.events if e.removed] == [
+        (e.id, True) for e in first.events[1:]
+    ]
+    assert [e.data["hash"] for e in ctx.events if not e.removed] == [b.hash for b in new]
+    # Each retraction comes before the block that replaced it.
+    assert [e.removed for e in ctx.events] == [True, False, True, False]
+
+
+async def test_a_rollback_check_that_fails_is_a_gap(emulator: ViteEmulator) -> None:
+    config = make_config(emulator.url, subscriptions=SNAPSHOTS)
+    async with source_running(config) as first:
+        await seen_snapshots(emulator, first, 2)
+    await emulator.rollback_snapshots(2)  # while stopped
+    await emulator.produce_snapshots(3)
+    emulator.fail("ledger_getSnapshotBlocks")  # the check, once
+    async with source_running(config, restarted_from(first)) as ctx:
+        await wait(ctx, lambda: bool(ctx.gaps))
+    (gap,) = ctx.gaps
+    assert gap["reason"] == GAP_UNCHECKED
+    assert (gap["from_height"], gap["to_height"]) == tuple(heights(first, "snapshot_block"))
