@@ -180,6 +180,7 @@ class ViteEmulator(WebSocketEmulator):
         self.received: list[Any] = []  # every request object (batch items one by one)
         self.pushed = 0  # notifications sent
         self.failing: dict[str, tuple[int | None, int, str]] = {}  # method -> (times, code, msg)
+        self.losing: dict[str, Callable[[Any], bool]] = {}  # method -> which answer to lose
         self.absent: set[str] = set()  # methods that answer -32601
         self._last_sweep = time.monotonic()
         self._push, self._filters, self._vmlog_methods = _tables(names)
@@ -265,6 +266,11 @@ class ViteEmulator(WebSocketEmulator):
         """Answer the next ``times`` calls of ``method`` (all, with None) with an error."""
         self.failing[method] = (times, code, message or "leveldb: not found")
 
+    def lose_answer(self, method: str, when: Callable[[Any], bool] = lambda result: True) -> None:
+        """Carry out the next call of ``method`` whose result satisfies ``when``, but lose
+        its answer: the connection is cut instead (a network failure mid-answer)."""
+        self.losing[method] = when
+
     async def drop_connections(self, code: int = 1011) -> None:
         """Close every connection: their subscriptions die with them."""
         for client in list(self.clients):
@@ -323,6 +329,12 @@ class ViteEmulator(WebSocketEmulator):
                     activate()
             return
         reply, activate = self._call(client, frame)
+        method = frame.get("method") if isinstance(frame, dict) else None
+        lose = self.losing.get(method) if isinstance(method, str) else None
+        if reply is not None and lose is not None and "result" in reply and lose(reply["result"]):
+            del self.losing[frame["method"]]
+            await client.ws.close(1011, "connection lost")
+            return
         if reply is not None:
             await self._send(client, dumps(reply))
         if activate is not None:

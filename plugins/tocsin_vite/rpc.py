@@ -61,14 +61,22 @@ class RpcConnection:
         self._next_id = 0
 
     async def call(
-        self, method: str, params: Sequence[Any] = (), within: float | None = None
+        self,
+        method: str,
+        params: Sequence[Any] = (),
+        within: float | None = None,
+        *,
+        sent: Callable[[], None] | None = None,
     ) -> Any:
         """The result of ``method``; ``CallFailed`` on an error answer, ``SourceError`` when
-        no answer comes ``within`` seconds (default: the connection timeout)."""
+        no answer comes ``within`` seconds (default: the connection timeout). ``sent`` is
+        called once the request is written (a call that fails after it may have acted)."""
         self._next_id += 1
         rid = self._next_id
         timeout = self.timeout if within is None else within
         await self.ws.send(request(rid, method, params))
+        if sent is not None:
+            sent()
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()

@@ -6,7 +6,8 @@ One connection. On every connect, in this order:
    channel, since the ids of the last connection are dead; poll: create the filters
    that do not exist yet, since filters outlive connections until they expire);
 2. ``source.up``;
-3. **resume** every watch (only those of new filters in poll mode): read the head
+3. **resume** every watch (in poll mode, those of new filters, and of a filter whose last
+   poll got no answer: the poll emptied it, and what it carried was lost): read the head
    (``ledger_getLatestSnapshotBlock`` / ``ledger_getLatestAccountBlock``), fetch the
    heights after the saved cursor in pages of at most 1000, emit them in ascending order;
 4. handle the pushes that arrived meanwhile, then the ones that follow (or poll every
@@ -41,6 +42,7 @@ recorded answers. Backfilled facts do not replay: ``pushes`` says why, and what 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -224,6 +226,9 @@ class ViteSource(Source):
         self._unsaved: list[Watch] = []
         self._last_snapshot = time.monotonic()
         self._backoff: Backoff | None = None
+        # Poll: channels to resume at the next connection: a new filter holds nothing of
+        # the time before it, and a poll whose answer never came has emptied the filter.
+        self._due: set[Channel] = set()
 
     @classmethod
     def frame_parser(cls, config: SourceConfig, factory: EventFactory) -> FrameParser:
@@ -272,9 +277,10 @@ class ViteSource(Source):
                 await self._subscribe(conn)
                 fresh = self.channels
             else:
-                fresh = [c for c in self.channels if c.filter_id is None]
-                for channel in fresh:
-                    await self._create_filter(conn, channel)
+                for channel in self.channels:
+                    if channel.filter_id is None:
+                        await self._create_filter(conn, channel)
+                fresh = [c for c in self.channels if c in self._due]
             backoff.connected()
             self._up = True
             await self.ctx.up()
@@ -285,6 +291,7 @@ class ViteSource(Source):
             for channel in fresh:
                 for watch in channel.watches:
                     await self._resume(conn, watch, lost)
+                self._due.discard(channel)
             self._lost_at = ""
             if self.vite.mode == "push":
                 await self._consume(conn)
@@ -314,6 +321,7 @@ class ViteSource(Source):
         family = f"filter:{channel.topic.key}"
         channel.filter_id = await self._create(conn, family, candidates, names)
         channel.polled_at = time.time()
+        self._due.add(channel)
 
     async def _create(
         self,
@@ -476,8 +484,14 @@ class ViteSource(Source):
                 if channel.filter_id is None:  # (never: every filter exists by now)
                     await self._create_filter(conn, channel)
                 try:
-                    result = await conn.call(GET_CHANGES, [channel.filter_id])
+                    # Due from the moment the poll is sent until its answer is read.
+                    result = await conn.call(
+                        GET_CHANGES,
+                        [channel.filter_id],
+                        sent=functools.partial(self._due.add, channel),
+                    )
                 except CallFailed as err:
+                    self._due.discard(channel)
                     if not err.error.filter_missing:
                         raise SourceError(
                             f"polling a {channel.topic.key} filter: {err.error}"
@@ -487,7 +501,9 @@ class ViteSource(Source):
                     await self._create_filter(conn, channel)
                     for watch in channel.watches:
                         await self._resume(conn, watch, lost)
+                    self._due.discard(channel)
                     continue
+                self._due.discard(channel)
                 channel.polled_at = time.time()
                 try:
                     items = poll_changes(result)

@@ -504,6 +504,21 @@ async def test_poll_mode_keeps_its_filters_across_a_reconnect(emulator: ViteEmul
     assert emulator.requests("ledger_getVmLogsByFilter") == [] and ctx.gaps == []
 
 
+async def test_a_poll_answer_lost_in_flight_is_read_again_from_the_ledger(
+    emulator: ViteEmulator,
+) -> None:
+    # The poll emptied the filter; the answer carrying the log never came (a cut): the
+    # filter still exists after the reconnect, but what it held must be read again.
+    async with source_running(make_config(emulator.url, mode="poll")) as ctx:
+        await wait_for(lambda: VMLOG_KEY in ctx.cursors)
+        emulator.lose_answer("subscribe_getChangesByFilterId", lambda result: result["result"])
+        block = await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"in the lost answer")
+        await wait(ctx, lambda: ctx.events)
+    assert [e.data["account_block_hash"] for e in ctx.events] == [block.hash]
+    assert len(emulator.requests("subscribe_newVmLogFilter")) == 1  # the filter was kept
+    assert ctx.cursors[VMLOG_KEY] == str(block.height) and ctx.gaps == []
+
+
 # -- topics without heights ------------------------------------------------------------
 
 
