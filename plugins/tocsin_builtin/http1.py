@@ -122,6 +122,8 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._head = 0
+        self._head_bytes = 0  # bytes received while the headers had not ended
+        self._headers_done = False
 
     async def exchange(self, data: bytes) -> Answer:
         """Write one request and wait for its answer."""
@@ -157,6 +159,12 @@ class _Connection(asyncio.Protocol):
                 # wait for a body that is slow to come. The connection is kept only if
                 # the answer was whole (``complete``).
                 self._done()
+            elif not self._headers_done:
+                # All of it was head. httptools holds a header it has not seen the end of
+                # (``on_header`` comes after), so the bound is kept here too.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD:
+                    self._fail(BadResponse(f"the answer's headers exceed {MAX_HEAD // 1024} KiB"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
@@ -188,6 +196,7 @@ class _Connection(asyncio.Protocol):
             self._retry_after = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._headers_done = True
         self._status = self.parser.get_status_code()
 
     def on_body(self, chunk: bytes) -> None:
