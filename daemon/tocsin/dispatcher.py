@@ -27,7 +27,7 @@ import orjson
 
 from .action import Action, Alert, RetryPolicy
 from .errors import PermanentDelivery, RetryableDelivery, StateError
-from .fields import secret_registry
+from .fields import format_duration, secret_registry
 from .store import DEAD, DONE, Delivery, Ready, Store
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,19 @@ class Dispatcher:
                     self._idle.set()
 
     async def _attempt(self, name: str, action: Action, delivery: Delivery, lane: Lane) -> None:
-        alert = Alert(**orjson.loads(delivery.payload))
         policy = action.config.retry
+        age = self.wall() - delivery.created_at
+        if age > policy.max_age:
+            # Waited past its budget (behind its group, or while the daemon was stopped):
+            # SPEC section 5 sends within max_age, then dead-letters.
+            error = (
+                f"not sent within max_age ({format_duration(policy.max_age)}):"
+                f" {format_duration(age)} old"
+            )
+            await self._finish(name, delivery, lane, DEAD, error)
+            log.error("action %r: %s dead-lettered: %s", name, _label(delivery), error)
+            return
+        alert = Alert(**orjson.loads(delivery.payload))
         retry_after: float | None = None
         try:
             await action.deliver(alert, delivery.target)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import anyio
@@ -282,3 +283,36 @@ async def test_a_changed_action_takes_over_its_queue_from_the_disk(
             assert daemon.dispatcher.lanes["hook"] is not old
         assert sorted(n for _, n in delivered(fine)) == list(range(12))
         assert stuck.requests == []  # the two it held were never answered
+
+
+async def test_a_delivery_older_than_max_age_is_dead_lettered_unsent(tmp_path: Path) -> None:
+    # The second alert of a group waits behind the first; by the time its turn comes, it
+    # is older than max_age (here: the clock moves on two hours): never sent.
+    hang = asyncio.Event()
+    async with PushServer(token="tok-abcdef") as server, Receiver(hang=hang) as receiver:
+        text = preamble(server) + (
+            f'[actions.hook]\nplugin = "webhook"\nurl = "{receiver.url()}"\ntimeout = "30s"\n'
+            'retry = { attempts = 5, backoff = "10ms", max_age = "1h" }\n'
+            '[[rules]]\nname = "each"\ntype = "transfer"\n'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            for n in range(2):
+                await server.push({"id": f"e{n}", "type": "transfer", "data": {"n": n}})
+            await wait_for(lambda: daemon.dispatcher.inflight == 1, what="the first in flight")
+            with anyio.fail_after(10):
+                while (await daemon.store.call(Store.counts))["pending"] < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            daemon.dispatcher.wall = lambda: time.time() + 7200
+            hang.set()
+            with anyio.fail_after(10):
+                while (await daemon.store.call(Store.counts))["dead"] < 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            (error,) = await daemon.store.call(
+                lambda conn: conn.execute(
+                    "SELECT last_error FROM outbox WHERE state = 2"
+                ).fetchone()
+            )
+        assert [r.json()["event"]["data"]["n"] for r in receiver.requests] == [0]
+        assert error.startswith("not sent within max_age (1h): 2h")
