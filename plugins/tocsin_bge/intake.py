@@ -25,15 +25,29 @@ from .protocol import (
     normalize,
 )
 
+STATE_TYPES = SNAPSHOT_TYPES | {"assets"}
+"""Pushes of a state (a book, a balance): a fact when the state changes."""
+
 
 class Taken(NamedTuple):
     """What one push gave: its items less repeated ``seq_id`` (candles follow them for
-    the cursor), the events of those not emitted lately, and the ``seq_id`` ranges
-    skipped before them (``(first, last)``, for ``source.gap``)."""
+    the cursor), the events of those not emitted lately, the ``seq_id`` ranges skipped
+    before them (``(first, last)``, for ``source.gap``), and the states it changed
+    (``(state key, content id)``, to save after the events)."""
 
     items: list[Item]
     events: list[Event]
     missing: list[tuple[int, int]]
+    states: list[tuple[str, str]]
+
+
+def state_key(key: ChannelKey, item: Item, index: int) -> str:
+    """Which state an item is of: its channel's book, or the balance of one currency (the
+    ``index``-th item of its push, when it names none)."""
+    if key.type != "assets":
+        return key.label
+    currency = item.data.get("currency") or item.data.get("coin")
+    return f"{key.label}|{currency if isinstance(currency, str) else f'#{index}'}"
 
 
 class PushIntake:
@@ -45,9 +59,11 @@ class PushIntake:
         self.channels = frozenset(channels)
         self.recent = RecentIds()
         self.seqs = SeqTracker()
-        # Snapshots (orderbook, percent10): the content id of each channel's last one, and
-        # the numbers of their changes.
-        self.books: dict[ChannelKey, str] = {}
+        # States (books of orderbook and percent10, balances of assets): the content id of
+        # the last of each (``state_key``), and the numbers of their changes. ``recall``
+        # gives one its value from before a restart.
+        self.states: dict[str, str] = {}
+        self.recalled: set[str] = set()
         self.changes = Numbering(clock)
 
     def route(self, channel: ChannelKey) -> ChannelKey | None:
@@ -71,7 +87,7 @@ class PushIntake:
         """The events of ``push`` on the subscription ``key`` (a candles ``req`` answer with
         ``backfill``: sorted by time, no ``seq_id`` check); ``gaps`` reports skipped
         ``seq_id``. Raises ``ValueError`` for a malformed push (nothing is remembered)."""
-        items = normalize(push)
+        items = pushed = normalize(push)
         missing: list[tuple[int, int]] = []
         if backfill:
             items.sort(key=lambda i: candle_time(i.data, push) or 0)
@@ -80,24 +96,54 @@ class PushIntake:
             if seqs:
                 fresh, missing = self.seqs.admit(key, seqs, gaps=gaps)
                 items = [i for i in items if i.seq_id is None or i.seq_id in fresh]
-        if key.type in SNAPSHOT_TYPES:
-            items = [moved for item in items if (moved := self._snapshot(key, item))]
+        states: list[tuple[str, str]] = []
+        if key.type in STATE_TYPES:
+            place = {id(item): index for index, item in enumerate(pushed)}  # for state_key
+            changed = []
+            for item in items:
+                state = state_key(key, item, place[id(item)])
+                moved = self._state(state, item)
+                if moved is not None:
+                    changed.append(moved)
+                    states.append((state, item.id))
+            items = changed
         events = [
             factory.event(item.type, item.data, id=item.id, time=item.time)
             for item in items
             if not self.recent.seen(item.id)
         ]
-        return Taken(items, events, missing)
+        return Taken(items, events, missing, states)
 
-    def _snapshot(self, key: ChannelKey, item: Item) -> Item | None:
-        """A book's snapshot is a fact when it differs from the channel's last one. Its
-        first has the id of its content (the same unchanged book re-sent after a restart
-        is no news); a change also holds its number, so a book that returns to an earlier
-        state (A, B, A) is a new fact each time."""
-        last = self.books.get(key)
+    def to_recall(self, key: ChannelKey, push: Push) -> list[str]:
+        """The states ``push`` holds whose value from before a restart was not asked for
+        yet in this run (``recall`` each, with what was saved, before ``take``)."""
+        if key.type not in STATE_TYPES:
+            return []
+        if key.type in SNAPSHOT_TYPES:  # one state per channel: no need to read the push
+            states = {key.label}
+        else:
+            try:
+                states = {state_key(key, item, i) for i, item in enumerate(normalize(push))}
+            except ValueError:
+                return []  # take() rejects it
+        return sorted(states - self.recalled)
+
+    def recall(self, state: str, saved: str | None) -> None:
+        """What ``state`` was when last saved (None: nothing saved): a push of the same
+        content is no news, another is a change."""
+        self.recalled.add(state)
+        if saved and state not in self.states:
+            self.states[state] = saved
+
+    def _state(self, state: str, item: Item) -> Item | None:
+        """A state's push is a fact when it differs from the last one. Its first has the
+        id of its content (the same unchanged book re-sent after a restart, with nothing
+        saved, is no news); a change also holds its number, so a book that returns to an
+        earlier state (A, B, A) is a new fact each time."""
+        last = self.states.get(state)
         if last == item.id:
             return None  # unchanged: BGE pushes an unchanged book twice a second
-        self.books[key] = item.id
+        self.states[state] = item.id
         if last is None:
             return item
         return item._replace(id=stable_id(item.id, "change", self.changes.next()))

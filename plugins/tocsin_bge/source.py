@@ -14,7 +14,10 @@ A thin async loop around ``protocol``, one connection at a time:
   assets, a thin market) pushes nothing: after ``keepalive`` without data the source
   sends a ``req`` for a ticker snapshot, whose answer is only a sign of life;
 - one event per pushed item; a repeated ``seq_id`` is dropped, a skipped one reported as
-  ``source.gap`` (``seq_gaps``);
+  ``source.gap`` (``seq_gaps``); a book (orderbook, percent10) or a balance (assets) is
+  an event when it changes, and its last content is saved (``~state|<channel>``, with the
+  product for a balance), so a restart neither repeats an unchanged one nor misses a
+  change made while it was stopped;
 - candles resume: the open time of the last candle seen is the cursor
   (``candles:<PRODUCT>:<interval>``); after a reconnect or a restart a ``req`` with
   ``from``/``to`` fetches what was missed (at most ``backfill_limit`` candles). Other
@@ -89,6 +92,12 @@ CLOSE_TIMEOUT = 2.0  # a dead peer never answers the close handshake: do not wai
 ANSWER_TIMEOUT = 10.0  # for the login, each sub and each backfill req
 KEEPALIVE_PRODUCT = "BTC_USDT"  # what to ask a ticker of when no subscription names a pair
 GAP_REASON = "reconnected; pushes while disconnected may be missed"
+
+
+def state_cursor(state: str) -> str:
+    """Where a book's or a balance's last content id is saved (``PushIntake.recall``): a
+    ``~`` key, which the daemon forgets once it is not saved for its dedup horizon."""
+    return f"~state|{state}"
 
 
 def cursor_key(channel: ChannelKey) -> str:
@@ -299,6 +308,8 @@ class BGESource(Source):
         come, so a live candle does not move its cursor yet."""
         since = self.last_push.get(key, "")
         gaps = self.bge.seq_gaps and key.type in SEQ_GAP_TYPES
+        for state in self.intake.to_recall(key, push):  # first seen in this run
+            self.intake.recall(state, await self.ctx.load_cursor(state_cursor(state)))
         try:
             taken = self.intake.take(key, push, self.ctx, backfill=backfill, gaps=gaps)
         except ValueError as err:
@@ -315,6 +326,8 @@ class BGESource(Source):
             self.last_push[key] = utc_iso()
         for event in taken.events:
             await self.ctx.emit(event)
+        for state, content in taken.states:  # after the events: committed with their alerts
+            await self.ctx.save_cursor(state_cursor(state), content)
         if key.type == "candles":
             times = [t for i in taken.items if (t := candle_time(i.data, push)) is not None]
             newest = max(times, default=None)

@@ -605,3 +605,70 @@ async def test_a_live_candle_does_not_move_the_cursor_past_a_backfill_still_to_c
             await wait(ctx, lambda: len(ctx.events) == 6)
             await wait(ctx, lambda: ctx.cursors[key] == str(minutes[-1]))
     assert sorted(e.data["id"] for e in ctx.events) == sorted(minutes)
+
+
+def restarted_from(first: RecordingContext) -> RecordingContext:
+    """A context holding what ``first`` saved: the state a restart finds."""
+    ctx = RecordingContext("market", "bge")
+    ctx.cursors = dict(first.cursors)
+    return ctx
+
+
+async def test_a_book_is_the_same_fact_across_a_restart_and_a_change_while_away_is_news(
+    emulator: BGEEmulator,
+) -> None:
+    # Before, the first book of a run took its content's id and later ones a numbered id:
+    # after a restart the unchanged book alerted again, and a book back at the first
+    # run's first content while stopped alerted nothing (taken for that first one).
+    config = make_config(emulator.url, subscriptions=[{"type": "orderbook", "product": PAIR}])
+    a = ([["30000.1", "0.5"]], [["30001", "1"]])
+    b = ([["30000.1", "0.7"]], [["30001", "1"]])
+    async with source_running(config) as first:
+        await wait(first, lambda: first.events)  # the empty book
+        await emulator.set_orderbook(PAIR, *a)
+        await emulator.set_orderbook(PAIR, *b)
+        await wait(first, lambda: len(first.events) == 3)
+    second = restarted_from(first)
+    async with source_running(config, ctx=second):
+        pushed = emulator.pushed
+        await wait_for(lambda: emulator.pushed >= pushed + 3, what="b re-sent unchanged")
+        assert second.events == []
+        await emulator.set_orderbook(PAIR, *a)
+        await wait(second, lambda: second.events)
+    await emulator.set_orderbook(PAIR, *b)  # while stopped
+    async with source_running(config, ctx=restarted_from(second)) as third:
+        await wait(third, lambda: third.events)
+    books = [e.data["bids"] for e in (*first.events, *second.events, *third.events)]
+    assert books == [[], [[30000.1, 0.5]], [[30000.1, 0.7]], [[30000.1, 0.5]], [[30000.1, 0.7]]]
+    ids = [e.id for e in (*first.events, *second.events, *third.events)]
+    assert len(set(ids)) == 5
+
+
+async def test_a_balance_back_at_an_earlier_value_is_news_and_unchanged_is_not(
+    emulator: BGEEmulator,
+) -> None:
+    config = private_config(
+        emulator.url, subscriptions=[{"biz": "exchange", "type": "assets", "product": PAIR}]
+    )
+
+    def balances(usdt: str) -> list[dict[str, str]]:
+        return [
+            {"currency": "USDT", "available": usdt, "hold": "0"},
+            {"currency": "BTC", "available": "1", "hold": "0"},
+        ]
+
+    async with source_running(config) as first:
+        for usdt in ("100", "50", "100"):
+            await emulator.push_assets(PAIR, balances(usdt))
+        await wait(first, lambda: len(first.events) == 4)
+    assert [(e.data["currency"], e.data["available"]) for e in first.events] == [
+        ("USDT", 100),
+        ("BTC", 1),
+        ("USDT", 50),
+        ("USDT", 100),
+    ]
+    async with source_running(config, ctx=restarted_from(first)) as second:
+        await emulator.push_assets(PAIR, balances("100"))  # as before the restart: no news
+        await emulator.push_assets(PAIR, balances("75"))
+        await wait(second, lambda: second.events)
+    assert [(e.data["currency"], e.data["available"]) for e in second.events] == [("USDT", 75)]
