@@ -11,7 +11,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tocsin import ConfigModel, Duration, ResumableSourceConfig, Secret, format_duration
+from tocsin import (
+    ConfigModel,
+    Duration,
+    ResumableSourceConfig,
+    Secret,
+    format_duration,
+    parse_duration,
+)
 
 from .protocol import (
     BIZ_OF,
@@ -25,6 +32,7 @@ from .protocol import (
 )
 
 SERVER_IDLE = 30.0  # BGE closes a session nothing was pushed on for 30 s
+KEEPALIVE = 20.0  # the default keepalive: well inside SERVER_IDLE
 _PRODUCT = r"[A-Za-z0-9]{1,20}(?:_[A-Za-z0-9]{1,20}){1,3}"
 
 
@@ -116,7 +124,7 @@ class BGEConfig(ResumableSourceConfig):
     Besides the common keys: ``url``; ``access_key`` and ``secret_key`` (together, and
     needed only for ``biz = "exchange"`` subscriptions); ``subscriptions``; ``zip`` (ask
     for gzip frames); ``keepalive`` (the ``req`` sent after that long without data, under
-    BGE's 30 s); ``seq_gaps`` (report a skipped ``seq_id`` on ticker and candles as a
+    BGE's 30 s and ``stale_after``; by default 20 s, or half of a shorter ``stale_after``); ``seq_gaps`` (report a skipped ``seq_id`` on ticker and candles as a
     ``source.gap``: it assumes one number per push on a channel, which BGE's documents
     suggest without saying); ``backfill`` and ``backfill_limit`` (candles only).
 
@@ -129,7 +137,7 @@ class BGEConfig(ResumableSourceConfig):
     secret_key: Secret | None = None
     subscriptions: list[BGESubscription] = Field(min_length=1)
     zip: bool = False
-    keepalive: Duration = Field(default=20.0, ge=0.1)
+    keepalive: Duration = Field(default=KEEPALIVE, ge=0.1)  # or half a shorter stale_after
     seq_gaps: bool = True
 
     @field_validator("url")
@@ -138,6 +146,20 @@ class BGEConfig(ResumableSourceConfig):
         if not value.startswith(("ws://", "wss://")):
             raise ValueError("expected a ws:// or wss:// URL")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keepalive(cls, data: Any) -> Any:
+        """No ``keepalive``: 20 s, or half of a shorter ``stale_after`` (any from 1s)."""
+        if not isinstance(data, dict) or "keepalive" in data:
+            return data
+        try:
+            stale_after = parse_duration(
+                data.get("stale_after", cls.model_fields["stale_after"].default)
+            )
+        except (ValueError, TypeError):
+            return data  # the field's own check says what is wrong
+        return {**data, "keepalive": min(KEEPALIVE, stale_after / 2)}
 
     @model_validator(mode="after")
     def _check(self) -> BGEConfig:

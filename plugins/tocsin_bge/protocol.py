@@ -582,8 +582,9 @@ def normalize(push: Push) -> list[Item]:
         own_product = fields.get("product")
         product = own_product if isinstance(own_product, str) and own_product else push.product
         own_interval = fields.get("interval")
-        interval = push.interval or (
-            interval_text(own_interval) if own_interval is not None else ""
+        # One spelling per channel (its canonical one): a req answer echoes the client's.
+        interval = canonical_interval(
+            push.interval or (interval_text(own_interval) if own_interval is not None else "")
         )
         data = {**fields, "product": product, "interval": interval or None, "seq_id": seq}
         out.append(Item(type_, ident, _event_time(type_, fields, push), seq, data))

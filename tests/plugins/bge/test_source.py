@@ -82,6 +82,22 @@ def test_config_defaults_and_forms(registry: Registry) -> None:
         assert ACCESS_KEY not in text and SECRET_KEY not in text
 
 
+def test_a_short_stale_after_takes_a_keepalive_under_it() -> None:
+    # SPEC: stale_after is any duration from 1s; the keepalive defaulted to 20 s, and a
+    # stale_after of 20 s or less was refused for it.
+    def config(**keys: str) -> BGEConfig:
+        return BGEConfig.model_validate({"plugin": "bge", "subscriptions": [ticker()], **keys})
+
+    for stale_after, keepalive in (("15s", 7.5), ("1s", 0.5), ("90s", 20.0)):
+        assert config(stale_after=stale_after).keepalive == keepalive
+    assert config().keepalive == 20.0
+    assert config(stale_after="15s", keepalive="5s").keepalive == 5
+    with pytest.raises(ValidationError, match=r"keepalive \(20s\) must be shorter"):
+        config(stale_after="15s", keepalive="20s")
+    with pytest.raises(ValidationError, match="stale_after"):
+        config(stale_after="soon")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -672,3 +688,20 @@ async def test_a_balance_back_at_an_earlier_value_is_news_and_unchanged_is_not(
         await emulator.push_assets(PAIR, balances("75"))
         await wait(second, lambda: second.events)
     assert [(e.data["currency"], e.data["available"]) for e in second.events] == [("USDT", 75)]
+
+
+async def test_live_and_backfilled_candles_spell_the_interval_alike(
+    emulator: BGEEmulator,
+) -> None:
+    # The server pushes "60min"; a req answer echoes the client's spelling ("1hour").
+    hour = 3600
+    t0 = int(time.time()) // hour * hour - hour
+    config = make_config(emulator.url, subscriptions=[candles_sub("1hour")])
+    async with source_running(config) as first:
+        await emulator.push_candle(PAIR, "60min", t0, 30_000, 30_010)
+        await wait(first, lambda: first.cursors)
+    await emulator.push_candle(PAIR, "60min", t0 + hour, 30_010, 30_020, push=False)
+    async with source_running(config, ctx=restarted_from(first)) as second:
+        await wait(second, lambda: any(e.data["id"] == t0 + hour for e in second.events))
+    events = (*first.events, *second.events)
+    assert [e.data["interval"] for e in events] == ["60min"] * len(events)
