@@ -23,6 +23,7 @@ import hashlib
 import logging
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # Firing alerts show as warnings, resolutions as successes (Apprise colours and icons).
 NOTIFY_TYPES = {"firing": "warning", "resolved": "success", "retracted": "info"}
+LATE_KEPT = 1024
+"""Abandoned sends whose outcome is kept for the next try of their delivery (oldest go)."""
 
 
 # --- keeping URLs out of Apprise's log output -----------------------------------------
@@ -308,6 +311,9 @@ class AppriseAction(Action):
         self._slots: asyncio.Semaphore | None = None
         # The send still running (or stuck) of each channel.
         self._sending: dict[str, Future[str | None]] = {}
+        # Sends abandoned at their deadline, by (alert id, target): the next try of the
+        # same delivery takes their outcome instead of sending again.
+        self._late: OrderedDict[tuple[str, str], Future[str | None]] = OrderedDict()
 
     def targets(self) -> list[Target]:
         """One target per Apprise service, labelled by its place in ``urls`` (or with
@@ -325,28 +331,46 @@ class AppriseAction(Action):
         self._slots = None
 
     async def deliver(self, alert: Alert, target: str) -> None:
-        """Notify one URL in a worker thread within ``deadline`` seconds."""
+        """Notify one URL in a worker thread within ``deadline`` seconds.
+
+        A channel sends one notification at a time: a delivery to a channel still busy
+        waits for it (within the deadline). A send past the deadline is abandoned, not
+        stopped (Apprise cannot be interrupted); the next try of the same delivery takes
+        its outcome when it ends, so a slow channel is never notified twice of one alert.
+        """
         channel = self._channels.get(target)
         if channel is None:
             raise PermanentDelivery("target no longer configured")
         slots = self._slots
         if slots is None:
             raise RuntimeError(f"apprise action {self.instance!r}: start() was not awaited")
-        if target in self._sending:
-            raise RetryableDelivery(f"the last send to {channel.label} has not ended yet")
         deadline = self.settings.deadline
         loop = asyncio.get_running_loop()
         slot = _Slot(slots)
         future: Future[str | None] | None = None
+        key = (alert.id, target)
+        busy = False
 
         def ended() -> None:  # the send's thread returned: its channel and slot are free
             if future is not None and self._sending.get(target) is future:
                 del self._sending[target]
             slot.give_back()
 
-        # One deadline for the whole call, waiting for a free worker included, so a
-        # delivery never holds the dispatcher longer than ``deadline``.
+        # One deadline for the whole call, waiting for the channel and a free worker
+        # included, so a delivery never holds the dispatcher longer than ``deadline``.
         with anyio.move_on_after(deadline) as scope:
+            late = self._late.get(key)
+            if late is not None:
+                busy = True
+                failure = await asyncio.wrap_future(late)
+                del self._late[key]
+                if failure is None:
+                    return  # the abandoned send got through after all
+            running = self._sending.get(target)
+            if running is not None and not running.done():
+                busy = True
+                await asyncio.wrap_future(running)
+            busy = False
             await slots.acquire()
             slot.held = True
             future = self._sending[target] = _in_thread(
@@ -357,11 +381,16 @@ class AppriseAction(Action):
             ended()
         slot.give_back()  # abandoned: the slot serves others; the channel stays busy
         if scope.cancelled_caught:
+            if busy:
+                raise RetryableDelivery(f"the last send to {channel.label} has not ended yet")
             if future is None:
                 raise RetryableDelivery(
                     f"all {self.settings.workers} Apprise worker(s) of action {self.instance!r}"
                     f" were still busy after {deadline:g}s"
                 )
+            self._late[key] = future
+            while len(self._late) > LATE_KEPT:
+                self._late.popitem(last=False)
             raise RetryableDelivery(
                 f"Apprise did not finish sending to {channel.label} within {deadline:g}s"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
@@ -143,13 +144,38 @@ async def test_a_stuck_channel_holds_itself_up_and_no_other(
     await action.deliver(alert, fast)
     await action.deliver(alert, fast)
     # ...while the stuck one is not sent to again until its send ends: one thread at most.
-    with pytest.raises(RetryableDelivery, match=r"the last send to urls\[0\] \(json\) has not"):
-        await action.deliver(alert, slow)
+    other = dataclasses.replace(alert, id="another alert")
+    for waiting in (alert, other):  # the same alert's next try, or another alert
+        with pytest.raises(RetryableDelivery, match=r"the last send to urls\[0\] \(json\) has not"):
+            await action.deliver(waiting, slow)
     assert [r.path for r in receiver.requests] == ["/slow", "/fast", "/fast"]
     receiver.release()
     await until(lambda: slow not in action._sending)
-    await action.deliver(alert, slow)
+    await action.deliver(alert, slow)  # its abandoned send got through: not sent again
+    await action.deliver(other, slow)
     assert [r.path for r in receiver.requests] == ["/slow", "/fast", "/fast", "/slow"]
+
+
+@pytest.mark.parametrize(("status", "sent"), [(200, 1), (500, 2)])
+async def test_a_send_that_ends_after_its_deadline_counts_for_the_next_try(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert, status: int, sent: int
+) -> None:
+    # A channel slower than the deadline: before, every try sent the notification again
+    # (an audit saw 4 of one alert in 8 s). Now the next try takes the late outcome: a
+    # success is the delivery's, a failure sends again.
+    receiver.respond(status, hang=True)
+    action = await make(urls=[json_url(receiver, "/slow")], deadline=0.5)
+    (target,) = (t.key for t in action.targets())
+    with pytest.raises(RetryableDelivery, match="did not finish"):
+        await action.deliver(alert, target)
+    await receiver.wait_for_requests(1)
+    receiver.release()
+    if status == 200:
+        await action.deliver(alert, target)
+    else:
+        with pytest.raises(RetryableDelivery, match="could not notify"):
+            await action.deliver(alert, target)
+    assert len(receiver.requests) == sent
 
 
 CHILD = """
