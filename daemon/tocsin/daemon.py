@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .action import Action, ActionConfig, Target
 from .config import Config, load_config
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, Lane
 from .errors import ConfigError, PluginError, SourceAuthError, StateError
 from .events import Event, stable_id, utc_iso
 from .fields import format_duration, secret_registry
@@ -662,6 +662,25 @@ class Daemon:
             if not self._stop.is_set():  # never READY=1 after STOPPING=1
                 self.notifier.ready(self.status_line())
 
+    async def _retire(
+        self, name: str, scope: anyio.CancelScope, action: Action, lane: Lane | None
+    ) -> None:
+        """A changed action's old instance: the deliveries it has in flight end (each
+        within the action's own timeout; at most ``drain_timeout``), then it is closed.
+        Meanwhile the new instance leaves them alone, so a receiver never gets one alert
+        twice at once (the new lane takes them if they fail, or outlast the wait)."""
+        try:
+            if lane is not None:
+                with anyio.move_on_after(self.config.daemon.drain_timeout):
+                    await lane.drained.wait()
+        finally:
+            scope.cancel()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await action.aclose()
+                except Exception:  # a plugin's bug: the reload is done, the daemon goes on
+                    log.exception("action %r: closing the replaced action failed", name)
+
     @staticmethod
     async def _close_all(actions: dict[str, Action]) -> None:
         """Close ``actions`` (at exit, or started for a reload that does not happen)."""
@@ -683,7 +702,12 @@ class Daemon:
         # on) must find every configured action, or it would get no delivery to it.
         closing = []
         for name in list(self.actions):
-            if name in fresh or name not in config.actions:  # changed, or gone
+            if name in fresh:  # changed: what it has in flight ends first (_retire)
+                lane = self.dispatcher.retire(name)
+                scope, action = self._action_scopes.pop(name), self.actions.pop(name)
+                assert self._tg is not None
+                self._tg.start_soon(self._retire, name, scope, action, lane)
+            elif name not in config.actions:  # gone
                 self._action_scopes.pop(name).cancel()
                 closing.append((name, self.actions.pop(name)))
         for name, action in fresh.items():

@@ -76,12 +76,20 @@ class Lane:
         self.on_disk = True  # due deliveries may wait in the outbox that are not queued here
         self.next_due = math.inf  # when the earliest retry on disk falls due
         self.closed = False  # stopping: take nothing new
+        # The in-flight sets of the lanes this one replaced (a reload changed the action):
+        # their deliveries are theirs until they end.
+        self.elsewhere: list[set[int]] = []
+        self.drained = anyio.Event()  # closed, and nothing in flight any more
         self._takers: deque[asyncio.Future[Delivery]] = deque()
         self._wake = anyio.Event()
 
+    def busy(self, seq: int) -> bool:
+        """Whether a worker (of this lane, or of one it replaced) holds ``seq``."""
+        return seq in self.inflight or any(seq in other for other in self.elsewhere)
+
     def offer(self, delivery: Delivery) -> None:
         """A commit made ``delivery`` ready."""
-        if delivery.seq <= self.seen or delivery.seq in self.inflight:
+        if delivery.seq <= self.seen or self.busy(delivery.seq):
             return
         if len(self.queued) >= QUEUE_LIMIT:
             self.disk_has_work()
@@ -97,7 +105,7 @@ class Lane:
         """What a read of the disk (of at most ``limit``) found replaces what was queued
         before it; offers it could not see stay, after it."""
         self.seen = max(self.seen, ready.newest)
-        queue = [d for d in ready.deliveries if d.seq not in self.inflight]
+        queue = [d for d in ready.deliveries if not self.busy(d.seq)]
         queue += [d for d in self.queued if d.seq > ready.newest]
         self.queued = deque(queue[:QUEUE_LIMIT])
         self.on_disk = len(ready.deliveries) >= limit or len(queue) > QUEUE_LIMIT
@@ -114,6 +122,8 @@ class Lane:
 
     def close(self) -> None:
         self.closed = True
+        if not self.inflight:
+            self.drained.set()
 
     async def take(self) -> Delivery:
         """The next delivery for a worker; it counts as in flight from here on."""
@@ -159,6 +169,8 @@ class Dispatcher:
         self.wall = wall
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.lanes: dict[str, Lane] = {}
+        # Per action, the in-flight sets of lanes a reload replaced (see ``retire``).
+        self.retiring: dict[str, list[set[int]]] = {}
         self.stopping = False
         self.inflight = 0
         self._idle = anyio.Event()
@@ -190,9 +202,21 @@ class Dispatcher:
             if lane is not None:
                 lane.disk_has_work()
 
+    def retire(self, name: str) -> Lane | None:
+        """A reload replaces action ``name``: its lane takes nothing new, and the lane that
+        follows leaves the deliveries in flight to it until they end (``Lane.drained``):
+        one delivery is never sent twice at once."""
+        lane = self.lanes.pop(name, None)
+        if lane is not None:
+            lane.close()
+            if lane.inflight:
+                self.retiring.setdefault(name, []).append(lane.inflight)
+        return lane
+
     async def run_action(self, name: str, action: Action) -> None:
         """Deliver everything due for ``action``, forever; cancel to stop."""
         lane = Lane(action.config.concurrency)
+        lane.elsewhere = self.retiring.setdefault(name, [])
         if self.stopping:
             lane.close()
         self.lanes[name] = lane
@@ -230,6 +254,13 @@ class Dispatcher:
                 self.inflight -= 1
                 if not self.inflight:
                     self._idle.set()
+                if lane.closed and not lane.inflight:
+                    lane.drained.set()
+                    others = self.retiring.get(name, [])
+                    others[:] = [o for o in others if o is not lane.inflight]
+                current = self.lanes.get(name)
+                if current is not None and current is not lane:
+                    current.disk_has_work()  # replaced: what this lane held may be due
 
     async def _attempt(self, name: str, action: Action, delivery: Delivery, lane: Lane) -> None:
         policy = action.config.retry

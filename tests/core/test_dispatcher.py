@@ -316,3 +316,36 @@ async def test_a_delivery_older_than_max_age_is_dead_lettered_unsent(tmp_path: P
             )
         assert [r.json()["event"]["data"]["n"] for r in receiver.requests] == [0]
         assert error.startswith("not sent within max_age (1h): 2h")
+
+
+async def test_a_reload_lets_a_changed_action_finish_what_it_has_in_flight(
+    tmp_path: Path,
+) -> None:
+    # Before, the reload cancelled the old action's POST (the receiver had it whole) and
+    # the new one sent the same alert at once: the receiver got it twice, concurrently.
+    hang = asyncio.Event()
+    async with PushServer(token="tok-abcdef") as server, Receiver(hang=hang) as receiver:
+
+        def text(timeout: str) -> str:
+            return preamble(server).replace('drain_timeout = "100ms"', 'drain_timeout = "20s"') + (
+                f'[actions.hook]\nplugin = "webhook"\nurl = "{receiver.url()}"\n'
+                f'timeout = "{timeout}"\n[[rules]]\nname = "each"\ntype = "transfer"\n'
+            )
+
+        path = write_config(tmp_path / "t.toml", text("15s"))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            await server.push({"id": "e0", "type": "transfer", "data": {"n": 0}})
+            await wait_for(lambda: daemon.dispatcher.inflight == 1, what="the POST in flight")
+            old = daemon.dispatcher.lanes["hook"]
+            path.write_text(text("16s"))
+            assert await daemon.reload()
+            await wait_for(lambda: daemon.dispatcher.lanes.get("hook") not in (None, old))
+            await server.push({"id": "e1", "type": "transfer", "data": {"n": 1}})
+            # the new action takes the next alert of the group only once the first is done
+            assert daemon.dispatcher.inflight == 1
+            hang.set()
+            with anyio.fail_after(10):
+                while (await daemon.store.call(Store.counts))["done"] < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+        assert [r.json()["event"]["data"]["n"] for r in receiver.requests] == [0, 1]
