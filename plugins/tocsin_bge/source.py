@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import NamedTuple
 
 import anyio
 from anyio.abc import TaskStatus
@@ -90,6 +91,9 @@ from .protocol import (
 OPEN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0  # a dead peer never answers the close handshake: do not wait long
 ANSWER_TIMEOUT = 10.0  # for the login, each sub and each backfill req
+CANDLES_PER_REQ = 500
+"""Candles asked for in one backfill ``req``: its answer stays far below ``MAX_FRAME``
+(about 130 bytes a candle), whatever ``backfill_limit`` is."""
 KEEPALIVE_PRODUCT = "BTC_USDT"  # what to ask a ticker of when no subscription names a pair
 GAP_REASON = "reconnected; pushes while disconnected may be missed"
 
@@ -300,12 +304,19 @@ class BGESource(Source):
         return parse
 
     async def on_push(
-        self, key: ChannelKey, push: Push, *, backfill: bool, awaiting: bool = False
+        self,
+        key: ChannelKey,
+        push: Push,
+        *,
+        backfill: bool,
+        awaiting: bool = False,
+        final: bool = True,
     ) -> bool:
         """Emit the new items of a push (or of a candles backfill answer); False if rejected.
 
         A skipped ``seq_id`` is a gap. ``awaiting``: the channel's backfill is still to
-        come, so a live candle does not move its cursor yet."""
+        come, so a live candle does not move its cursor yet; ``final``: a backfill answer
+        is the last of its backfill (the live candles held meanwhile may move the cursor)."""
         since = self.last_push.get(key, "")
         gaps = self.bge.seq_gaps and key.type in SEQ_GAP_TYPES
         for state in self.intake.to_recall(key, push):  # first seen in this run
@@ -335,10 +346,21 @@ class BGESource(Source):
                 if newest is not None:
                     self.held_cursors[key] = max(newest, self.held_cursors.get(key, newest))
             else:
-                held = self.held_cursors.pop(key, None) if backfill else None
+                held = self.held_cursors.pop(key, None) if backfill and final else None
                 candidates = [t for t in (newest, held) if t is not None]
                 await self._advance(key, max(candidates, default=None))
         return True
+
+
+class Backfill(NamedTuple):
+    """A candles backfill under way: the req awaited asks for ``start``..``last``, the
+    backfill goes on to ``end``, a candle every ``step`` seconds."""
+
+    start: int
+    last: int
+    end: int
+    step: int
+    overdue: float  # when the awaited answer is too late
 
 
 class _Session:
@@ -359,7 +381,7 @@ class _Session:
         self.next_send: float | None = None
         self.login_deadline: float | None = None
         self.acks: dict[ChannelKey, float] = {}  # subs sent -> when their ack is overdue
-        self.backfills: dict[ChannelKey, tuple[int, int, float]] = {}  # from, to, overdue at
+        self.backfills: dict[ChannelKey, Backfill] = {}  # the req of each awaited
         self.live = False
         self.last_frame = now
         self.last_data = now
@@ -385,7 +407,7 @@ class _Session:
                 self.last_data = now
                 continue
             wake = [self.last_frame + stale_after, *self.acks.values()]
-            wake += [overdue for _, _, overdue in self.backfills.values()]
+            wake += [job.overdue for job in self.backfills.values()]
             if self.next_send is not None:
                 wake.append(self.next_send)
             if self.login_deadline is not None:
@@ -421,6 +443,10 @@ class _Session:
             self.unsent_subs += 1
 
     def backfill(self, sub: BGESubscription, start: int, end: int) -> None:
+        """Ask for the candles from ``start`` to ``end``, ``CANDLES_PER_REQ`` at a time: a
+        req for the first ones now, each answer asks for the next (``handle``)."""
+        step = INTERVAL_SECONDS[canonical_interval(sub.interval)]
+        last = min(end, start + (CANDLES_PER_REQ - 1) * step)
         message = req_message(
             "market",
             "candles",
@@ -428,10 +454,11 @@ class _Session:
             sub.interval,
             zip=self.config.zip,
             start=start,
-            end=end,
+            end=last,
         )
         self.outbox.append((message, None))
-        self.backfills[sub.key] = (start, end, anyio.current_time() + ANSWER_TIMEOUT)
+        overdue = anyio.current_time() + ANSWER_TIMEOUT
+        self.backfills[sub.key] = Backfill(start, last, end, step, overdue)
 
     def keepalive(self) -> None:
         """A ticker snapshot ``req``: its answer is pushed data, which BGE's idle rule wants."""
@@ -474,10 +501,10 @@ class _Session:
                     f"no answer to the subscription to {key.label}"
                     f" within {format_duration(ANSWER_TIMEOUT)}"
                 )
-        for key, (start, end, overdue) in list(self.backfills.items()):
-            if now >= overdue:
+        for key, job in list(self.backfills.items()):
+            if now >= job.overdue:
                 del self.backfills[key]
-                await self.source.backfill_lost(key, start, end, "no answer to the req")
+                await self.source.backfill_lost(key, job.start, job.end, "no answer to the req")
 
     # -- incoming ----------------------------------------------------------------------
 
@@ -497,9 +524,15 @@ class _Session:
             key = self.source.intake.route(msg.channel)
             if msg.answer:
                 if key is not None and key in self.backfills:
-                    start, end, _ = self.backfills.pop(key)
-                    if not await self.source.on_push(key, msg, backfill=True):
-                        await self.source.backfill_lost(key, start, end, "a malformed answer")
+                    job = self.backfills.pop(key)
+                    more = job.last + job.step <= job.end
+                    if more:  # asked for before the events: live candles wait for the rest
+                        self.backfill(self.source.channels[key], job.last + job.step, job.end)
+                    if not await self.source.on_push(key, msg, backfill=True, final=not more):
+                        self.backfills.pop(key, None)  # its answer will be a sign of life
+                        await self.source.backfill_lost(
+                            key, job.start, job.end, "a malformed answer"
+                        )
                 # else: the answer to a keepalive req, a sign of life only
             elif key is None:
                 self.ctx.logger.debug(
@@ -535,8 +568,10 @@ class _Session:
                 await self.source.subscribed(self)
         elif msg.event == "req":
             if msg.channel in self.backfills and not msg.ok:
-                start, end, _ = self.backfills.pop(msg.channel)
-                await self.source.backfill_lost(msg.channel, start, end, f"error {msg.code}")
+                job = self.backfills.pop(msg.channel)
+                await self.source.backfill_lost(
+                    msg.channel, job.start, job.end, f"error {msg.code}"
+                )
         elif not msg.ok:
             if self.login_deadline is not None:
                 raise refusal("login", msg.code, msg.msg, None)

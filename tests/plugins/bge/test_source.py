@@ -705,3 +705,24 @@ async def test_live_and_backfilled_candles_spell_the_interval_alike(
         await wait(second, lambda: any(e.data["id"] == t0 + hour for e in second.events))
     events = (*first.events, *second.events)
     assert [e.data["interval"] for e in events] == ["60min"] * len(events)
+
+
+async def test_a_long_backfill_comes_in_reqs_whose_answers_fit_a_frame(
+    emulator: BGEEmulator,
+) -> None:
+    # 9,000 missed candles: one req's answer was over MAX_FRAME, so the connection closed
+    # for size, reconnected and asked again, for ever (no candle, the cursor stuck).
+    now = int(time.time()) // MINUTE * MINUTE
+    start = now - 9000 * MINUTE
+    for t in range(start, now + MINUTE, MINUTE):
+        await emulator.push_candle(PAIR, "1min", t, 30_000, 30_001, push=False)
+    config = make_config(emulator.url, backfill_limit=10_000, subscriptions=[candles_sub()])
+    ctx = RecordingContext("market", "bge")
+    ctx.cursors = {"candles:BTC_USDT:1min": str(start)}
+    async with source_running(config, ctx=ctx):
+        await wait(ctx, lambda: ctx.cursors["candles:BTC_USDT:1min"] == str(now), within=30)
+    reqs = [m for m in emulator.received if isinstance(m, dict) and m.get("event") == "req"]
+    candle_reqs = [(r["from"], r["to"]) for r in reqs if r.get("type") == "candles"]
+    assert len(candle_reqs) == 19 and candle_reqs[0] == (start, start + 499 * MINUTE)
+    assert [e.data["id"] for e in ctx.events] == list(range(start, now + MINUTE, MINUTE))
+    assert emulator.connections == 1 and not ctx.gaps and not ctx.rejects
