@@ -21,8 +21,8 @@ cursor, and ``KEY#recent``, the facts emitted at the last ``REREAD`` heights (JS
 ``[[height, block hash, fact id, type], ...]``): a resume that finds the chain rolled back
 while away retracts those no longer in it.
 
-The ledger reads below fetch one page of at most ``MAX_PAGE`` heights each and return
-facts in ascending height order; a failed call raises ``CallFailed`` (the server said
+The ledger reads below fetch one page of at most ``MAX_PAGE`` heights each (the logs of
+those heights ``MAX_PAGE`` to a call) and return facts in ascending height order; a failed call raises ``CallFailed`` (the server said
 no) or ``ValueError`` (the answer made no sense), which the source turns into a gap.
 """
 
@@ -61,6 +61,8 @@ REREAD = 16
 the facts emitted at as many heights are kept to retract what the rollback removed."""
 RECENT_FACTS = 512
 """At most this many of them (a block may hold many logs)."""
+MAX_VMLOG_PAGES = 100
+"""Pages of logs read for one range of heights at most (100,000 logs); beyond, a gap."""
 
 Recent = tuple[int, str, str, str]
 """A fact emitted at a height: (height, block hash, fact id, event type)."""
@@ -191,10 +193,7 @@ async def fetch(conn: RpcConnection, watch: Watch, lo: int, hi: int) -> list[Fac
     elif watch.topic is ACCOUNT_BY_ADDRESS:
         result = await conn.call(ACCOUNT_BLOCKS_BY_RANGE, [watch.address, lo, hi])
     else:
-        if watch.address is None:
-            raise ValueError("a vmlog watch without an address")
-        param = filter_param({watch.address: (lo, hi)}, watch.topics)
-        result = await conn.call_any("vmlogs", [(m, [param]) for m in VMLOGS_BY_FILTER])
+        result = await _vmlogs(conn, watch, lo, hi)
     facts, rejects = normalize_items(watch.topic, as_list(result), watch.address)
     if rejects:
         raise ValueError(rejects[0])
@@ -207,6 +206,26 @@ async def fetch(conn: RpcConnection, watch: Watch, lo: int, hi: int) -> list[Fac
         and (watch.topic is not VMLOG or f.address == watch.address)
     ]
     return sorted(facts, key=lambda f: f.height or 0)  # stable: a block's logs keep their order
+
+
+async def _vmlogs(conn: RpcConnection, watch: Watch, lo: int, hi: int) -> list[Any]:
+    """The logs of heights ``lo``..``hi``, ``MAX_PAGE`` to a call: a busy contract's
+    logs of 1000 heights can outgrow the frame limit in one answer. A node that does not
+    page answers every log at once (more than a page, or the same page again): taken
+    whole."""
+    if watch.address is None:
+        raise ValueError("a vmlog watch without an address")
+    out: list[Any] = []
+    for index in range(MAX_VMLOG_PAGES):
+        param = filter_param({watch.address: (lo, hi)}, watch.topics)
+        param |= {"pageIndex": index, "pageSize": MAX_PAGE}
+        page = as_list(await conn.call_any("vmlogs", [(m, [param]) for m in VMLOGS_BY_FILTER]))
+        if len(page) > MAX_PAGE or (index and page and page[0] == out[0]):
+            return page  # not paged: all of them, at once
+        out += page
+        if len(page) < MAX_PAGE:
+            return out
+    raise ValueError(f"more than {MAX_VMLOG_PAGES * MAX_PAGE} logs in heights {lo}..{hi}")
 
 
 async def unreceived(conn: RpcConnection, watch: Watch, limit: int) -> tuple[list[Fact], bool]:

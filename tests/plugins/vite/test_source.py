@@ -240,7 +240,11 @@ async def test_backfill_after_a_reconnect_in_order_without_duplicates(
     assert ctx.gaps == [] and ctx.states() == ["up", "down", "up"]
     assert emulator.requests("ledger_getSnapshotBlocks")[-1]["params"] == [head + 5, 3]
     vmlog_query = emulator.requests("ledger_getVmLogsByFilter")[-1]["params"][0]
-    assert vmlog_query == {"addressHeightRange": {CONTRACT: {"fromHeight": "2", "toHeight": "4"}}}
+    assert vmlog_query == {
+        "addressHeightRange": {CONTRACT: {"fromHeight": "2", "toHeight": "4"}},
+        "pageIndex": 0,
+        "pageSize": 1000,
+    }
 
 
 async def test_backfill_after_a_restart_and_nothing_before_the_first_start(
@@ -908,3 +912,20 @@ async def test_a_rollback_check_that_fails_is_a_gap(emulator: ViteEmulator) -> N
     (gap,) = ctx.gaps
     assert gap["reason"] == GAP_UNCHECKED
     assert (gap["from_height"], gap["to_height"]) == tuple(heights(first, "snapshot_block"))
+
+
+async def test_the_logs_of_a_busy_contract_are_read_a_page_at_a_time(
+    emulator: ViteEmulator,
+) -> None:
+    # 1000 heights of 10 logs of 600 bytes: one answer was over the frame limit, and the
+    # source reconnected and asked the same again for ever (no event, no gap).
+    async with source_running(make_config(emulator.url)) as first:
+        await subscribed(emulator, first, 1, VMLOG_KEY)
+    for _ in range(1000):
+        logs = [log_of([TRANSFER, f"{i:064x}"], bytes(600)) for i in range(10)]
+        emulator.chain.add_account_block(CONTRACT, logs)
+    async with source_running(make_config(emulator.url), restarted_from(first)) as ctx:
+        await wait(ctx, lambda: ctx.cursors[VMLOG_KEY] == "1000", within=30)
+    pages = [r["params"][0]["pageIndex"] for r in emulator.requests("ledger_getVmLogsByFilter")]
+    assert pages == list(range(11))  # 10 full pages, and an empty one that ends the range
+    assert len(ctx.events) == 10_000 and not ctx.gaps and emulator.connections == 2
