@@ -105,11 +105,15 @@ def printable(text: str, limit: int = 100) -> str:
 
 
 def closed_for_size(err: BaseException) -> bool:
-    """Whether websockets closed the connection because a frame exceeded ``max_size``."""
+    """Whether websockets closed the connection because a frame exceeded ``max_size``.
+
+    Not when the server closed with 1009 first (our request was too big for it): the
+    close we sent then is only its echo."""
     return (
         isinstance(err, ConnectionClosed)
         and err.sent is not None
         and err.sent.code == CloseCode.MESSAGE_TOO_BIG
+        and not (err.rcvd is not None and err.rcvd_then_sent)
     )
 
 

@@ -31,6 +31,8 @@ from tocsin import stable_id, utc_iso
 MAX_FRAME = 8 * 1024 * 1024
 """Largest frame accepted (bytes): a ledger page of 1000 account blocks is ~2 MiB."""
 
+MAX_REQUEST = 128 * 1024
+"""The largest request a node takes (go-vite's ``maxRequestContentLength``)."""
 MAX_PAGE = 1000
 """go-vite refuses ledger pages over 1000 items ("count must be less than 1000")."""
 
@@ -541,6 +543,15 @@ def latest_height(result: object) -> int:
 def request(rid: int, method: str, params: Sequence[Any] = ()) -> bytes:
     """One JSON-RPC request frame."""
     return orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": list(params)})
+
+
+def vmlog_request_size(addresses: Sequence[str], topics: Sequence[Sequence[str]] = ()) -> int:
+    """The bytes of the largest request a vmlog subscription of ``addresses`` makes (its
+    subscribe or filter-creating call: every address in one FilterParam)."""
+    param = filter_param({a: (0, 0) for a in addresses}, topics)
+    calls = [(SUBSCRIBE, [name, param]) for name in VMLOG.push]
+    calls += [(method, [param]) for method in VMLOG.filters]
+    return max(len(request(2**31, method, params)) for method, params in calls)
 
 
 def filter_param(

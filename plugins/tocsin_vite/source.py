@@ -78,6 +78,7 @@ from .protocol import (
     GET_CHANGES,
     MAX_FRAME,
     MAX_PAGE,
+    MAX_REQUEST,
     SNAPSHOT,
     SNAPSHOT_HEIGHT,
     SUBSCRIBE,
@@ -87,6 +88,7 @@ from .protocol import (
     poll_changes,
     topic_hash,
     vite_address,
+    vmlog_request_size,
 )
 from .pushes import FactMemory, ViteFrameParser, new_events
 from .rpc import CallFailed, RpcConnection
@@ -167,6 +169,17 @@ class ViteSubscription(ConfigModel):
             )
         if self.topics is not None and self.topic != "vmlog":
             raise ValueError("topics is only for vmlog")
+        if self.topic == "vmlog":
+            topics = self.topics or []
+            size = vmlog_request_size(watched, topics)
+            if size > MAX_REQUEST:
+                base = vmlog_request_size([], topics)
+                most = (MAX_REQUEST - base) * len(watched) // (size - base)
+                raise ValueError(
+                    f"{len(watched)} addresses make a subscribe request of {size:,} bytes, and"
+                    f" a node refuses requests over {MAX_REQUEST // 1024} KiB: split them into"
+                    f" vmlog subscriptions of at most {most} addresses"
+                )
         return self
 
     def watched(self) -> list[str]:

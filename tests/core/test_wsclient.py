@@ -103,6 +103,11 @@ def test_failure_reason_scrubs_and_says_the_timeout() -> None:
 def test_closed_for_size_and_printable() -> None:
     assert closed_for_size(ConnectionClosed(None, Close(CloseCode.MESSAGE_TOO_BIG, "")))
     assert not closed_for_size(ConnectionClosed(Close(CloseCode.MESSAGE_TOO_BIG, ""), None))
+    # We closed, the server echoed: our limit. The server closed first: its limit (a
+    # request of ours too big), not a frame we refused.
+    too_big = Close(CloseCode.MESSAGE_TOO_BIG, "")
+    assert closed_for_size(ConnectionClosed(too_big, too_big, rcvd_then_sent=False))
+    assert not closed_for_size(ConnectionClosed(too_big, too_big, rcvd_then_sent=True))
     assert not closed_for_size(ValueError())
     assert printable("a\nb\x00c" + "d" * 200, 5) == "abc"
 

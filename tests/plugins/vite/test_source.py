@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 from tocsin_vite import ViteEmulator
 from tocsin_vite.chain import log_of
-from tocsin_vite.protocol import snapshot_id, unreceived_id
+from tocsin_vite.protocol import make_address, snapshot_id, unreceived_id
 from tocsin_vite.source import (
     GAP_LEDGER,
     GAP_LIMIT,
@@ -39,6 +39,7 @@ from .conftest import (
 )
 
 VMLOG_KEY = f"vmlog:{CONTRACT}"
+MANY_CONTRACTS = [make_address(f"contract {n}", contract=True) for n in range(1500)]
 ALL_TOPICS = [
     {"topic": "snapshot_block"},
     {"topic": "account_block"},
@@ -109,6 +110,12 @@ def test_config_defaults_and_forms(registry: Any) -> None:
         ({"subscriptions": [{"topic": "vmlog", "address": ME, "topics": [["0x12"]]}]}, "64 hex"),
         ({"subscriptions": [{"topic": "vmlog", "addresses": []}]}, "at least one address"),
         ({"subscriptions": [{"topic": "blocks"}]}, "Input should be 'snapshot_block'"),
+        (
+            # One FilterParam names them all: over go-vite's 128 KiB request cap.
+            {"subscriptions": [{"topic": "vmlog", "addresses": MANY_CONTRACTS}]},
+            "1500 addresses make a subscribe request of 138,126 bytes, and a node refuses"
+            " requests over 128 KiB: split them into vmlog subscriptions of at most 1423",
+        ),
         (
             {"subscriptions": [{"topic": "snapshot_block"}, {"topic": "snapshot_block"}]},
             "two subscriptions watch the same thing (snapshot_block)",
