@@ -234,13 +234,13 @@ async def unreceived(conn: RpcConnection, watch: Watch, limit: int) -> tuple[lis
     facts: list[Fact] = []
     page_size = min(MAX_PAGE, limit)
     index = 0
-    while len(facts) < limit:
+    while len(facts) <= limit:  # one beyond the limit tells that there are more
         result = await conn.call(UNRECEIVED_BLOCKS, [watch.address, index, page_size])
         page, rejects = normalize_items(UNRECEIVED, as_list(result), watch.address)
         if rejects:
             raise ValueError(rejects[0])
         facts += page
         if len(page) < page_size:
-            return facts[:limit], False
+            break
         index += 1
-    return facts[:limit], True
+    return facts[:limit], len(facts) > limit

@@ -20,6 +20,7 @@ from tocsin_vite.source import (
     GAP_OFF,
     GAP_UNCHECKED,
     GAP_UNRECEIVED,
+    GAP_UNRECEIVED_LIMIT,
 )
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -552,6 +553,25 @@ async def test_unreceived_relists_and_all_accounts_gaps_after_a_reconnect(
     reasons = {g["topic"]: g["reason"] for g in ctx.gaps}
     assert reasons == {"unreceived_block": GAP_UNRECEIVED, "account_block": GAP_NO_HEIGHT}
     assert all(g["since"] and g["since"] <= g["until"] for g in ctx.gaps)
+
+
+@pytest.mark.parametrize(
+    ("unreceived", "gaps"), [(4, [GAP_UNRECEIVED]), (5, [GAP_UNRECEIVED_LIMIT, GAP_UNRECEIVED])]
+)
+async def test_exactly_backfill_limit_unreceived_blocks_are_not_more_than_it(
+    emulator: ViteEmulator, unreceived: int, gaps: list[str]
+) -> None:
+    config = make_config(
+        emulator.url, backfill_limit=4, subscriptions=[{"topic": "unreceived_block", "address": ME}]
+    )
+    async with source_running(config) as first:
+        await subscribed(emulator, first, 1, f"unreceived_block:{ME}")
+    for _ in range(unreceived):
+        emulator.chain.add_account_block(PAYER, (), ME)
+    async with source_running(config, restarted_from(first)) as ctx:
+        await wait(ctx, lambda: ctx.gaps and ctx.gaps[-1]["reason"] == GAP_UNRECEIVED)
+    assert [g["reason"] for g in ctx.gaps] == gaps
+    assert len(ctx.events) == 4
 
 
 # -- failures --------------------------------------------------------------------------
