@@ -262,6 +262,7 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self._send: MemoryObjectSendStream[Event | Checkpoint] | None = None
         self._full_waits: set[anyio.CancelScope] = set()  # sources waiting on a full intake
+        self._committing = anyio.Lock(fast_acquire=True)  # no yield when nobody else holds it
         self.paused = ""
         # For STATUS= and the watchdog (notify.py): items the engine took off the intake
         # stream, when the batch it works on was received, the outbox as last counted.
@@ -375,25 +376,31 @@ class Daemon:
     async def _commit(
         self, alerts: list[PendingAlert], cursors: list[tuple[str, str, str]]
     ) -> None:
-        state = self.engine.take_state()
-        if not alerts and not cursors and not state:
-            return
-        rows = [self._new_alert(p) for p in alerts]
-        delay = 0.1
-        while True:
-            skipped: list[str] = []
-            try:
-                ready = await self.store.call(Store.commit_alerts, rows, cursors, state, skipped)
-                break
-            except StateError as err:
-                # Intake pauses (the stream fills and sources wait) until the disk takes it.
-                self.paused = str(err)
-                log.error("cannot commit %d alert(s), intake paused: %s", len(rows), err)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        self.paused = ""
-        self.engine.committed(alerts, skipped)
-        self.dispatcher.offer(ready)
+        # One commit at a time (the engine's and the ticker's), in the order their state
+        # was taken: a commit that must wait for the disk is not overtaken by a later one,
+        # whose newer rule state the older would then overwrite.
+        async with self._committing:
+            state = self.engine.take_state()
+            if not alerts and not cursors and not state:
+                return
+            rows = [self._new_alert(p) for p in alerts]
+            delay = 0.1
+            while True:
+                skipped: list[str] = []
+                try:
+                    ready = await self.store.call(
+                        Store.commit_alerts, rows, cursors, state, skipped
+                    )
+                    break
+                except StateError as err:
+                    # Intake pauses (the stream fills, sources wait) until the disk takes it.
+                    self.paused = str(err)
+                    log.error("cannot commit %d alert(s), intake paused: %s", len(rows), err)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            self.paused = ""
+            self.engine.committed(alerts, skipped)
+            self.dispatcher.offer(ready)
 
     def _targets(self, name: str) -> list[Target]:
         try:

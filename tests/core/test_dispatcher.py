@@ -11,6 +11,7 @@ import pytest
 from support import PushServer, Receiver, running, wait_for, write_config
 from tocsin import RetryPolicy, dispatcher
 from tocsin.dispatcher import backoff_delay, next_step
+from tocsin.errors import StateError
 from tocsin.store import Delivery, Ready, Store
 
 
@@ -349,3 +350,33 @@ async def test_a_reload_lets_a_changed_action_finish_what_it_has_in_flight(
                 while (await daemon.store.call(Store.counts))["done"] < 2:  # noqa: ASYNC110
                     await anyio.sleep(0.02)
         assert [r.json()["event"]["data"]["n"] for r in receiver.requests] == [0, 1]
+
+
+async def test_a_commit_that_must_retry_is_not_overtaken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ticker and the engine commit on their own. One that waited for the disk (a
+    # retry) used to be overtaken by the other's, then wrote its older rule state over
+    # the newer one.
+    async with PushServer(token="tok-abcdef") as server:
+        path = write_config(tmp_path / "t.toml", preamble(server))
+        async with running(path) as daemon:
+            states = iter([[("r", "k", "old")], [("r", "k", "new")]])
+            monkeypatch.setattr(daemon.engine, "take_state", lambda: next(states))
+            commit, failed = Store.commit_alerts, anyio.Event()
+
+            def first_fails(conn: sqlite3.Connection, *args: object) -> object:
+                if not failed.is_set():
+                    raise StateError("disk full")
+                return commit(conn, *args)
+
+            monkeypatch.setattr(Store, "commit_alerts", staticmethod(first_fails))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(daemon._commit, [], [])
+                await wait_for(lambda: daemon.paused, what="the first commit to wait")
+                failed.set()
+                await daemon._commit([], [])
+            (value,) = await daemon.store.call(
+                lambda conn: conn.execute("SELECT value FROM rule_state").fetchone()
+            )
+        assert value == "new"
