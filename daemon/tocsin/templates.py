@@ -4,21 +4,38 @@ Everything is compiled once when the config loads. Two layers keep a rule from r
 Python internals: at load time, any attribute or item whose name starts with ``_`` (named
 directly, as a filter's attribute argument, or in a ``str.format`` field) and the ``attr``
 filter are refused with a config error; at run time, Jinja's
-``ImmutableSandboxedEnvironment`` refuses what a computed name could still reach. The
-sandbox also bounds what an event's values could blow up: ``**`` on integers and ``*``
-repeating a string or a list (Jinja already bounds ``range``).
+``ImmutableSandboxedEnvironment`` refuses what a computed name could still reach.
+
+One evaluation is bounded in time and size, whatever the rule and the event's values:
+
+- time: ``EVAL_SECONDS``, checked by a ``SIGVTALRM`` timer on the main thread, where the
+  daemon's event loop runs (a signal no other part uses: ``SIGALRM`` is the usual choice
+  of test runners), and ``MAX_ITEMS`` items drawn from ``range`` in all;
+- size: ``**`` on integers, ``*`` repeating a string or a list, a width or precision in
+  ``%`` and ``str.format`` (or a ``format`` filter), the width of ``center``, ``ljust``,
+  ``rjust``, ``zfill``, ``indent``, and what ``replace`` may make; a template's output is
+  cut off at ``MAX_OUTPUT``.
+
+Past a bound the evaluation fails: a ``when`` is false and a template shows its error,
+each counted as the rule's error (SPEC section 3), and the engine goes on.
 """
 
 from __future__ import annotations
 
+import atexit
 import re
-from collections.abc import Callable, Mapping
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from string import Formatter
 from typing import Any
 
 from jinja2 import ChainableUndefined, TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
+from jinja2.sandbox import SandboxedFormatter as _SandboxFormatter
 
 _FORBIDDEN_FILTERS = frozenset({"attr"})
 _FORBIDDEN_NAMES = frozenset({"format_map", "mro", "func_globals", "gi_frame", "cr_frame"})
@@ -41,8 +58,194 @@ MAX_POWER_BITS = 4096
 """The largest integer ``**`` may make, in bits (a 1,234-digit number)."""
 MAX_REPEAT = MAX_RANGE
 """The longest string or list ``*`` may make by repeating one."""
+MAX_WIDTH = MAX_RANGE
+"""The largest width or precision a format, or ``center`` and its kin, may ask for."""
+MAX_ITEMS = 1_000_000
+"""Items all the ``range`` objects of one evaluation may give, in all."""
+MAX_OUTPUT = 64 * 1024
+"""The most characters a ``title`` or ``body`` may render to."""
+EVAL_SECONDS = 0.25
+"""The longest one ``when`` or template may run."""
+
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+# A printf conversion: the width and precision may be "*" (taken from the arguments).
+_PRINTF = re.compile(
+    r"%(?:\((?P<key>[^)]*)\))?[-#0 +]*(?P<width>\*|\d+)?(?:\.(?P<prec>\*|\d+))?[hlL]?(?P<conv>.?)"
+)
+_SPEC = re.compile(r"^(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[_,]?(?:\.(?P<prec>\d+))?")
 
 Expression = Callable[..., Any]
+
+
+class Overrun(ValueError):
+    """An evaluation went past one of the bounds above."""
+
+
+# -- time ------------------------------------------------------------------------------
+
+
+class _Budget(threading.local):
+    """What the evaluation under way on this thread may still draw from ``range``."""
+
+    items = MAX_ITEMS
+
+
+class _Clock:
+    """The main thread's evaluation timer. A periodic ``SIGVTALRM`` (every ``TICK`` of
+    CPU) is armed by the first evaluation and left running while evaluations follow each
+    other; the first tick that finds none under way stops it. So an evaluation costs no
+    system call, only when a burst of them starts does one."""
+
+    armed = False
+    running = False  # an evaluation is under way
+    started = 0.0  # when it started (monotonic)
+
+
+TICK = 0.05
+_budget = _Budget()
+_clock = _Clock()
+
+
+def _tick(signum: int, frame: object) -> None:
+    if not _clock.running:
+        _stop()
+    elif time.monotonic() - _clock.started >= EVAL_SECONDS:
+        raise Overrun(f"took more than {EVAL_SECONDS * 1000:g} ms")
+
+
+def _timer_ready() -> bool:
+    """Whether this thread can time an evaluation: only the main thread gets signals, and
+    another owner of ``SIGVTALRM`` keeps it (the evaluation then goes untimed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    handler = signal.getsignal(signal.SIGVTALRM)
+    if handler is _tick:
+        return True
+    if handler in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGVTALRM, _tick)
+        atexit.register(_stop)  # before Python puts back the default action (exit)
+        return True
+    return False
+
+
+def _stop() -> None:
+    signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+    _clock.armed = False
+
+
+def bounded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` run with a fresh ``range`` budget, and within ``EVAL_SECONDS``."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        _budget.items = MAX_ITEMS
+        clock = _clock
+        if clock.running:  # nested: the outer evaluation's clock holds
+            return func(*args, **kwargs)
+        if not clock.armed:
+            if not _timer_ready():
+                return func(*args, **kwargs)
+            signal.setitimer(signal.ITIMER_VIRTUAL, TICK, TICK)
+            clock.armed = True
+        clock.started = time.monotonic()
+        clock.running = True
+        try:
+            return func(*args, **kwargs)
+        finally:
+            clock.running = False
+
+    return run
+
+
+class _Range:
+    """``range`` for rules: a real range whose items are drawn from the budget."""
+
+    def __init__(self, *args: int) -> None:
+        self._range = range(*args)
+        if len(self._range) > MAX_RANGE:
+            raise SecurityError(f"range too big (more than {MAX_RANGE} items)")
+
+    def __iter__(self) -> Iterator[int]:
+        for item in self._range:
+            _budget.items -= 1
+            if _budget.items < 0:
+                raise Overrun(f"more than {MAX_ITEMS} items drawn from range")
+            yield item
+
+    def __reversed__(self) -> Iterator[int]:
+        return iter(self[::-1])
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._range
+
+    def __getitem__(self, index: Any) -> Any:
+        value = self._range[index]
+        if not isinstance(value, range):
+            return value
+        part = _Range()
+        part._range = value
+        return part
+
+    def __repr__(self) -> str:
+        return repr(self._range)
+
+
+# -- size ------------------------------------------------------------------------------
+
+
+def _check_width(value: object, what: str) -> None:
+    if isinstance(value, int) and value > MAX_WIDTH:
+        raise SecurityError(f"{what} of {value} is beyond {MAX_WIDTH}")
+
+
+def _check_printf(template: str, values: object) -> None:
+    """Refuse a ``%`` format whose widths or precisions (written, or taken from
+    ``values`` for ``*``) are beyond ``MAX_WIDTH``."""
+    args = list(values) if isinstance(values, tuple) else [values]
+    position = 0
+    for conversion in _PRINTF.finditer(template):
+        if conversion["conv"] == "%":
+            continue
+        for part in ("width", "prec"):
+            given = conversion[part]
+            if given == "*":
+                taken = args[position] if position < len(args) else None
+                position += 1
+                _check_width(taken, f"a % format's {part}")
+            elif given:
+                _check_width(int(given), f"a % format's {part}")
+        position += 1
+
+
+def _replace(text: str, old: str, new: str, count: int = -1) -> str:
+    if len(new) > len(old):
+        times = text.count(old) if old else len(text) + 1
+        if count >= 0:
+            times = min(times, count)
+        if len(text) + times * (len(new) - len(old)) > MAX_REPEAT:
+            raise SecurityError(f"replace would make a string longer than {MAX_REPEAT}")
+    return text.replace(old, new, count)
+
+
+class _BoundedFormatter(Formatter):
+    """The sandbox's ``str.format`` formatter, with widths and precisions bounded."""
+
+    def __init__(self, formatter: Formatter) -> None:
+        super().__init__()
+        self._inner = formatter
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> Any:
+        return self._inner.get_field(field_name, args, kwargs)
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        spec = _SPEC.match(format_spec)
+        if spec is not None:
+            for part in ("width", "prec"):
+                if spec[part]:
+                    _check_width(int(spec[part]), f"a format's {part}")
+        return super().format_field(value, format_spec)
 
 
 class TemplateProblem(ValueError):
@@ -50,11 +253,41 @@ class TemplateProblem(ValueError):
 
 
 class Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, with ``**`` and ``*`` bounded (a ``SecurityError`` beyond)."""
+    """Jinja's immutable sandbox, with what an operation may make bounded (the module
+    docstring says what; a ``SecurityError`` beyond). An intercepted operator is never
+    folded at compile time either: a constant one is bounded at load, as an event's."""
 
-    intercepted_binops = frozenset({"**", "*"})
+    intercepted_binops = frozenset({"**", "*", "%"})
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt: str = value.__self__
+        formatter = _BoundedFormatter(_SandboxFormatter(self))
+        if value.__name__ == "format_map":
+            return lambda mapping: formatter.vformat(fmt, (), mapping)
+        return lambda *args, **kwargs: formatter.vformat(fmt, args, kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        value = super().getattr(obj, attribute)
+        if isinstance(obj, str) and attribute in _WIDTH_METHODS:
+            method = value
+
+            def width_bounded(width: Any = 8, *args: Any) -> Any:
+                _check_width(width, f"the width of {attribute}")
+                return method(width, *args)
+
+            return width_bounded
+        if isinstance(obj, str) and attribute == "replace":
+            return lambda old, new, count=-1: _replace(obj, old, new, count)
+        return value
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%":
+            if isinstance(left, str):
+                _check_printf(left, right)
+            return left % right
         if operator == "**":
             if (
                 isinstance(left, int)
@@ -80,6 +313,26 @@ def make_environment(
 ) -> ImmutableSandboxedEnvironment:
     """A sandbox with the plugins' filters; undefined names are empty, never errors."""
     env = Sandbox(undefined=ChainableUndefined, autoescape=False)
+    env.globals["range"] = _Range
+    builtin = dict(env.filters)
+
+    def format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
+        _check_printf(str(value), kwargs or tuple(args))
+        return str(builtin["format"](value, *args, **kwargs))
+
+    def center(value: Any, width: int = 80) -> str:
+        _check_width(width, "the width of center")
+        return str(builtin["center"](value, width))
+
+    def indent(value: Any, width: Any = 4, *args: Any, **kwargs: Any) -> str:
+        _check_width(len(width) if isinstance(width, str) else width, "an indent")
+        return str(builtin["indent"](value, width, *args, **kwargs))
+
+    def replace(eval_ctx: Any, value: Any, old: Any, new: Any, count: Any = None) -> str:
+        return _replace(str(value), str(old), str(new), -1 if count is None else count)
+
+    replace.jinja_pass_arg = builtin["replace"].jinja_pass_arg  # type: ignore[attr-defined]
+    env.filters.update(format=format_filter, center=center, indent=indent, replace=replace)
     env.filters.update(dict(filters or {}))
     return env
 
@@ -136,7 +389,7 @@ def compile_expression(env: ImmutableSandboxedEnvironment, source: str) -> Expre
     """Compile a ``when`` expression; raises ``TemplateProblem`` with a clear reason."""
     try:
         _refuse_escapes(env.parse("{{ (" + source + ") }}"))
-        return env.compile_expression(source, undefined_to_none=False)
+        return bounded(env.compile_expression(source, undefined_to_none=False))
     except TemplateSyntaxError as err:
         raise TemplateProblem(f"invalid expression: {err.message}") from None
 
@@ -150,4 +403,14 @@ def compile_template(
         template = env.from_string(source)
     except TemplateSyntaxError as err:
         raise TemplateProblem(f"invalid template: {err.message} (line {err.lineno})") from None
-    return template.render
+
+    def render(context: Mapping[str, Any]) -> str:
+        pieces, size = [], 0
+        for piece in template.generate(context):
+            size += len(piece)
+            if size > MAX_OUTPUT:
+                raise Overrun(f"renders to more than {MAX_OUTPUT} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+
+    return bounded(render)

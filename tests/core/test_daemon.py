@@ -111,6 +111,28 @@ async def test_match_to_signed_webhook(tmp_path: Path) -> None:
         assert daemon.sources["feed"].rejected
 
 
+async def test_a_template_that_would_run_for_ever_costs_its_alert_a_title_only(
+    tmp_path: Path,
+) -> None:
+    # An audit's title froze the daemon at the first matching event: no alert went out,
+    # /healthz stopped answering and SIGTERM was ignored.
+    bomb = (
+        '[[rules]]\nname = "bomb"\ntype = "transfer"\nactions = ["hook"]\n'
+        'title = "{% for a in args.many %}{% for b in args.many %}{% for c in args.many %}'
+        '{% endfor %}{% endfor %}{% endfor %}done"\n'
+    )
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url(), bomb))
+        async with running(path):
+            await wait_for(lambda: server.clients, what="the source to connect")
+            event = transfer("t1")
+            event["data"]["args"]["many"] = list(range(5000))  # type: ignore[index]
+            await server.push(event)
+            await wait_for(lambda: len(receiver.ok()) == 2, what="both alerts")
+    titles = sorted(r.json()["title"] for r in receiver.requests)
+    assert titles == ["(title could not be rendered: Overrun)", "5 from alice"]
+
+
 async def test_apprise_json_to_local_server(tmp_path: Path) -> None:
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
         text = (

@@ -212,6 +212,18 @@ body = "{{ '{0} to {1}'.format(args['from'], args.to) }} {{ 'a_b'|replace('_', '
         "(7 ** (x * 1000000 + 2)) == 49",
         "('ab' * (x * 10000000 + 2)) == 'abab'",
         "((x * 10000000 + 2) * [1]) == [1, 1]",
+        # A width or precision the event chooses (an audit made 300 MB strings of each).
+        "('%.*f' % (x * 60000000 + 2, 1.5)) == '1.50'",
+        "('%0*d' % (x * 60000000 + 2, 7)) == '07'",
+        "('{:.{}f}'.format(1.5, x * 60000000 + 2)) == '1.50'",
+        "('{:>{}}'.format('a', x * 60000000 + 2)) == ' a'",
+        "('a' | center(x * 60000000 + 2)) == 'a '",
+        "('a'.ljust(x * 60000000 + 2)) == 'a '",
+        "('%0*d' | format(x * 60000000 + 2, 7)) == '07'",
+        "(('a' * 10000) | replace('a', 'b' * (x * 19999 + 1))) == 'b' * 10000",
+        "(('a' * 10000).replace('a', 'b' * (x * 19999 + 1))) == 'b' * 10000",
+        # Time: items drawn from range, in all (10 ** 10 here, before).
+        "([range(100000)] * (x * 19999 + 1)) | map('sum') | sum == 4999950000",
     ],
 )
 def test_event_values_cannot_blow_up_an_expression(tmp_path: Path, when: str) -> None:
@@ -221,6 +233,32 @@ def test_event_values_cannot_blow_up_an_expression(tmp_path: Path, when: str) ->
     huge = Event(id="h", source="s", provider="p", type="t", data={"x": 5})
     assert engine.process(huge) == []
     assert engine.stats.when_errors == 1
+
+
+def test_a_template_that_runs_too_long_is_cut_off_and_counted(tmp_path: Path) -> None:
+    # Loops over the event's own list: no range to count, so the clock stops it.
+    rules = (
+        '[[rules]]\nname = "slow"\n'
+        'title = "{% for a in n %}{% for b in n %}{% for c in n %}{% endfor %}{% endfor %}'
+        '{% endfor %}done"\n'
+        '[[rules]]\nname = "long"\ntitle = "{% for a in n %}{{ \'%0999d\' % a }}{% endfor %}"\n'
+    )
+    engine = engine_for(tmp_path, rules)
+    event = Event(id="e", source="s", provider="p", type="t", data={"n": list(range(3000))})
+    slow, long = engine.process(event)
+    assert slow.alert.title == "(title could not be rendered: Overrun)"
+    assert long.alert.title == "(title could not be rendered: Overrun)"  # 3 MB of output
+    assert engine.stats.template_errors == 2
+    event = Event(id="f", source="s", provider="p", type="t", data={"n": [1, 2]})
+    assert [p.alert.title for p in engine.process(event)] == ["done", f"{1:0999d}{2:0999d}"]
+
+
+def test_a_constant_bomb_is_not_folded_when_the_config_loads(tmp_path: Path) -> None:
+    # Jinja folds constant expressions as it compiles: an audit saw tocsin check take
+    # 15 s on this title. Bounded operators are not folded, and fail as the event's do.
+    engine = engine_for(tmp_path, '[[rules]]\nname = "c"\ntitle = "{{ \'%0999999999d\' % 1 }}"\n')
+    (alert,) = engine.process(transfer("me"))
+    assert alert.alert.title == "(title could not be rendered: SecurityError)"
 
 
 def test_when_error_does_not_fire_and_is_counted(tmp_path: Path) -> None:
