@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -215,10 +215,20 @@ MAX_WAKES_PER_GAP = 100_000
 
 
 def _event_clock(event: Event) -> float:
+    """When an event of an events file happened: its ``time`` (UTC when it names no zone,
+    as the rule kinds read it), else when it was received."""
     try:
-        return datetime.fromisoformat(event.time.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        moment = datetime.fromisoformat(event.time.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    except (ValueError, OverflowError, OSError):
         return event.received
+
+
+def _receipt_clock(event: Event) -> float:
+    """When a recorded frame's event was received (its ``t``): the live daemon's clock."""
+    return event.received
 
 
 class _Output:
@@ -286,7 +296,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     golden = Path(args.expect) if args.expect else None
     expected = read_golden(golden) if golden else None  # a bad golden file stops us first
     now = [0.0]
-    # Throttles and windows follow the events' own times, so a file replays as it happened.
+    # Throttles and windows follow the events' own times, so a file replays as it happened:
+    # an envelope's time, or, for frames, when each was received (the daemon's clock).
+    clock_of = _receipt_clock if args.frames is not None else _event_clock
     engine.clock = engine.wall = lambda: now[0]
     events = fired = bad = 0
     sent: list[str] = []
@@ -331,7 +343,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             events += 1
             # What time alone caused before this event, at each time a kind wakes (a repeat
             # due between two events hours apart); never backwards, as in the daemon.
-            until = max(now[0], _event_clock(event))
+            until = max(now[0], clock_of(event))
             if events == 1:
                 now[0] = until  # the replay's time starts at its first event
             for wakes in itertools.count():

@@ -7,6 +7,7 @@ needs the ``rules = "tocsin_rules"`` entry point installed."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,53 @@ def test_a_fired_rule_s_window_is_shown_under_its_own_alert(
         out[at + 4]
         == f"{events}:2: no alert from 'market quiet': last event 0s ago; fires after 2m"
     )
+
+
+def test_a_time_without_a_zone_is_utc_whatever_the_machine_s_zone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kinds read "2026-11-22T10:00:00" as UTC; the replay's clock read it as local
+    # time, so in New York the events were 5 h old to the window and the rule never fired.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        config = CONFIG.replace("count = 3\n", 'count = 2\ntime_field = "event"\n', 1)
+        lines = [transfer("t1", "2026-11-22T10:00:00"), transfer("t2", "2026-11-22T10:01:00")]
+        events, out = replay(tmp_path, config, lines, capsys)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert f"{events}:2: [firing] burst -> console" in out
+
+
+def test_recorded_frames_replay_in_the_time_they_were_received(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three transfers pushed within a second, of blocks 5 minutes apart (a backlog): the
+    # daemon counts them at receipt (time_field = "receipt", the default) and fires; the
+    # replay used the block times and did not.
+    from tocsin_eospark.emulator import eos_time, transaction
+    from tocsin_eospark.emulator import transfer as eos_transfer
+    from tocsin_eospark.protocol import data_frame
+
+    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin,rules,eospark")
+    config = (
+        '[sources.eos]\nplugin = "eospark"\napi_key = "k"\n'
+        'subscriptions = [{ account = "myaccount", contract = "eosio.token" }]\n'
+        + CONFIG[: CONFIG.index('[[rules]]\nname = "odds moved"')].replace('"10m"', '"1m"')
+    )
+    (tmp_path / "tocsin.toml").write_text(config)
+    frames = tmp_path / "frames.jsonl"
+    with frames.open("w") as out:
+        for n in range(3):
+            trx = transaction(
+                [eos_transfer("myaccount", "bob", "1.0000 EOS", f"m{n}")],
+                timestamp=eos_time(1_763_805_600 + 300 * n),
+            )
+            out.write(json.dumps({"t": 1_763_806_500 + 0.3 * n, "frame": data_frame(trx)}) + "\n")
+    code = main(
+        ["test", "-c", str(tmp_path / "tocsin.toml"), "--frames", str(frames), "--source", "eos"]
+    )
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"{frames}:3: [firing] burst -> console" in printed.splitlines()
