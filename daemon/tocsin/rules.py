@@ -26,6 +26,7 @@ from .events import Event, RecentIds, get_path, split_path, stable_id, to_json, 
 from .fields import format_duration
 from .plugins import Registry
 from .rulekind import Firing, RuleConfig, RuleKind
+from .store import FORGET
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +344,12 @@ class Engine:
             self.rules[name].kind = old.rules[name].kind
         self._touched = {self.rules[r.name] for r in old._touched if r.name in same}
         for name, rule in self.rules.items():
-            if name in old.rules and name not in same and rule in self.stateful:
-                log.info("rule %r changed: its windows and firing alerts start fresh", name)
+            if name in old.rules and name not in same:
+                # What was saved of the old version goes: a reload back to it must not
+                # find it again at the next restart (the fingerprint would match).
+                self.state_writes.append((name, f"{FORGET}\x1f{old.rules[name].fingerprint}", None))
+                if rule in self.stateful:
+                    log.info("rule %r changed: its windows and firing alerts start fresh", name)
 
     def restore(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Load persisted rule state (throttles, kinds' groups) of rules unchanged since."""

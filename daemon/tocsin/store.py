@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PENDING, DONE, DEAD, DROPPED = 0, 1, 2, 3
+FORGET = "forget"
+"""A rule state write ``(rule, "forget\x1f<fingerprint>", None)`` deletes every row of that
+version of the rule (its kind's groups and throttles)."""
 STATE_NAMES = {PENDING: "pending", DONE: "done", DEAD: "dead", DROPPED: "dropped"}
 
 SCHEMA = """
@@ -405,6 +408,13 @@ class Store:
                         )
                     )
         for rule, key, value in rule_state:
+            what, _, fingerprint = key.partition("\x1f")
+            if value is None and what == FORGET:  # every row of that version of the rule
+                conn.execute(
+                    "DELETE FROM rule_state WHERE rule = ? AND (key LIKE ? OR key LIKE ?)",
+                    (rule, f"kind\x1f{fingerprint}\x1f%", f"throttle\x1f{fingerprint}\x1f%"),
+                )
+                continue
             if value is None:
                 conn.execute("DELETE FROM rule_state WHERE rule = ? AND key = ?", (rule, key))
                 continue

@@ -223,3 +223,28 @@ def test_a_wall_clock_jump_does_not_move_throttles_or_windows(
     assert eng.clock() >= first  # and never backwards
     eng.process(ping("ann", 1))
     assert len(eng.process(ping("ann", 2))) == 1  # the pair still counts as one window
+
+
+def test_a_rule_changed_and_changed_back_by_reloads_does_not_get_its_old_state_back(
+    tmp_path: Path,
+) -> None:
+    # The rows of the first version stayed; a reload back to it made their fingerprint
+    # match again, and the restart after restored a count the running daemon had dropped.
+    clock = Clock()
+    store = Store.open(tmp_path / "state")
+    try:
+        first = engine(tmp_path, clock, every=2)
+        first.process(ping("ann", 1))
+        commit(store, first)
+        changed = engine(tmp_path, clock, every=3)
+        changed.adopt(first)  # starts fresh
+        commit(store, changed)
+        back = engine(tmp_path, clock, every=2)
+        back.adopt(changed)  # starts fresh again: same rule as first, none of its state
+        commit(store, back)
+        assert saved(store) == {}
+        restarted = engine(tmp_path, clock, every=2)
+        restarted.restore(store.call_sync(Store.load_rule_state))
+        assert restarted.process(ping("ann", 2)) == []  # ann's 1 did not come back
+    finally:
+        store.close()
