@@ -9,6 +9,7 @@ before validation, anywhere in the file, by ``resolve_secret_refs``; a field typ
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -81,6 +82,10 @@ class _SecretRegistry:
         parts = [p for p in _secret_parts(value) if len(p) >= 4]  # shorter: ordinary words
         if not parts:
             return
+        # As messages quote them too: repr() ('a\\b' in an error) and JSON (a JSON log line).
+        escaped = [repr(p)[1:-1] for p in parts] + [json.dumps(p)[1:-1] for p in parts]
+        escaped += [json.dumps(p, ensure_ascii=False)[1:-1] for p in parts]
+        parts = list(dict.fromkeys(parts + escaped))
         with self._lock:
             if transient:
                 fresh = [p for p in parts if p not in self._transient]

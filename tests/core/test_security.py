@@ -12,6 +12,7 @@ and ``tocsin outbox`` are grepped the same way.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import socket
@@ -331,6 +332,24 @@ def test_tocsin_check_names_problems_not_secrets(tmp_path: Path) -> None:
         assert problem in output
     assert "Traceback" not in output
     assert leaks(output, secrets) == []
+
+
+def test_a_secret_with_a_backslash_or_a_quote_is_not_quoted_in_an_error(tmp_path: Path) -> None:
+    # An error quotes a bad value with repr(), which doubles a backslash: the registry
+    # knew the secret only as written, and 'w1\\Secret-Hunter2' went out in clear.
+    secret = "w1\\Secret-Hunter2\"q'x"
+    (tmp_path / "key").write_text(secret)
+    config = write_config(
+        tmp_path / "t.toml",
+        f'[daemon]\nhttp = {{ file = "{tmp_path}/key" }}\n'
+        '[actions.hook]\nplugin = "webhook"\nurl = { env = "BAD_URL" }\n',
+    )
+    result = cli("check", "-c", str(config), env=daemon_env(BAD_URL=secret))
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "daemon.http" in output and "actions.hook.url" in output
+    forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1], "Secret-Hunter2"}
+    assert [form for form in forms if form in output] == []
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
