@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from .action import ActionConfig
 from .errors import ConfigError, Problem
 from .events import DAEMON_EVENT_TYPES
-from .fields import ConfigModel, Duration, resolve_secret_refs
+from .fields import ConfigModel, Duration, read_regular_file, resolve_secret_refs
 from .plugins import Registry
 from .rulekind import RuleConfig
 from .source import SourceConfig
@@ -36,6 +36,8 @@ from .templates import TemplateProblem, compile_expression, compile_template, ma
 
 DEFAULT_CONFIG = "/etc/tocsin/tocsin.toml"
 TOP_LEVEL_KEYS = ("daemon", "sources", "actions", "rules")
+MAX_CONFIG = 16 * 1024 * 1024
+"""The largest config (or included) file read: thousands of rules are far less."""
 
 
 class DaemonConfig(ConfigModel):
@@ -203,8 +205,7 @@ class _Loader:
         """A TOML file, its secret references resolved (unless ``resolve`` is false)."""
         name = str(path)
         try:
-            with path.open("rb") as fh:
-                raw = tomllib.load(fh)
+            raw = tomllib.loads(read_regular_file(path, MAX_CONFIG).decode("utf-8"))
         except FileNotFoundError:
             self.problem(name, "", "no such file")
             return None
@@ -225,7 +226,7 @@ class _Loader:
             self.problem(file, at, message)
 
         return resolve_secret_refs(  # type: ignore[no-any-return]
-            raw, unresolved, path, environ=self.environ
+            raw, unresolved, path, environ=self.environ, base=Path(file).parent
         )
 
     def validate(

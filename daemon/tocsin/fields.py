@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -197,12 +198,31 @@ class ConfigModel(BaseModel):
 SECRET_KINDS = ("env", "file", "credential")
 
 
-def _read_secret(kind: str, name: object, environ: dict[str, str]) -> str:
+MAX_SECRET = 64 * 1024
+"""The largest secret file read (a key, a token or a URL: far less)."""
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes, else ``OSError``
+    with a reason: a FIFO would block, ``/dev/zero`` never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(0, f"larger than {limit // 1024} KiB")
+    return data
+
+
+def _read_secret(kind: str, name: object, environ: dict[str, str], base: Path | None) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{kind}: expected a non-empty string")
     if kind == "env":
         if name not in environ:
             raise ValueError(f"environment variable {name} is not set")
+        if not environ[name]:
+            raise ValueError(f"environment variable {name} is empty")
         return environ[name]
     if kind == "credential":
         directory = environ.get("CREDENTIALS_DIRECTORY")
@@ -213,10 +233,22 @@ def _read_secret(kind: str, name: object, environ: dict[str, str]) -> str:
         path = Path(directory) / name
     else:
         path = Path(name).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path  # relative to the config file, as include and state_dir
     try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
+        text = read_regular_file(path, MAX_SECRET).decode("utf-8").rstrip("\r\n")
     except OSError as err:
         raise ValueError(f"cannot read secret file {str(path)!r}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"secret file {str(path)!r} is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"secret file {str(path)!r} is empty")
+    return text
+
+
+# Tables whose keys are the user's data, so never a secret reference themselves (a rule's
+# match may test a field named env, file or credential); their values may be.
+_DATA_TABLES = re.compile(r"rules\[\d+\]\.match")
 
 
 def resolve_secret_refs(
@@ -224,28 +256,32 @@ def resolve_secret_refs(
     on_error: Callable[[str, str], None],
     path: str = "",
     environ: dict[str, str] | None = None,
+    base: Path | None = None,
 ) -> Any:
-    """Replace every secret reference table in ``value`` by the secret's text.
+    """Replace every secret reference table in ``value`` by the secret's text (a rule's
+    ``match`` is not one: its keys are data). A relative ``file`` is read from ``base``.
 
     ``on_error(path, message)`` is called for each reference that cannot be resolved;
     its value becomes ``""``, so validation goes on and reports the rest.
     """
     env = dict(os.environ) if environ is None else environ
     if isinstance(value, dict):
-        if len(value) == 1:
+        if len(value) == 1 and not _DATA_TABLES.fullmatch(path):
             ((kind, name),) = value.items()
             if kind in SECRET_KINDS:
                 try:
-                    text = _read_secret(kind, name, env)
+                    text = _read_secret(kind, name, env, base)
                 except ValueError as err:
                     on_error(path, str(err))
                     return ""
                 secret_registry.add(text)
                 return text
         return {
-            k: resolve_secret_refs(v, on_error, f"{path}.{k}" if path else str(k), env)
+            k: resolve_secret_refs(v, on_error, f"{path}.{k}" if path else str(k), env, base)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [resolve_secret_refs(v, on_error, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [
+            resolve_secret_refs(v, on_error, f"{path}[{i}]", env, base) for i, v in enumerate(value)
+        ]
     return value

@@ -83,7 +83,8 @@ def test_good_config_loads_with_secrets_and_includes(
     (tmp_path / "hook.secret").write_text("s3cret-from-file\n")
     (tmp_path / "rules.d").mkdir()
     (tmp_path / "rules.d" / "more.toml").write_text('[[rules]]\nname = "more"\nmatch = { x = 1 }\n')
-    monkeypatch.chdir(tmp_path)  # the secret file path is relative to the working directory
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a relative secret file is the config's
     config = load_config(write_config(tmp_path / "tocsin.toml", GOOD), make_registry(), env)
     assert [r.config.name for r in config.rules] == ["incoming transfer", "more"]
     assert config.rules[1].file.endswith("more.toml")
@@ -133,6 +134,57 @@ def test_a_secret_that_cannot_be_read_is_one_problem(tmp_path: Path, env: dict[s
         f"{path}: actions.phone.urls[1]: environment variable NO_PHONE_URL is not set",
         f"{path}: actions.phone.urls[2]: not a URL Apprise understands",
     ]
+
+
+@pytest.mark.parametrize(
+    ("secret", "make", "message"),
+    [
+        ('{ file = "/dev/zero" }', None, "cannot read secret file '/dev/zero': not a regular file"),
+        ('{ file = "fifo" }', "fifo", "cannot read secret file '{dir}/fifo': not a regular file"),
+        ('{ file = "empty" }', "empty", "secret file '{dir}/empty' is empty"),
+        ('{ file = "big" }', "big", "cannot read secret file '{dir}/big': larger than 64 KiB"),
+        ('{ env = "EMPTY_SECRET" }', None, "environment variable EMPTY_SECRET is empty"),
+    ],
+)
+def test_a_secret_must_be_a_small_regular_file_or_a_set_variable_and_not_empty(
+    tmp_path: Path, env: dict[str, str], secret: str, make: str | None, message: str
+) -> None:
+    # /dev/zero made tocsin check grow to 1.35 GB and die with a traceback, a FIFO hung
+    # it, and an empty secret signed webhooks with an empty HMAC key (config audit).
+    if make == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    elif make == "empty":
+        (tmp_path / "empty").write_text("\n")
+    elif make == "big":
+        (tmp_path / "big").write_text("x" * 70_000)
+    text = GOOD.replace('{ file = "hook.secret" }', secret).replace(
+        'include = ["rules.d/*.toml"]', ""
+    )
+    path = write_config(tmp_path / "t.toml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, make_registry(), {**env, "EMPTY_SECRET": ""})
+    expected = f"{path}: actions.hook.secret: " + message.replace("{dir}", str(tmp_path))
+    assert [str(p) for p in caught.value.problems] == [expected]
+
+
+def test_a_config_must_be_a_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(Path("/dev/zero"), make_registry())
+    assert [str(p) for p in caught.value.problems] == ["/dev/zero: cannot read: not a regular file"]
+
+
+def test_a_match_may_test_fields_named_like_secret_references(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # match = { env = "prod" } was read as the secret in $prod (and { file = ... } read
+    # that file): there was no way to write such a rule.
+    path = write_config(
+        tmp_path / "t.toml",
+        '[[rules]]\nname = "prod"\nmatch = { env = "prod" }\n'
+        '[[rules]]\nname = "file"\nmatch = { file = "/etc/hostname" }\n',
+    )
+    config = load_config(path, make_registry(), env)
+    assert [r.config.match for r in config.rules] == [{"env": "prod"}, {"file": "/etc/hostname"}]
 
 
 def test_every_problem_is_listed_with_file_and_path(tmp_path: Path, env: dict[str, str]) -> None:
