@@ -28,7 +28,7 @@ from . import __version__
 from .config import DEFAULT_CONFIG, Config, load_config, load_daemon_config
 from .errors import ConfigError, PluginError, ServeError, StateError, TocsinError, UsageError
 from .events import Event
-from .fields import parse_duration, secret_registry
+from .fields import SecretUnavailable, parse_duration, secret_registry
 from .logs import LEVELS, setup_logging
 from .notify import Notifier
 from .outbox_view import outbox_json, outbox_lines
@@ -195,13 +195,37 @@ def _registry() -> Registry:
     return build_registry(make_plugin_manager())
 
 
-def _load(args: argparse.Namespace, registry: Registry) -> tuple[Config, Engine]:
-    config = load_config(_config_path(args), registry)
+def _load(
+    args: argparse.Namespace,
+    registry: Registry,
+    unchecked: Callable[[ValueError], bool] | None = None,
+) -> tuple[Config, Engine]:
+    try:
+        config = load_config(_config_path(args), registry, unchecked=unchecked)
+    except ConfigError as err:
+        _notes(err.notes)
+        raise
+    _notes(config.notes)
     return config, Engine(compile_rules(config, registry))
 
 
+def _notes(notes: Iterable[object]) -> None:
+    for note in notes:  # (never a secret: it names the reference, not the value)
+        print(f"tocsin: note: {note}", file=sys.stderr)
+
+
+def _credential_outside_systemd(error: ValueError) -> bool:
+    """``tocsin check`` in a shell: the service's credentials are not there to read."""
+    return isinstance(error, SecretUnavailable) and error.kind == "credential"
+
+
+def _any_unavailable(error: ValueError) -> bool:
+    """``tocsin test`` and ``explain`` send nothing: secrets they cannot read are not needed."""
+    return isinstance(error, SecretUnavailable)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    config, engine = _load(args, _registry())
+    config, engine = _load(args, _registry(), _credential_outside_systemd)
     off = len(config.rules) - len(engine.rules)
     print(
         f"{config.path}: ok: {len(config.sources)} source(s), {len(config.actions)} action(s),"
@@ -291,7 +315,7 @@ def _test_input(
 
 def cmd_test(args: argparse.Namespace) -> int:
     registry = _registry()
-    config, engine = _load(args, registry)
+    config, engine = _load(args, registry, _any_unavailable)
     path, read = _test_input(args, config, registry)
     golden = Path(args.expect) if args.expect else None
     expected = read_golden(golden) if golden else None  # a bad golden file stops us first
@@ -411,7 +435,7 @@ def _say(text: str) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    config, engine = _load(args, _registry())
+    config, engine = _load(args, _registry(), _any_unavailable)
     name = args.rule
     entry = next((e for e in config.rules if e.config.name == name), None)
     if entry is None:

@@ -102,6 +102,9 @@ class Config:
     actions: dict[str, ActionConfig] = field(default_factory=dict)
     rules: list[RuleEntry] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    # Secrets left unchecked (``load_config(unchecked=...)``): the tables holding them are
+    # left out of ``sources`` and ``actions``.
+    notes: list[Problem] = field(default_factory=list)
 
 
 def is_loopback(host: str) -> bool:
@@ -177,8 +180,15 @@ def problems_from(
 
 
 class _Loader:
-    def __init__(self, registry: Registry, environ: Mapping[str, str] | None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        environ: Mapping[str, str] | None,
+        unchecked: Callable[[ValueError], bool] | None = None,
+    ) -> None:
         self.registry = registry
+        self.unchecked = unchecked
+        self.notes: list[Problem] = []
         self.environ = dict(os.environ if environ is None else environ)
         self.problems: list[Problem] = []
         # (file, path) of each secret reference that could not be read: its value is "",
@@ -221,9 +231,12 @@ class _Loader:
         return self.resolve(raw, name) if resolve else raw
 
     def resolve(self, raw: dict[str, Any], file: str, path: str = "") -> dict[str, Any]:
-        def unresolved(at: str, message: str) -> None:
+        def unresolved(at: str, error: ValueError) -> None:
             self.unresolved.add((file, at))
-            self.problem(file, at, message)
+            if self.unchecked is not None and self.unchecked(error):
+                self.notes.append(Problem(file, at, f"not checked here: {error}"))
+            else:
+                self.problem(file, at, str(error))
 
         return resolve_secret_refs(  # type: ignore[no-any-return]
             raw, unresolved, path, environ=self.environ, base=Path(file).parent
@@ -279,22 +292,28 @@ def load_config(
     path: str | os.PathLike[str],
     registry: Registry,
     environ: Mapping[str, str] | None = None,
+    *,
+    unchecked: Callable[[ValueError], bool] | None = None,
 ) -> Config:
     """Read, resolve and validate the config at ``path`` and its includes.
 
     Raises ``ConfigError`` with every problem found. Templates are compiled by the rule
-    engine (``rules.compile_rules``), which adds its problems the same way.
+    engine (``rules.compile_rules``), which adds its problems the same way. A secret that
+    cannot be read for which ``unchecked(error)`` is true is a note (``Config.notes``),
+    not a problem, and the source or action holding it is left out: for commands that
+    do not need it (``tocsin test``) or cannot read it (a credential outside systemd).
     """
     with collector_paused():
-        return _load_config(path, registry, environ)
+        return _load_config(path, registry, environ, unchecked)
 
 
 def _load_config(
     path: str | os.PathLike[str],
     registry: Registry,
     environ: Mapping[str, str] | None = None,
+    unchecked: Callable[[ValueError], bool] | None = None,
 ) -> Config:
-    loader = _Loader(registry, environ)
+    loader = _Loader(registry, environ, unchecked)
     main = Path(path)
     name = str(main)
     raw = loader.read(main)
@@ -367,7 +386,8 @@ def _load_config(
 
     _validate_rules(loader, config, rule_tables)
     if loader.problems:
-        raise ConfigError(loader.problems)
+        raise ConfigError(loader.problems, loader.notes)
+    config.notes = loader.notes
     return config
 
 

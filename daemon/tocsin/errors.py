@@ -46,8 +46,9 @@ class Problem:
 class ConfigError(TocsinError):
     """The config is invalid; ``problems`` lists every problem found, not just the first."""
 
-    def __init__(self, problems: Iterable[Problem]) -> None:
+    def __init__(self, problems: Iterable[Problem], notes: Iterable[Problem] = ()) -> None:
         self.problems = list(problems)
+        self.notes = list(notes)  # secrets left unchecked (``load_config(unchecked=...)``)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -215,20 +215,31 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     return data
 
 
+class SecretUnavailable(ValueError):
+    """A secret this process cannot read, where the service may: a variable not set, a
+    file it may not open, a credential outside the service. ``kind`` is the reference's."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 def _read_secret(kind: str, name: object, environ: dict[str, str], base: Path | None) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{kind}: expected a non-empty string")
     if kind == "env":
         if name not in environ:
-            raise ValueError(f"environment variable {name} is not set")
+            raise SecretUnavailable(kind, f"environment variable {name} is not set")
         if not environ[name]:
             raise ValueError(f"environment variable {name} is empty")
         return environ[name]
     if kind == "credential":
         directory = environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
-            raise ValueError(
-                f"credential {name}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"
+            raise SecretUnavailable(
+                kind,
+                f"credential {name}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in"
+                " the unit)",
             )
         path = Path(directory) / name
     else:
@@ -237,6 +248,10 @@ def _read_secret(kind: str, name: object, environ: dict[str, str], base: Path | 
             path = base / path  # relative to the config file, as include and state_dir
     try:
         text = read_regular_file(path, MAX_SECRET).decode("utf-8").rstrip("\r\n")
+    except (FileNotFoundError, PermissionError) as err:
+        raise SecretUnavailable(
+            kind, f"cannot read secret file {str(path)!r}: {err.strerror}"
+        ) from None
     except OSError as err:
         raise ValueError(f"cannot read secret file {str(path)!r}: {err.strerror}") from None
     except UnicodeDecodeError:
@@ -253,7 +268,7 @@ _DATA_TABLES = re.compile(r"rules\[\d+\]\.match")
 
 def resolve_secret_refs(
     value: Any,
-    on_error: Callable[[str, str], None],
+    on_error: Callable[[str, ValueError], None],
     path: str = "",
     environ: dict[str, str] | None = None,
     base: Path | None = None,
@@ -261,8 +276,9 @@ def resolve_secret_refs(
     """Replace every secret reference table in ``value`` by the secret's text (a rule's
     ``match`` is not one: its keys are data). A relative ``file`` is read from ``base``.
 
-    ``on_error(path, message)`` is called for each reference that cannot be resolved;
-    its value becomes ``""``, so validation goes on and reports the rest.
+    ``on_error(path, error)`` is called for each reference that cannot be resolved (a
+    ``SecretUnavailable`` when it may be readable elsewhere); its value becomes ``""``, so
+    validation goes on and reports the rest.
     """
     env = dict(os.environ) if environ is None else environ
     if isinstance(value, dict):
@@ -272,7 +288,7 @@ def resolve_secret_refs(
                 try:
                     text = _read_secret(kind, name, env, base)
                 except ValueError as err:
-                    on_error(path, str(err))
+                    on_error(path, err)
                     return ""
                 secret_registry.add(text)
                 return text

@@ -685,3 +685,35 @@ def test_an_error_sentence_never_shows_a_secret(capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().err == (
         "tocsin: action 'pager' (plugin 'p') could not start: bad token ***\n"
     )
+
+
+def test_test_needs_no_secret_and_check_leaves_credentials_to_the_service(tmp_path: Path) -> None:
+    # tocsin test sends nothing, so a secret it cannot read is not needed (the example's
+    # own header said to run it without the webhook's secret, and it failed); tocsin check
+    # in a shell cannot read the service's credentials, which the README recommends.
+    config = tmp_path / "t.toml"
+    config.write_text(
+        '[actions.hook]\nplugin = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+        'secret = { credential = "hook-secret" }\n'
+        '[actions.other]\nplugin = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+        'secret = { env = "UNSET_SECRET_VAR" }\n'
+        '[[rules]]\nname = "r"\nactions = ["hook", "other"]\n'
+    )
+    events = tmp_path / "e.jsonl"
+    events.write_text('{"id": "1", "source": "s", "type": "t", "data": {}}\n')
+    test = tocsin("test", "-c", str(config), str(events))
+    assert test.returncode == 0, test.stderr
+    assert "[firing] r -> hook, other" in test.stdout
+    assert (
+        f"tocsin: note: {config}: actions.hook.secret: not checked here: credential" in test.stderr
+    )
+    assert (
+        "actions.other.secret: not checked here: environment variable UNSET_SECRET_VAR"
+        in test.stderr
+    )
+    check = tocsin("check", "-c", str(config))
+    assert check.returncode == 2  # a variable check can read is checked...
+    assert "actions.other.secret: environment variable UNSET_SECRET_VAR is not set" in check.stderr
+    assert (
+        "actions.hook.secret: not checked here: credential hook-secret" in check.stderr
+    )  # ...a credential not

@@ -42,7 +42,7 @@ def test_a_secret_url_is_scrubbed_by_its_parts_too(caplog: pytest.LogCaptureFixt
     problems: list[str] = []
     resolve_secret_refs(
         {"url": {"env": "U"}, "hook": {"env": "H"}},
-        lambda path, message: problems.append(message),
+        lambda path, error: problems.append(str(error)),
         environ={
             "U": "ws://127.0.0.1:9/gvite/ws?apikey=QUERYSECRET99&x=yes",
             "H": "json://me:pa%24%24word-77@127.0.0.1/hook/PATHTOKEN0123456789",
