@@ -326,6 +326,10 @@ class Engine:
         }
         self._touched: set[Rule] = set()
         self.suppressed: dict[str, str] = {}  # rule -> why its last firing was not sent
+        # (rule, group) -> whether a firing of the group's current run was sent, kept from
+        # when the throttle holds one back until the run resolves (its resolved is sent
+        # only if one was); at most _RECENT_ALERTS, the oldest forgotten.
+        self._told: dict[tuple[str, str], bool] = {}
 
     def adopt(self, old: Engine) -> None:
         """Keep the clock, and the state of rules unchanged since ``old`` (a reload)."""
@@ -337,6 +341,7 @@ class Engine:
             if n in old.rules and old.rules[n].fingerprint == r.fingerprint
         }
         self._throttle = {k: v for k, v in old._throttle.items() if k[0] in same}
+        self._told = {k: v for k, v in old._told.items() if k[0] in same}
         self.generations = dict(old.generations)
         self._recent = old._recent
         self.state_writes = old.state_writes + self.state_writes
@@ -606,6 +611,12 @@ class Engine:
             self.stats.duplicates += 1
             self.suppressed[rule.name] = "a duplicate of an alert already made"
             return None
+        told = self._told
+        if firing.status == "resolved" and not told.pop((rule.name, group_key), True):
+            # The end of a firing the throttle kept back: nobody was told it began.
+            self.stats.throttled += 1
+            self.suppressed[rule.name] = "the end of a firing the throttle kept back"
+            return None
         if rule.config.throttle is not None and firing.status == "firing":
             now = self.clock()
             last = self._throttle.get((rule.name, group_key))
@@ -614,6 +625,9 @@ class Engine:
                 self.suppressed[rule.name] = (
                     f"throttled (one alert per {format_duration(rule.config.throttle)} per group)"
                 )
+                told.setdefault((rule.name, group_key), False)  # (True if a firing went)
+                if len(told) > _RECENT_ALERTS:
+                    del told[next(iter(told))]
                 return None
             # Moved to the end: the table stays in the order of the groups' last alerts.
             self._throttle.pop((rule.name, group_key), None)
@@ -624,6 +638,8 @@ class Engine:
             if len(self._throttle) > _RECENT_ALERTS:
                 self._expire_throttles(now)
         self._recent.seen(alert_id)
+        if firing.status == "firing" and (rule.name, group_key) in self._told:
+            self._told[(rule.name, group_key)] = True
         return PendingAlert(
             alert=self.render(rule, firing.status, event, alert_id),
             event_id=event.id,

@@ -259,3 +259,27 @@ def test_a_sum_window_keeps_a_bounded_number_of_points_and_its_total() -> None:
     assert Decimal("59.9") <= window.sum(60, 122.87) <= Decimal("60.1")
     window.expire(60, 200.0)
     assert len(window) == 0 and window.total == 0
+
+
+def test_a_firing_the_throttle_held_back_gets_no_resolved(
+    tmp_path: Path,
+) -> None:
+    # Before, the kind marked the group firing and the engine threw the firing away: the
+    # receiver got "[resolved] ..." of a firing it never saw (rules audit).
+    clock = Clock().at(0)
+    engine = build(
+        tmp_path, RULE.format(extra='throttle = "1h"').replace("count = 3", "count = 1"), clock
+    )
+    (first,) = engine.process(out(1))
+    clock.at(10)
+    (resolved,) = engine.tick()  # the first run ends: it was sent, so is its end
+    clock.at(30)
+    assert engine.process(out(2)) == []  # a new run, within the hour: throttled
+    clock.at(40)
+    assert engine.tick() == []  # its end: nobody was told it began
+    assert engine.stats.throttled == 2
+    assert seen([first, resolved]) == [("firing", "e1"), ("resolved", "e1")]
+    clock.at(4000)  # an hour on: a run is sent, and so is its end
+    (again,) = engine.process(out(3))
+    clock.at(4010)
+    assert seen([again, *engine.tick()]) == [("firing", "e3"), ("resolved", "e3")]
