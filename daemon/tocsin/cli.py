@@ -333,7 +333,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         size = path.stat().st_size
     except OSError:
         size = 0  # numbered_lines says why it cannot be read
-    lines = numbered_lines(path)
+    lines = numbered_lines(path, too_long=lambda where, reason: skip(where, reason))
     out = _Output(size)
 
     def skip(where: str, reason: str) -> None:

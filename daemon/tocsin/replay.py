@@ -17,6 +17,8 @@ import base64
 import binascii
 import difflib
 import math
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -36,26 +38,49 @@ GOLDEN_KEYS = ("rule", "status", "id", "event_id", "title", "body", "actions")
 
 
 def numbered_lines(
-    path: Path, progress: Callable[[int], None] | None = None
+    path: Path, progress: Callable[[int], None] | None = None, too_long: Skip | None = None
 ) -> Iterator[tuple[str, bytes]]:
     """The non-blank lines of ``path`` as ``("FILE:LINE", bytes)``; ``progress(bytes read)``.
+    A line over ``MAX_LINE`` is passed over and reported to ``too_long`` (without one, it is
+    a ``UsageError``).
 
     Raises ``UsageError`` at once when the file cannot be opened.
     """
     try:
         handle = path.open("rb")
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            handle.close()
+            raise UsageError(f"cannot read {path}: not a regular file")
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror}") from None
-    return _lines(handle, str(path), progress)
+    return _lines(handle, str(path), progress, too_long)
+
+
+MAX_LINE = 16 * 1024 * 1024
+"""The longest line read (a recorded frame of 8 MiB, in base64, is 11 MiB)."""
 
 
 def _lines(
-    handle: IO[bytes], name: str, progress: Callable[[int], None] | None
+    handle: IO[bytes],
+    name: str,
+    progress: Callable[[int], None] | None,
+    too_long: Skip | None,
 ) -> Iterator[tuple[str, bytes]]:
     with handle:
-        for number, line in enumerate(handle, 1):
+        number = 0
+        while line := handle.readline(MAX_LINE + 1):
+            number += 1
             if progress is not None:
                 progress(len(line))
+            if len(line) > MAX_LINE:
+                while not line.endswith(b"\n") and (line := handle.readline(MAX_LINE)):
+                    if progress is not None:
+                        progress(len(line))
+                reason = f"longer than {MAX_LINE:,} bytes"
+                if too_long is None:
+                    raise UsageError(f"{name}:{number}: {reason}")
+                too_long(f"{name}:{number}", reason)
+                continue
             if line.strip():
                 yield f"{name}:{number}", line
 

@@ -717,3 +717,26 @@ def test_test_needs_no_secret_and_check_leaves_credentials_to_the_service(tmp_pa
     assert (
         "actions.hook.secret: not checked here: credential hook-secret" in check.stderr
     )  # ...a credential not
+
+
+def test_test_reads_regular_files_and_passes_over_a_line_too_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tocsin test /dev/zero grew to 1.35 GB and ended in a MemoryError traceback.
+    from tocsin import replay
+
+    config = tmp_path / "t.toml"
+    config.write_text('[[rules]]\nname = "r"\n')
+    zero = tocsin("test", "-c", str(config), "/dev/zero")
+    assert (
+        zero.returncode == 2
+        and zero.stderr.strip() == "tocsin: cannot read /dev/zero: not a regular file"
+    )
+    monkeypatch.setattr(replay, "MAX_LINE", 100)
+    events = tmp_path / "e.jsonl"
+    good = '{"id": "1", "source": "s", "type": "t", "data": {}}'
+    events.write_text(good + "\n" + "x" * 250 + "\n" + good.replace('"1"', '"2"') + "\n")
+    skipped: list[tuple[str, str]] = []
+    lines = list(replay.numbered_lines(events, too_long=lambda w, r: skipped.append((w, r))))
+    assert [where for where, _ in lines] == [f"{events}:1", f"{events}:3"]
+    assert skipped == [(f"{events}:2", "longer than 100 bytes")]
