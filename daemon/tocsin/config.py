@@ -373,6 +373,8 @@ def _load_config(
         if not matches and not glob.has_magic(pattern):
             loader.problem(name, "daemon.include", f"no such file: {pattern}")
         for match in matches:
+            if Path(match).resolve() == main.resolve():  # "*.toml" beside it: not itself
+                continue
             included = loader.read(Path(match))
             if included is None:
                 continue

@@ -241,6 +241,8 @@ def _read_secret(kind: str, name: object, environ: dict[str, str], base: Path | 
                 f"credential {name}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in"
                 " the unit)",
             )
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"credential {name!r}: a credential's name has no '/'")
         path = Path(directory) / name
     else:
         path = Path(name).expanduser()

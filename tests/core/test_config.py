@@ -423,3 +423,32 @@ kind = "nope"
     with pytest.raises(ConfigError) as err:
         load_daemon_config(bad, make_registry(), environ)
     assert [p.path for p in err.value.problems] == ["daemon.state_dir"]
+
+
+def test_an_include_pattern_that_matches_the_config_itself_leaves_it_out(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # include = ["*.toml"] beside the config read it again: "only [[rules]] may appear in
+    # an included file" and each rule a duplicate of itself (config audit).
+    (tmp_path / "more.toml").write_text('[[rules]]\nname = "more"\n')
+    path = write_config(
+        tmp_path / "main.toml",
+        '[daemon]\ninclude = ["*.toml"]\n[[rules]]\nname = "main"\n',
+    )
+    config = load_config(path, make_registry(), env)
+    assert [r.config.name for r in config.rules] == ["main", "more"]
+
+
+def test_a_credential_name_stays_in_the_credentials_directory(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    path = write_config(
+        tmp_path / "t.toml",
+        '[actions.hook]\nplugin = "webhook"\nurl = "http://127.0.0.1:1/"\n'
+        'secret = { credential = "../outside" }\n',
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, make_registry(), {**env, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}: actions.hook.secret: credential '../outside': a credential's name has no '/'"
+    ]
