@@ -103,7 +103,8 @@ class _Clock:
 
 TICK = 0.05
 _budget = _Budget()
-_clock = _Clock()
+_clock = _Clock()  # the main thread's alone: only it gets signals
+_MAIN_THREAD = threading.main_thread().ident
 
 
 def _tick(signum: int, frame: object) -> None:
@@ -114,10 +115,8 @@ def _tick(signum: int, frame: object) -> None:
 
 
 def _timer_ready() -> bool:
-    """Whether this thread can time an evaluation: only the main thread gets signals, and
-    another owner of ``SIGVTALRM`` keeps it (the evaluation then goes untimed)."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
+    """Whether the main thread can time an evaluation: another owner of ``SIGVTALRM``
+    keeps it (the evaluation then goes untimed)."""
     handler = signal.getsignal(signal.SIGVTALRM)
     if handler is _tick:
         return True
@@ -139,8 +138,8 @@ def bounded(func: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         _budget.items = MAX_ITEMS
         clock = _clock
-        if clock.running:  # nested: the outer evaluation's clock holds
-            return func(*args, **kwargs)
+        if clock.running or threading.get_ident() != _MAIN_THREAD:
+            return func(*args, **kwargs)  # nested (the outer clock holds), or not timed
         if not clock.armed:
             if not _timer_ready():
                 return func(*args, **kwargs)
