@@ -326,9 +326,9 @@ class Engine:
         }
         self._touched: set[Rule] = set()
         self.suppressed: dict[str, str] = {}  # rule -> why its last firing was not sent
-        # (rule, group) -> whether a firing of the group's current run was sent, kept from
-        # when the throttle holds one back until the run resolves (its resolved is sent
-        # only if one was); at most _RECENT_ALERTS, the oldest forgotten.
+        # (rule, group) of a throttled rule -> whether a firing of the group's current run
+        # was sent, until the run resolves (its resolved is sent only if one was); at most
+        # _RECENT_ALERTS, the oldest forgotten (then a resolved is sent, as before).
         self._told: dict[tuple[str, str], bool] = {}
 
     def adopt(self, old: Engine) -> None:
@@ -638,8 +638,10 @@ class Engine:
             if len(self._throttle) > _RECENT_ALERTS:
                 self._expire_throttles(now)
         self._recent.seen(alert_id)
-        if firing.status == "firing" and (rule.name, group_key) in self._told:
-            self._told[(rule.name, group_key)] = True
+        if firing.status == "firing" and rule.config.throttle is not None:
+            self._told[(rule.name, group_key)] = True  # a later throttled repeat keeps it
+            if len(self._told) > _RECENT_ALERTS:
+                del self._told[next(iter(self._told))]
         return PendingAlert(
             alert=self.render(rule, firing.status, event, alert_id),
             event_id=event.id,

@@ -62,22 +62,27 @@ MAX_WIDTH = MAX_RANGE
 """The largest width or precision a format, or ``center`` and its kin, may ask for."""
 MAX_ITEMS = 1_000_000
 """Items all the ``range`` objects of one evaluation may give, in all."""
+MAX_TEXT = 1_000_000
+"""The most characters the strings of a list repeated with ``*`` may add up to, and the
+longest string ``join`` may make."""
+MAX_CHARS = 4_000_000
+"""The characters the bounded operations of one evaluation may make, in all: many
+operations each within their bound must not add up to gigabytes."""
 MAX_OUTPUT = 64 * 1024
 """The most characters a ``title`` or ``body`` may render to."""
 EVAL_SECONDS = 0.25
 """The longest one ``when`` or template may run."""
 
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
-# A printf conversion: the width and precision may be "*" (taken from the arguments).
-_PRINTF = re.compile(
-    r"%(?:\((?P<key>[^)]*)\))?[-#0 +]*(?P<width>\*|\d+)?(?:\.(?P<prec>\*|\d+))?[hlL]?(?P<conv>.?)"
-)
+# A printf conversion after its "%" and its "(key)": the width and precision may be "*"
+# (taken from the arguments).
+_PRINTF = re.compile(r"[-#0 +]*(?P<width>\*|\d+)?(?:\.(?P<prec>\*|\d+))?[hlL]?(?P<conv>.?)")
 _SPEC = re.compile(r"^(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[_,]?(?:\.(?P<prec>\d+))?")
 
 Expression = Callable[..., Any]
 
 
-class Overrun(ValueError):
+class Overrun(Exception):
     """An evaluation went past one of the bounds above."""
 
 
@@ -85,9 +90,18 @@ class Overrun(ValueError):
 
 
 class _Budget(threading.local):
-    """What the evaluation under way on this thread may still draw from ``range``."""
+    """What the evaluation under way on this thread may still draw from ``range``, and
+    the characters its bounded operations may still make."""
 
     items = MAX_ITEMS
+    chars = MAX_CHARS
+
+
+def _charge(chars: int, what: str) -> None:
+    """Count ``chars`` made by one operation against the evaluation's budget."""
+    _budget.chars -= chars
+    if _budget.chars < 0:
+        raise Overrun(f"{what}: more than {MAX_CHARS} characters made in one evaluation")
 
 
 class _Clock:
@@ -137,6 +151,7 @@ def bounded(func: Callable[..., Any]) -> Callable[..., Any]:
 
     def run(*args: Any, **kwargs: Any) -> Any:
         _budget.items = MAX_ITEMS
+        _budget.chars = MAX_CHARS
         clock = _clock
         if clock.running or threading.get_ident() != _MAIN_THREAD:
             return func(*args, **kwargs)  # nested (the outer clock holds), or not timed
@@ -195,8 +210,10 @@ class _Range:
 
 
 def _check_width(value: object, what: str) -> None:
-    if isinstance(value, int) and value > MAX_WIDTH:
-        raise SecurityError(f"{what} of {value} is beyond {MAX_WIDTH}")
+    if isinstance(value, int):
+        if value > MAX_WIDTH:
+            raise SecurityError(f"{what} of {value} is beyond {MAX_WIDTH}")
+        _charge(max(value, 0), what)
 
 
 def _check_printf(template: str, values: object) -> None:
@@ -204,7 +221,7 @@ def _check_printf(template: str, values: object) -> None:
     ``values`` for ``*``) are beyond ``MAX_WIDTH``."""
     args = list(values) if isinstance(values, tuple) else [values]
     position = 0
-    for conversion in _PRINTF.finditer(template):
+    for conversion in _conversions(template):
         if conversion["conv"] == "%":
             continue
         for part in ("width", "prec"):
@@ -218,6 +235,47 @@ def _check_printf(template: str, values: object) -> None:
         position += 1
 
 
+def _conversions(template: str) -> Iterator[re.Match[str]]:
+    """The conversions of a ``%`` format, each past its ``%`` and its ``(key)``: a key
+    may hold balanced parentheses, as CPython reads it."""
+    at = template.find("%")
+    while at >= 0:
+        at += 1
+        if template.startswith("(", at):
+            depth = 0
+            for end in range(at, len(template)):
+                depth += {"(": 1, ")": -1}.get(template[end], 0)
+                if depth == 0:
+                    break
+            else:
+                return  # an unclosed key: Python refuses the format itself
+            at = end + 1
+        conversion = _PRINTF.match(template, at)
+        assert conversion is not None  # every part of it is optional
+        yield conversion
+        at = template.find("%", conversion.end())
+
+
+def _text_size(value: Any) -> int:
+    """About how many characters ``str(value)`` makes (at least that many), without
+    making it: a list's text holds its items'."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        return sum(_text_size(item) + 2 for item in value)
+    if isinstance(value, dict):
+        return sum(_text_size(k) + _text_size(v) + 4 for k, v in value.items())
+    return 8  # a number, None, a bool, an Undefined...
+
+
+def _joined(items: list[Any], separator: str = "") -> None:
+    """Refuse a join that would make more than ``MAX_TEXT`` characters."""
+    size = sum(_text_size(item) for item in items) + len(separator) * max(len(items) - 1, 0)
+    if size > MAX_TEXT:
+        raise SecurityError(f"join would make a string longer than {MAX_TEXT}")
+    _charge(size, "join")
+
+
 def _replace(text: str, old: str, new: str, count: int = -1) -> str:
     if len(new) > len(old):
         times = text.count(old) if old else len(text) + 1
@@ -225,6 +283,7 @@ def _replace(text: str, old: str, new: str, count: int = -1) -> str:
             times = min(times, count)
         if len(text) + times * (len(new) - len(old)) > MAX_REPEAT:
             raise SecurityError(f"replace would make a string longer than {MAX_REPEAT}")
+        _charge(len(text) + times * (len(new) - len(old)), "replace")
     return text.replace(old, new, count)
 
 
@@ -280,6 +339,14 @@ class Sandbox(ImmutableSandboxedEnvironment):
             return width_bounded
         if isinstance(obj, str) and attribute == "replace":
             return lambda old, new, count=-1: _replace(obj, old, new, count)
+        if isinstance(obj, str) and attribute == "join":
+
+            def join(items: Any) -> str:
+                items = list(items)
+                _joined(items, obj)
+                return obj.join(items)
+
+            return join
         return value
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
@@ -298,12 +365,14 @@ class Sandbox(ImmutableSandboxedEnvironment):
                 raise SecurityError(f"** would make an integer beyond {MAX_POWER_BITS} bits")
             return left**right
         for seq, times in ((left, right), (right, left)):
-            if (
-                isinstance(seq, str | bytes | list | tuple)
-                and isinstance(times, int)
-                and len(seq) * times > MAX_REPEAT
-            ):
-                raise SecurityError(f"* would make a sequence longer than {MAX_REPEAT}")
+            if isinstance(seq, str | bytes | list | tuple) and isinstance(times, int):
+                if len(seq) * times > MAX_REPEAT:
+                    raise SecurityError(f"* would make a sequence longer than {MAX_REPEAT}")
+                if isinstance(seq, list | tuple):  # [s] * n, then joined, is n copies of s
+                    if _text_size(seq) * times > MAX_TEXT:
+                        raise SecurityError(f"* would repeat more than {MAX_TEXT} characters")
+                elif isinstance(seq, str):
+                    _charge(len(seq) * max(times, 0), "*")
         return left * right
 
 
@@ -331,7 +400,17 @@ def make_environment(
         return _replace(str(value), str(old), str(new), -1 if count is None else count)
 
     replace.jinja_pass_arg = builtin["replace"].jinja_pass_arg  # type: ignore[attr-defined]
-    env.filters.update(format=format_filter, center=center, indent=indent, replace=replace)
+
+    def join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+        items = list(value)
+        if attribute is None:  # (with one, the items' attributes are joined: smaller)
+            _joined(items, d)
+        return str(builtin["join"](eval_ctx, items, d, attribute))
+
+    join.jinja_pass_arg = builtin["join"].jinja_pass_arg  # type: ignore[attr-defined]
+    env.filters.update(
+        format=format_filter, center=center, indent=indent, replace=replace, join=join
+    )
     env.filters.update(dict(filters or {}))
     return env
 

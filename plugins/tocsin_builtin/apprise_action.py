@@ -358,24 +358,31 @@ class AppriseAction(Action):
 
         # One deadline for the whole call, waiting for the channel and a free worker
         # included, so a delivery never holds the dispatcher longer than ``deadline``.
+        claim: Future[str | None] = Future()  # the channel, held while a worker is awaited
         with anyio.move_on_after(deadline) as scope:
             late = self._late.get(key)
             if late is not None:
                 busy = True
                 failure = await asyncio.wrap_future(late)
-                del self._late[key]
+                self._late.pop(key, None)
                 if failure is None:
                     return  # the abandoned send got through after all
-            running = self._sending.get(target)
-            if running is not None and not running.done():
+            # Another delivery may take the channel first each time it frees: look again.
+            while (running := self._sending.get(target)) is not None and not running.done():
                 busy = True
                 await asyncio.wrap_future(running)
             busy = False
-            await slots.acquire()
-            slot.held = True
-            future = self._sending[target] = _in_thread(
-                f"apprise-{self.instance}", _send, channel, alert
-            )
+            self._sending[target] = claim  # taken with no await since the look: ours
+            try:
+                await slots.acquire()
+                slot.held = True
+                future = self._sending[target] = _in_thread(
+                    f"apprise-{self.instance}", _send, channel, alert
+                )
+            finally:
+                claim.set_result(None)  # those waiting on the claim look again
+                if self._sending.get(target) is claim:
+                    del self._sending[target]  # no worker came in time: the channel is free
             future.add_done_callback(lambda _: _call_soon(loop, ended))
             failure = await asyncio.wrap_future(future)
             ended()

@@ -222,6 +222,13 @@ body = "{{ '{0} to {1}'.format(args['from'], args.to) }} {{ 'a_b'|replace('_', '
         "('%0*d' | format(x * 60000000 + 2, 7)) == '07'",
         "(('a' * 10000) | replace('a', 'b' * (x * 19999 + 1))) == 'b' * 10000",
         "(('a' * 10000).replace('a', 'b' * (x * 19999 + 1))) == 'b' * 10000",
+        # A %(key) may hold parentheses: the width after it is checked all the same.
+        "(('%(a(b)c)0' ~ (x * 60000000 + 2) ~ 'd') % {'a(b)c': 7}) == '07'",
+        # One string repeated in a list, then joined: 2 GB in one C call, before.
+        "(([('x' * 100000)] * (x * 4000 + 1)) | join | length) == 100000",
+        "(('-'.join([('x' * 100000)] * (x * 4000 + 1))) | length) == 100000",
+        # Many operations each within bounds: the characters of one evaluation add up.
+        "(range(x * 4000 + 1) | map('center', 100000) | list | length) == 1",
         # Time: items drawn from range, in all (10 ** 10 here, before).
         "([range(100000)] * (x * 19999 + 1)) | map('sum') | sum == 4999950000",
     ],
@@ -395,3 +402,23 @@ def test_the_throttle_table_is_bounded_forgetting_the_oldest(
     # The newest groups are still throttled; the oldest were forgotten and may alert again.
     assert engine.process(transfer("me", id="again-new", frm="sender249")) == []
     assert len(engine.process(transfer("me", id="again-old", frm="sender0"))) == 1
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "(([('x' * 100000)] * (x * 4000 + 1)) | join | length) == 100000",
+        "(range(x * 4000 + 1) | map('center', 100000) | join | length) == 100000",
+    ],
+)
+def test_a_bounded_evaluation_stays_small_in_memory_too(tmp_path: Path, when: str) -> None:
+    # The clock cuts a long evaluation, but only between Python steps: one C call (a
+    # join) could first make gigabytes. The peak RSS may not grow by hundreds of MB.
+    import resource
+
+    engine = engine_for(tmp_path, f'[[rules]]\nname = "big"\nwhen = "{when}"\n')
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    huge = Event(id="h", source="s", provider="p", type="t", data={"x": 5})
+    assert engine.process(huge) == []
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"peak RSS grew by {grown_mb:.0f} MB"

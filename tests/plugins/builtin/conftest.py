@@ -74,6 +74,11 @@ class Receiver:
             await self._released.wait()
         return web.Response(status=reply.status, body=reply.body, headers=dict(reply.headers))
 
+    def release_once(self) -> None:
+        """Let the requests hanging now get their answer; later ones hang again."""
+        released, self._released = self._released, anyio.Event()
+        released.set()
+
     async def wait_for_requests(self, count: int) -> list[Received]:
         """Wait until ``count`` requests arrived (failing after 5 seconds)."""
         with anyio.fail_after(5):

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import re
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,6 +177,32 @@ async def test_a_send_that_ends_after_its_deadline_counts_for_the_next_try(
         with pytest.raises(RetryableDelivery, match="could not notify"):
             await action.deliver(alert, target)
     assert len(receiver.requests) == sent
+
+
+async def test_deliveries_waiting_for_a_busy_channel_go_one_at_a_time(
+    receiver: Receiver, make: Callable[..., Any], alert: Alert
+) -> None:
+    # Every waiter woke on the same send's end and sent at once (review of 5c3f1c7): two
+    # notifications in flight on the channel said to send one at a time.
+    receiver.respond(hang=True)
+    action = await make(urls=[json_url(receiver, "/slow")], deadline=10, workers=4)
+    (target,) = (t.key for t in action.targets())
+
+    def sending() -> int:
+        return sum(t.name == "apprise-ops" for t in threading.enumerate())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(action.deliver, alert, target)
+        await receiver.wait_for_requests(1)
+        for n in (1, 2):
+            tg.start_soon(action.deliver, dataclasses.replace(alert, id=f"other {n}"), target)
+        await anyio.wait_all_tasks_blocked()
+        receiver.release_once()  # the first send ends; the next one hangs
+        await receiver.wait_for_requests(2)
+        await anyio.wait_all_tasks_blocked()
+        assert sending() == 1  # the other waiter waits for the second send
+        receiver.release()
+    assert len(receiver.requests) == 3
 
 
 CHILD = """

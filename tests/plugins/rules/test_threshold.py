@@ -283,3 +283,17 @@ def test_a_firing_the_throttle_held_back_gets_no_resolved(
     (again,) = engine.process(out(3))
     clock.at(4010)
     assert seen([again, *engine.tick()]) == [("firing", "e3"), ("resolved", "e3")]
+
+
+def test_a_throttled_repeat_of_a_sent_firing_keeps_its_resolved(tmp_path: Path) -> None:
+    # A repeat held back by the throttle marked the run as unsent: the resolved alert of
+    # a firing the receiver had got was dropped (review of the fix above).
+    clock = Clock().at(0)
+    rule = RULE.format(extra='throttle = "1h"\nrealert = "5s"').replace("count = 3", "count = 1")
+    engine = build(tmp_path, rule, clock)
+    (first,) = engine.process(out(1))
+    for second in range(1, 10):  # repeats due every 5 s: all throttled
+        clock.at(second)
+        assert engine.tick() == []
+    clock.at(10)  # e1 leaves the 10 s window: the run ends
+    assert seen([first, *engine.tick()]) == [("firing", "e1"), ("resolved", "e1")]
