@@ -42,12 +42,15 @@ class Taken(NamedTuple):
 
 
 def state_key(key: ChannelKey, item: Item, index: int) -> str:
-    """Which state an item is of: its channel's book, or the balance of one currency (the
-    ``index``-th item of its push, when it names none)."""
+    """Which state an item is of: its channel's book, or the balance of one currency
+    (BGE names it ``symbol``; the ``index``-th item of its push, when it names none)."""
     if key.type != "assets":
         return key.label
-    currency = item.data.get("currency") or item.data.get("coin")
-    return f"{key.label}|{currency if isinstance(currency, str) else f'#{index}'}"
+    for name in ("symbol", "currency", "coin"):
+        currency = item.data.get(name)
+        if isinstance(currency, str) and currency:
+            return f"{key.label}|{currency}"
+    return f"{key.label}|#{index}"
 
 
 class PushIntake:

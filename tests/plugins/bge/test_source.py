@@ -726,3 +726,27 @@ async def test_a_long_backfill_comes_in_reqs_whose_answers_fit_a_frame(
     assert len(candle_reqs) == 19 and candle_reqs[0] == (start, start + 499 * MINUTE)
     assert [e.data["id"] for e in ctx.events] == list(range(start, now + MINUTE, MINUTE))
     assert emulator.connections == 1 and not ctx.gaps and not ctx.rejects
+
+
+async def test_balances_are_told_apart_by_symbol_whatever_their_order(
+    emulator: BGEEmulator,
+) -> None:
+    # BGE names a balance's currency "symbol" (its documented push); the states were told
+    # apart by "currency", else by place, so the same balances in another order alerted
+    # again (review of 17e3733).
+    config = private_config(
+        emulator.url, subscriptions=[{"biz": "exchange", "type": "assets", "product": PAIR}]
+    )
+    usdt = {"symbol": "USDT", "available": "100", "hold": "0"}
+    btc = {"symbol": "BTC", "available": "1", "hold": "0"}
+    async with source_running(config) as ctx:
+        await emulator.push_assets(PAIR, [usdt, btc])
+        await emulator.push_assets(PAIR, [btc, usdt])  # the same, in another order
+        await emulator.push_assets(PAIR, [btc])
+        await emulator.push_assets(PAIR, [{**btc, "available": "2"}])  # a change, to wait on
+        await wait(ctx, lambda: len(ctx.events) >= 3)
+    assert [(e.data["symbol"], e.data["available"]) for e in ctx.events] == [
+        ("USDT", 100),
+        ("BTC", 1),
+        ("BTC", 2),
+    ]
