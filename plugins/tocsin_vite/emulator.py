@@ -181,6 +181,7 @@ class ViteEmulator(WebSocketEmulator):
         self.pushed = 0  # notifications sent
         self.failing: dict[str, tuple[int | None, int, str]] = {}  # method -> (times, code, msg)
         self.losing: dict[str, Callable[[Any], bool]] = {}  # method -> which answer to lose
+        self.mangling: dict[str, Callable[[Any], Any]] = {}  # method -> what it answers instead
         self.absent: set[str] = set()  # methods that answer -32601
         self._last_sweep = time.monotonic()
         self._push, self._filters, self._vmlog_methods = _tables(names)
@@ -271,6 +272,11 @@ class ViteEmulator(WebSocketEmulator):
         its answer: the connection is cut instead (a network failure mid-answer)."""
         self.losing[method] = when
 
+    def mangle_answer(self, method: str, instead: Callable[[Any], Any]) -> None:
+        """Carry out the next call of ``method`` whose result is not empty, but answer
+        ``instead(result)`` (a malformed answer; what the call did stays done)."""
+        self.mangling[method] = instead
+
     async def drop_connections(self, code: int = 1011) -> None:
         """Close every connection: their subscriptions die with them."""
         for client in list(self.clients):
@@ -335,6 +341,10 @@ class ViteEmulator(WebSocketEmulator):
             del self.losing[frame["method"]]
             await client.ws.close(1011, "connection lost")
             return
+        mangle = self.mangling.get(method) if isinstance(method, str) else None
+        if reply is not None and mangle is not None and reply.get("result"):
+            del self.mangling[method]  # type: ignore[arg-type]
+            reply = {**reply, "result": mangle(reply["result"])}
         if reply is not None:
             await self._send(client, dumps(reply))
         if activate is not None:

@@ -517,11 +517,14 @@ class ViteSource(Source):
                     self._due.discard(channel)
                     continue
                 self._due.discard(channel)
-                channel.polled_at = time.time()
+                since, channel.polled_at = channel.polled_at, time.time()
                 try:
                     items = poll_changes(result)
                 except ValueError as err:
                     self.ctx.reject(str(err))
+                    # What the filter held went with the answer: read it from the ledger.
+                    for watch in channel.watches:
+                        await self._resume(conn, watch, utc_iso(since))
                     continue
                 await self._handle(channel, items)
             await self._save_first_positions()  # after the first poll's changes

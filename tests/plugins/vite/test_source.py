@@ -531,6 +531,20 @@ async def test_a_poll_answer_lost_in_flight_is_read_again_from_the_ledger(
     assert ctx.cursors[VMLOG_KEY] == str(block.height) and ctx.gaps == []
 
 
+async def test_a_malformed_poll_answer_is_read_again_from_the_ledger(
+    emulator: ViteEmulator,
+) -> None:
+    # The poll emptied the filter; its answer could not be read: what it held was lost,
+    # with a reject and no gap (second review, read in the code).
+    async with source_running(make_config(emulator.url, mode="poll")) as ctx:
+        await wait_for(lambda: VMLOG_KEY in ctx.cursors)
+        emulator.mangle_answer("subscribe_getChangesByFilterId", lambda result: 42)
+        block = await emulator.produce_vmlog(CONTRACT, [TRANSFER], b"in the bad answer")
+        await wait(ctx, lambda: ctx.events)
+    assert [e.data["account_block_hash"] for e in ctx.events] == [block.hash]
+    assert ctx.rejects == ["malformed poll answer"] and ctx.gaps == []
+
+
 # -- topics without heights ------------------------------------------------------------
 
 
