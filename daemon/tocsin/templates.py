@@ -11,10 +11,11 @@ One evaluation is bounded in time and size, whatever the rule and the event's va
 - time: ``EVAL_SECONDS``, checked by a ``SIGVTALRM`` timer on the main thread, where the
   daemon's event loop runs (a signal no other part uses: ``SIGALRM`` is the usual choice
   of test runners), and ``MAX_ITEMS`` items drawn from ``range`` in all;
-- size: ``**`` on integers, ``*`` repeating a string or a list, a width or precision in
-  ``%`` and ``str.format`` (or a ``format`` filter), the width of ``center``, ``ljust``,
-  ``rjust``, ``zfill``, ``indent``, and what ``replace`` may make; a template's output is
-  cut off at ``MAX_OUTPUT``.
+- size: ``**`` on integers, ``*`` repeating a string or a list (and the text a repeated
+  list holds), a width or precision in ``%`` and ``str.format`` (or a ``format`` filter),
+  the width of ``center``, ``ljust``, ``rjust``, ``zfill``, ``indent``, and what ``replace``
+  and ``join`` may make, each alone and ``MAX_CHARS`` in all; a template's output is cut
+  off at ``MAX_OUTPUT``.
 
 Past a bound the evaluation fails: a ``when`` is false and a template shows its error,
 each counted as the rule's error (SPEC section 3), and the engine goes on.
@@ -198,7 +199,7 @@ class _Range:
         value = self._range[index]
         if not isinstance(value, range):
             return value
-        part = _Range()
+        part = _Range.__new__(_Range)  # a slice: no bigger, and drawn from the same budget
         part._range = value
         return part
 

@@ -242,6 +242,18 @@ def test_event_values_cannot_blow_up_an_expression(tmp_path: Path, when: str) ->
     assert engine.stats.when_errors == 1
 
 
+def test_a_bounded_range_still_slices_and_reverses(tmp_path: Path) -> None:
+    # range is tocsin's own (its items drawn from a budget); a slice of it raised
+    # TypeError, as the slice was built through range() with no argument.
+    engine = engine_for(
+        tmp_path,
+        '[[rules]]\nname = "r"\n'
+        'when = "(range(10)[2:5] | list) == [2, 3, 4] and (range(3) | reverse | list) == [2, 1, 0]"\n',
+    )
+    assert len(engine.process(transfer("me"))) == 1
+    assert engine.stats.when_errors == 0
+
+
 def test_a_template_that_runs_too_long_is_cut_off_and_counted(tmp_path: Path) -> None:
     # Loops over the event's own list: no range to count, so the clock stops it.
     rules = (
