@@ -682,21 +682,18 @@ class Daemon:
                     await lane.drained.wait()
         finally:
             scope.cancel()
-            with anyio.CancelScope(shield=True):
-                try:
-                    await action.aclose()
-                except Exception:  # a plugin's bug: the reload is done, the daemon goes on
-                    log.exception("action %r: closing the replaced action failed", name)
+            await self._close_all({name: action}, "closing the replaced action")
 
     @staticmethod
-    async def _close_all(actions: dict[str, Action]) -> None:
-        """Close ``actions`` (at exit, or started for a reload that does not happen)."""
+    async def _close_all(actions: dict[str, Action], what: str = "closing it") -> None:
+        """Close ``actions`` (at exit, replaced or removed by a reload, or started for a
+        reload that does not happen); a plugin's failure is logged as ``what`` failed."""
         for name, action in actions.items():
             with anyio.CancelScope(shield=True):
                 try:
                     await action.aclose()
-                except Exception:  # a plugin's bug: the others still close
-                    log.exception("action %r: closing it failed", name)
+                except Exception:  # a plugin's bug: the others still close, the daemon goes on
+                    log.exception("action %r: %s failed", name, what)
 
     async def _apply(self, config: Config, engine: Engine, fresh: dict[str, Action]) -> None:
         """Switch to ``config``; ``fresh`` holds its new and changed actions, started."""
@@ -719,11 +716,7 @@ class Daemon:
                 closing.append((name, self.actions.pop(name)))
         for name, action in fresh.items():
             self._run_action(name, action)
-        for name, action in closing:
-            try:
-                await action.aclose()
-            except Exception:  # a plugin's bug: the reload is done, the daemon goes on
-                log.exception("action %r: closing the replaced action failed", name)
+        await self._close_all(dict(closing), "closing the replaced action")
         await self._dead_letter_unconfigured()
         for name, runner in list(self.sources.items()):
             if config.sources.get(name) != old.sources.get(name):

@@ -611,8 +611,7 @@ class Engine:
             self.stats.duplicates += 1
             self.suppressed[rule.name] = "a duplicate of an alert already made"
             return None
-        told = self._told
-        if firing.status == "resolved" and not told.pop((rule.name, group_key), True):
+        if firing.status == "resolved" and not self._told.pop((rule.name, group_key), True):
             # The end of a firing the throttle kept back: nobody was told it began.
             self.stats.throttled += 1
             self.suppressed[rule.name] = "the end of a firing the throttle kept back"
@@ -625,9 +624,7 @@ class Engine:
                 self.suppressed[rule.name] = (
                     f"throttled (one alert per {format_duration(rule.config.throttle)} per group)"
                 )
-                told.setdefault((rule.name, group_key), False)  # (True if a firing went)
-                if len(told) > _RECENT_ALERTS:
-                    del told[next(iter(told))]
+                self._tell(rule.name, group_key, sent=False)
                 return None
             # Moved to the end: the table stays in the order of the groups' last alerts.
             self._throttle.pop((rule.name, group_key), None)
@@ -639,15 +636,23 @@ class Engine:
                 self._expire_throttles(now)
         self._recent.seen(alert_id)
         if firing.status == "firing" and rule.config.throttle is not None:
-            self._told[(rule.name, group_key)] = True  # a later throttled repeat keeps it
-            if len(self._told) > _RECENT_ALERTS:
-                del self._told[next(iter(self._told))]
+            self._tell(rule.name, group_key, sent=True)
         return PendingAlert(
             alert=self.render(rule, firing.status, event, alert_id),
             event_id=event.id,
             group=f"{rule.name}\x1f{group_key}",
             actions=rule.actions,
         )
+
+    def _tell(self, rule: str, group_key: str, *, sent: bool) -> None:
+        """A firing of a throttled rule's group was sent, or held back: the run counts as
+        told once one of its firings was (a later held-back repeat does not undo it)."""
+        if sent:
+            self._told[(rule, group_key)] = True
+        else:
+            self._told.setdefault((rule, group_key), False)
+        if len(self._told) > _RECENT_ALERTS:
+            del self._told[next(iter(self._told))]  # the oldest
 
     def retraction(
         self, rule_name: str, firing_id: str, group: str, event: Event
