@@ -333,13 +333,14 @@ def cmd_test(args: argparse.Namespace) -> int:
         size = path.stat().st_size
     except OSError:
         size = 0  # numbered_lines says why it cannot be read
-    lines = numbered_lines(path, too_long=lambda where, reason: skip(where, reason))
-    out = _Output(size)
 
     def skip(where: str, reason: str) -> None:
         nonlocal bad
         bad += 1
         out.line(f"{where}: skipped: {reason}", err=True)
+
+    lines = numbered_lines(path, too_long=skip)  # before the bar: it may refuse the file
+    out = _Output(size)
 
     def show(where: str, pending: PendingAlert) -> None:
         nonlocal fired
