@@ -22,8 +22,9 @@ cursor, and ``KEY#recent``, the facts emitted at the last ``REREAD`` heights (JS
 while away retracts those no longer in it.
 
 The ledger reads below fetch one page of at most ``MAX_PAGE`` heights each (the logs of
-those heights ``MAX_PAGE`` to a call) and return facts in ascending height order; a failed call raises ``CallFailed`` (the server said
-no) or ``ValueError`` (the answer made no sense), which the source turns into a gap.
+those heights ``MAX_PAGE`` to a call) and return facts in ascending height order; a failed
+call raises ``CallFailed`` (the server said no) or ``ValueError`` (the answer made no
+sense), which the source turns into a gap.
 """
 
 from __future__ import annotations

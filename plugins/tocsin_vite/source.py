@@ -302,9 +302,7 @@ class ViteSource(Source):
                 task_status.started()  # once: the daemon's start-up waits for it
             lost = self._lost_at or None  # None: a restart (each watch knows its time)
             for channel in fresh:
-                for watch in channel.watches:
-                    await self._resume(conn, watch, lost)
-                self._due.discard(channel)
+                await self._resume_channel(conn, channel, lost)
             self._lost_at = ""
             if self.vite.mode == "push":
                 await self._consume(conn)
@@ -381,6 +379,14 @@ class ViteSource(Source):
             watch.recent = _read_recent(await self.ctx.load_cursor(_recent_key(watch)))
         else:
             watch.seen_at = value
+
+    async def _resume_channel(
+        self, conn: RpcConnection, channel: Channel, lost: str | None
+    ) -> None:
+        """Resume every watch of ``channel``; it is no longer due."""
+        for watch in channel.watches:
+            await self._resume(conn, watch, lost)
+        self._due.discard(channel)
 
     async def _resume(self, conn: RpcConnection, watch: Watch, lost: str | None) -> None:
         """Fetch what ``watch`` missed since its cursor (or say what cannot be fetched).
@@ -512,9 +518,7 @@ class ViteSource(Source):
                     # Expired (nobody polled it for 5-10 minutes): a new filter, then backfill.
                     lost = utc_iso(channel.polled_at)
                     await self._create_filter(conn, channel)
-                    for watch in channel.watches:
-                        await self._resume(conn, watch, lost)
-                    self._due.discard(channel)
+                    await self._resume_channel(conn, channel, lost)
                     continue
                 self._due.discard(channel)
                 since, channel.polled_at = channel.polled_at, time.time()
@@ -523,8 +527,7 @@ class ViteSource(Source):
                 except ValueError as err:
                     self.ctx.reject(str(err))
                     # What the filter held went with the answer: read it from the ledger.
-                    for watch in channel.watches:
-                        await self._resume(conn, watch, utc_iso(since))
+                    await self._resume_channel(conn, channel, utc_iso(since))
                     continue
                 await self._handle(channel, items)
             await self._save_first_positions()  # after the first poll's changes
