@@ -41,6 +41,13 @@ def closes(ctx: RecordingContext, type_: str = "ticker") -> list[Any]:
     return [e.data["close"] for e in ctx.events if e.type == type_]
 
 
+def restarted_from(first: RecordingContext) -> RecordingContext:
+    """A context holding what ``first`` saved: the state a restart finds."""
+    ctx = RecordingContext("market", "bge")
+    ctx.cursors = dict(first.cursors)
+    return ctx
+
+
 # -- config ----------------------------------------------------------------------------
 
 
@@ -488,9 +495,7 @@ async def test_candles_resume_after_a_restart_from_the_saved_cursor(
     await emulator.push_candle(PAIR, "1min", t0, 30_000, 30_050, push=False)
     await emulator.push_candle(PAIR, "1min", t1, 30_050, 30_070, push=False)
     await emulator.push_candle(PAIR, "1min", t2, 30_070, 30_020, push=False)
-    restarted = RecordingContext("market", "bge")
-    restarted.cursors = dict(first.cursors)  # what the state database kept
-    async with source_running(config, ctx=restarted) as second:
+    async with source_running(config, ctx=restarted_from(first)) as second:
         await wait(second, lambda: len(second.events) == 3)
         await emulator.push_candle(PAIR, "1min", t2, 30_070, 30_020)  # pushed as fetched
         await emulator.push_candle(PAIR, "1min", t2, 30_070, 30_090)  # a real update
@@ -621,13 +626,6 @@ async def test_a_live_candle_does_not_move_the_cursor_past_a_backfill_still_to_c
             await wait(ctx, lambda: len(ctx.events) == 6)
             await wait(ctx, lambda: ctx.cursors[key] == str(minutes[-1]))
     assert sorted(e.data["id"] for e in ctx.events) == sorted(minutes)
-
-
-def restarted_from(first: RecordingContext) -> RecordingContext:
-    """A context holding what ``first`` saved: the state a restart finds."""
-    ctx = RecordingContext("market", "bge")
-    ctx.cursors = dict(first.cursors)
-    return ctx
 
 
 async def test_a_book_is_the_same_fact_across_a_restart_and_a_change_while_away_is_news(

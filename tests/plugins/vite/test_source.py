@@ -59,6 +59,13 @@ def heights(ctx: RecordingContext, kind: str, field: str = "height") -> list[int
     return [e.data[field] for e in ctx.events if e.type == kind]
 
 
+def restarted_from(first: RecordingContext) -> RecordingContext:
+    """A context holding what ``first`` saved: the state a restart finds."""
+    ctx = RecordingContext("chain", "vite")
+    ctx.cursors.update(first.cursors)
+    return ctx
+
+
 async def subscribed(emulator: ViteEmulator, ctx: RecordingContext, count: int, *keys: str) -> None:
     """The source holds ``count`` push subscriptions and has set the cursors ``keys``."""
     await wait_for(lambda: emulator.subscriptions == count, what=f"{count} subscriptions")
@@ -845,9 +852,7 @@ async def test_a_rollback_while_stopped_is_found_at_the_restart(emulator: ViteEm
         await wait_for(lambda: "snapshot_block#block" in first.cursors, what="the block's hash")
     await emulator.rollback_snapshots(2)  # while the daemon is stopped
     await emulator.produce_snapshots(3)
-    restarted = RecordingContext("chain", "vite")
-    restarted.cursors.update(first.cursors)
-    async with source_running(config, restarted) as ctx:
+    async with source_running(config, restarted_from(first)) as ctx:
         await wait(ctx, lambda: bool(ctx.gaps))
         await wait(
             ctx, lambda: ctx.cursors["snapshot_block"] == str(emulator.chain.snapshot_height)
@@ -879,13 +884,6 @@ def test_a_watch_keeps_the_facts_of_its_last_heights_only() -> None:
     unreadable_values = (None, "", "{}", "[[1]]", '[["x", "h", "i", "t"]]', "not json")
     for unreadable in (*unreadable_values, '[[1e400, "h", "i", "t"]]'):
         assert _read_recent(unreadable) == []
-
-
-def restarted_from(first: RecordingContext) -> RecordingContext:
-    """A context holding what ``first`` saved: the state a restart finds."""
-    ctx = RecordingContext("chain", "vite")
-    ctx.cursors.update(first.cursors)
-    return ctx
 
 
 async def test_a_rollback_under_a_cursor_without_a_log_is_found_at_the_restart(
