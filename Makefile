@@ -63,7 +63,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 
-# A probe, not a target: the ceiling of a daemon that receives in a second process
-# (README "What 70% would take").
+# Probes, not targets: the ceiling of a daemon that receives in a second process, and the
+# floor's work received through websockets' Sans-I/O layer (README "What 70% would take").
 bench-split: $(BENCH_STAMP)
 	$(BIN)/python bench/split.py

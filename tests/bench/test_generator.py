@@ -60,3 +60,25 @@ async def test_a_client_gets_every_frame_whole_and_in_order(rate: int) -> None:
         memo = got["data"]["actions"][0]["data"]["memo"]
         assert got == json.loads(frame(i, account(i // 100 % 7), memo))
         assert sent["t0"] <= float(memo.removeprefix("t=")) <= sent["t1"]
+
+
+async def test_the_sans_io_floor_of_bench_split_receives_every_data_frame() -> None:
+    # bench/split.py's Sans-I/O floor (README "What 70% would take") stops at its FRAMES-th
+    # data frame: it must do the real handshake and subscription to get any, and a count
+    # short of what the generator sent would leave it waiting.
+    command = [sys.executable, str(BENCH / "generator.py"), "--frames", str(FRAMES),
+               "--rate", "0", "--match-every", "100", "--rules", "7"]  # fmt: skip
+    async with await anyio.open_process(command) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        lines = BufferedByteReceiveStream(proc.stdout)
+        port = json.loads(await lines.receive_until(b"\n", 1000))["port"]
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        with anyio.fail_after(30):
+            out = await anyio.run_process(
+                [sys.executable, str(BENCH / "split.py"), "--sansio", url, str(FRAMES)]
+            )
+            sent = json.loads(await lines.receive_until(b"\n", 1000))
+        await proc.stdin.aclose()
+    result = json.loads(out.stdout)
+    assert sent["sent"] == FRAMES
+    assert sent["t0"] <= result["t1"] and result["cpu"] > 0
