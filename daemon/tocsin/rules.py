@@ -348,12 +348,13 @@ class Engine:
         for name in same:
             self.rules[name].kind = old.rules[name].kind
         self._touched = {self.rules[r.name] for r in old._touched if r.name in same}
-        for name, rule in self.rules.items():
-            if name in old.rules and name not in same:
-                # What was saved of the old version goes: a reload back to it must not
-                # find it again at the next restart (the fingerprint would match).
-                self.state_writes.append((name, f"{FORGET}\x1f{old.rules[name].fingerprint}", None))
-                if rule in self.stateful:
+        for name, rule in old.rules.items():
+            if name not in same:
+                # What was saved of the old version (changed, removed or disabled) goes: a
+                # reload back to it must not find it again at the next restart (the
+                # fingerprint would match).
+                self.state_writes.append((name, f"{FORGET}\x1f{rule.fingerprint}", None))
+                if self.rules.get(name) in self.stateful:
                     log.info("rule %r changed: its windows and firing alerts start fresh", name)
 
     def restore(self, rows: Iterable[tuple[str, str, str]]) -> None:

@@ -114,6 +114,35 @@ def saved(store: Store) -> dict[str, str]:
     }
 
 
+def test_a_rule_removed_and_put_back_by_reloads_does_not_get_its_old_state_back(
+    tmp_path: Path,
+) -> None:
+    # A reload without the rule left its rows; the reload that put it back unchanged made
+    # their fingerprint match again, and the next restart restored what the running
+    # daemon had dropped (the audit's repro: a resolved alert for a firing long gone).
+    clock = Clock()
+    store = Store.open(tmp_path / "state")
+    registry = make_registry(TallyPlugin())
+    try:
+        first = engine(tmp_path, clock, every=2)
+        first.process(ping("ann", 1))
+        commit(store, first)
+        assert saved(store) == {'["ann"]': "[1,1000000.0]"}
+        path = write_config(tmp_path / "none.toml", RULES.partition("[[rules]]")[0])
+        removed = Engine(compile_rules(load_config(path, registry), registry), clock=clock)
+        removed.adopt(first)
+        commit(store, removed)
+        assert saved(store) == {}
+        back = engine(tmp_path, clock, every=2)
+        back.adopt(removed)  # starts fresh: none of the first version's state
+        commit(store, back)
+        restarted = engine(tmp_path, clock, every=2)
+        restarted.restore(store.call_sync(Store.load_rule_state))
+        assert restarted.process(ping("ann", 2)) == []  # ann's 1 did not come back
+    finally:
+        store.close()
+
+
 def test_group_state_survives_a_restart_and_expires(tmp_path: Path) -> None:
     clock = Clock()
     store = Store.open(tmp_path / "state")
