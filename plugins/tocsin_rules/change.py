@@ -3,9 +3,11 @@ or ``"3%"`` of the reference value) from its oldest value within ``window`` or f
 last value. After an alert the window starts again from the value that fired, so a
 move alerts once. Change alerts do not resolve.
 
-A group keeps the distinct values of its window (a repeated value costs nothing) and is
-forgotten once they have all left it. Values that are not numbers are ignored; with
-``time_field = "event"``, so is an event older than the newest value of its group.
+A group keeps the distinct values of its window (a repeated value costs nothing) and its
+last value however old: odds that hold for longer than the window and then jump move from
+it. So a group is kept until ``max_groups`` makes room (the least recently seen goes).
+Values that are not numbers are ignored; with ``time_field = "event"``, so is an event
+older than the newest value of its group.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tocsin import Event, Firing, RuleConfig, get_path, split_path
 from .config import ChangeConfig
 from .groups import Group
 from .numbers import show, show_percent, to_decimal
-from .stateful import StatefulKind
+from .stateful import StatefulKind, ago
 from .windows import ValueWindow
 
 
@@ -80,8 +82,7 @@ class ChangeKind(StatefulKind[ChangeGroup]):
         return []
 
     def next_due(self, group: ChangeGroup) -> float | None:
-        newest = group.values.newest()
-        return None if newest is None else newest[0] + self.window
+        return group.values.trimmed_at(self.window)  # only to free what left the window
 
     def needed(self, group: ChangeGroup) -> bool:
         return len(group.values) > 0
@@ -98,8 +99,14 @@ class ChangeKind(StatefulKind[ChangeGroup]):
     def explain(self, group_key: str, now: float) -> str:
         group = self.table.get(group_key)
         inside = [] if group is None else group.values.inside(self.window, now)
+        newest = None if group is None else group.values.newest()
+        if newest is None:
+            return f"no value of {self.field_name} yet"
         if not inside:
-            return f"no value of {self.field_name} within {self.span()}"
+            return (
+                f"no value of {self.field_name} within {self.span()}; fires on a move of"
+                f" {self.by} from the last, {newest[1]:f} ({ago(now - newest[0])} ago)"
+            )
         first, last = inside[0][1], inside[-1][1]
         if len(inside) == 1:
             return f"{first:f} is the only value within {self.span()}; fires on a move of {self.by}"

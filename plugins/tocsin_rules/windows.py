@@ -156,7 +156,8 @@ MAX_VALUE_POINTS = 4096
 
 
 class ValueWindow:
-    """The values of a field over a window, oldest first, for ``change``.
+    """The values of a field over a window, oldest first, and the last value however old,
+    for ``change``.
 
     Equal consecutive values are kept as one point holding the newest time of the run:
     that point stays in the window exactly as long as some value of the run does, so
@@ -198,13 +199,20 @@ class ValueWindow:
         self.points.append((t, value))
 
     def expire(self, window: float, now: float) -> None:
-        gone = _gone((t for t, _ in self.points), window, now)
-        if gone:
+        """Forget the values that have left the window, but the last value: a move is
+        measured from it however old it is (a feed that sends a price only when it
+        changes says nothing while the price holds)."""
+        gone = min(_gone((t for t, _ in self.points), window, now), len(self.points) - 1)
+        if gone > 0:
             del self.points[:gone]
 
     def inside(self, window: float, now: float) -> list[tuple[float, Decimal]]:
         """The points in the window at ``now``, without forgetting any."""
         return [p for p in self.points if not expired(p[0], window, now)]
+
+    def trimmed_at(self, window: float) -> float | None:
+        """When every value but the last will have left the window (None: one value)."""
+        return self.points[-2][0] + window if len(self.points) > 1 else None
 
     def newest(self) -> tuple[float, Decimal] | None:
         return self.points[-1] if self.points else None

@@ -71,9 +71,10 @@ def test_a_jump_from_the_last_value_fires_when_the_oldest_is_close(tmp_path: Pat
     assert seen(engine.process(odds(3, 99.8))) == [("firing", "o3")]  # 0.2% from 100, 3% from 102.9
 
 
-def test_only_values_within_the_window_are_references(tmp_path: Path) -> None:
+def test_values_within_the_window_and_the_last_value_are_references(tmp_path: Path) -> None:
     clock = Clock().at(0)
     engine = build(tmp_path, RULE.format(by="0.5"), clock)
+    kind = kind_of(engine)
     engine.process(odds(1, 10))
     clock.at(100)
     engine.process(odds(2, 10.3))
@@ -81,9 +82,14 @@ def test_only_values_within_the_window_are_references(tmp_path: Path) -> None:
     assert engine.process(odds(3, 10.6)) == []
     clock.at(302)
     assert seen(engine.process(odds(4, 10.8))) == [("firing", "o4")]  # 0.5 from 10.3
-    clock.at(302 + 300)  # everything has left: the next value has no reference
-    assert engine.process(odds(5, 50)) == []
-    assert len(kind_of(engine).table) == 1
+    clock.at(302 + 300)  # everything has left the window but the last value, 10.8
+    assert kind.explain('["1"]', clock.now) == (
+        "no value of price within 5m; fires on a move of 0.5 from the last, 10.8 (5m ago)"
+    )
+    assert engine.process(odds(5, 10.9)) == []
+    clock.at(302 + 3600)  # odds that hold for an hour, then jump: a move from the last
+    assert seen(engine.process(odds(6, 50))) == [("firing", "o6")]
+    assert len(kind.table) == 1 and len(kind.table.get('["1"]').values) == 1  # type: ignore[union-attr]
 
 
 def test_a_zero_reference_gives_no_percentage_and_odd_values_are_ignored(
@@ -103,7 +109,7 @@ def test_a_zero_reference_gives_no_percentage_and_odd_values_are_ignored(
     assert seen(engine.process(odds(3, "5.2"))) == [("firing", "o3")]  # 4% from the last, 5
 
 
-def test_state_expires_after_the_window_and_survives_a_restart(tmp_path: Path) -> None:
+def test_the_last_value_survives_the_window_and_a_restart(tmp_path: Path) -> None:
     text = RULE.format(by='"10%"')
     clock = Clock().at(0)
     store = Store.open(tmp_path / "state")
@@ -117,15 +123,16 @@ def test_state_expires_after_the_window_and_survives_a_restart(tmp_path: Path) -
         clock.at(60)
         second = restart(store, tmp_path, text, clock)
         assert seen(second.process(odds(3, "2.20"))) == [("firing", "o3")]  # 10% across it
-        clock.at(300)  # product 2's value has left the window
+        clock.at(300)  # product 2's value has left the window: it stays, as the last
         assert second.tick() == []
-        assert list(kind_of(second).table) == ['["1"]']
+        assert list(kind_of(second).table) == ['["2"]', '["1"]']
         persist(store, second)
-        assert set(saved_groups(store)) == {'["1"]'}
-        clock.at(360)
-        second.tick()
-        persist(store, second)
-        assert saved_groups(store) == {}
+        clock.at(3600)
+        third = restart(store, tmp_path, text, clock)
+        assert seen(third.process(odds(4, "2.20", product="2"))) == [("firing", "o4")]
+        assert third.process(odds(5, "2.21")) == []  # 0.5% from 2.20, product 1's last
+        persist(store, third)
+        assert saved_groups(store)['["2"]'] == '{"v":1,"values":[[1800003600.0,"2.20"]]}'
     finally:
         store.close()
 

@@ -236,7 +236,10 @@ class ChangeReference:
             t = moment(now, lag, self.window, self.event_time)
             if value is None or t is None:
                 continue
-            inside = [p for p in self.history[key] if not expired(p[0], self.window, now)]
+            history = self.history[key]
+            inside = [p for p in history if not expired(p[0], self.window, now)]
+            if not inside and history:  # the last value is a reference however old
+                inside = [history[-1]]  # appended in time order (late ones are skipped)
             if inside and t < max(p[0] for p in inside):
                 continue
             if inside and (self.moved(inside[0][1], value) or self.moved(inside[-1][1], value)):
