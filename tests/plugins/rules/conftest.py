@@ -46,11 +46,17 @@ def build(tmp_path: Path, rules: str, clock: Clock) -> Engine:
     return Engine(compile_rules(load_config(path, registry), registry), clock=clock)
 
 
-def event(id: str, time: str | float | None = None, **data: Any) -> Event:
-    """An event with ``data``; ``time`` as an ISO string, or seconds after START."""
+def event(
+    id: str, time: str | float | None = None, received: float | None = None, **data: Any
+) -> Event:
+    """An event with ``data``; ``time`` as an ISO string, or seconds after START;
+    ``received`` (on the wall clock, which ``time`` is on too) in seconds after START."""
     if isinstance(time, float | int):
         time = utc_iso(START + time)
-    return Event(id=id, source="s", provider="p", type="t", data=data, time=time or "")
+    e = Event(id=id, source="s", provider="p", type="t", data=data, time=time or "")
+    if received is not None:
+        e.received = START + received
+    return e
 
 
 def seen(alerts: list[PendingAlert]) -> list[tuple[str, str]]:

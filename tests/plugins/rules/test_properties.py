@@ -53,6 +53,10 @@ def number(value: str) -> Decimal | None:
     return None if value == "n/a" else Decimal(value)
 
 
+WALL_STEPS = [0.0, 3600.0, -1800.0]
+"""The wall clock minus the engine's, event by event in turn."""
+
+
 def run(kind: RuleKind, plan: list[tuple[Any, ...]]) -> list[Record]:
     """Drive the real kind; firing numbers (the ms-based sequence) become 1, 2, ..."""
     now, out = START, []
@@ -64,8 +68,14 @@ def run(kind: RuleKind, plan: list[tuple[Any, ...]]) -> list[Record]:
             firings = kind.on_tick(now)
         else:
             _, _, key, value, lag = step
-            time = "no time" if lag is None else utc_iso(now - lag)
-            e = Event(id=f"e{i}", source="s", provider="p", type="t", data={"v": value}, time=time)
+            # The wall clock, which event times and receipt are on, is stepped from the
+            # engine's (NTP after start-up): only an event's age may count.
+            wall = now + WALL_STEPS[i % len(WALL_STEPS)]
+            time = "no time" if lag is None else utc_iso(wall - lag)
+            e = Event(
+                id=f"e{i}", source="s", provider="p", type="t", data={"v": value}, time=time,
+                received=wall,
+            )  # fmt: skip
             firings = kind.on_event(e, key, now)
         for f in firings:
             key, *rest = f.id_parts
