@@ -383,6 +383,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             engine.suppressed.clear()
             event.received = until  # on the replay's clock, as the daemon's events on its own
             if event.removed:  # as the daemon does: retract what the fact fired, nothing else
+                engine.discard(event)  # and stop counting it
                 fired_before = firing.pop(event.id, {})
                 for (rule, group), alert_id in fired_before.items():
                     retraction = engine.retraction(rule, alert_id, group, event)

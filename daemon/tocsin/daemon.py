@@ -366,6 +366,7 @@ class Daemon:
             data = await self.store.call(Store.fact_data, event.id)
             if data is not None:
                 event = dataclasses.replace(event, data=data)
+        self.engine.discard(event)  # counted by a threshold, fired or not: no longer
         out = []
         for alert_id, rule, group in fired:
             pending = self.engine.retraction(rule, alert_id, group, event)

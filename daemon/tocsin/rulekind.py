@@ -115,6 +115,12 @@ class RuleKind:
         repeat due between two events is shown. Never later than the real next one."""
         return None
 
+    def discard(self, event: Event, group_key: str, now: float) -> None:
+        """The provider took back ``event`` (``removed``: a rollback), and this rule selects
+        it, whether or not an alert carried it: a kind that counts events should no longer
+        count it (and count it once if it is pushed again). Called before ``on_removed``.
+        Nothing by default."""
+
     def on_removed(self, event: Event, group_key: str, now: float) -> None:
         """The provider took back ``event``, which a sent firing of this group carried;
         its ``retracted`` alert is on its way. A kind whose alerts repeat or resolve stops

@@ -324,6 +324,9 @@ class Engine:
         self.stateful = {
             r for r in self.index.rules if type(r.kind).state_changes is not RuleKind.state_changes
         }
+        self.discarding = [
+            r for r in self.index.rules if type(r.kind).discard is not RuleKind.discard
+        ]
         self._touched: set[Rule] = set()
         self.suppressed: dict[str, str] = {}  # rule -> why its last firing was not sent
         # (rule, group) of a throttled rule -> whether a firing of the group's current run
@@ -460,6 +463,31 @@ class Engine:
                 if pending is not None:
                     out.append(pending)
         return out
+
+    def discard(self, event: Event) -> None:
+        """The provider took back ``event`` (``removed``, with the fact's data): each rule
+        that selects it and whose kind counts events (``RuleKind.discard``) forgets it."""
+        if not self.discarding or not event.data:
+            return
+        candidates = set(self.index.candidates(event))
+        context: dict[str, Any] | None = None
+        now = self.clock()
+        for rule in self.discarding:
+            if rule not in candidates or not rule.selects(event):
+                continue
+            if rule.when is not None:
+                if context is None:
+                    context = self.context(event)
+                passed, error = self._when(rule, context)
+                if error is not None or not passed:
+                    continue
+            if rule in self.stateful:
+                self._touched.add(rule)
+            try:
+                rule.kind.discard(event, rule.group_key(event), now)
+            except Exception as err:
+                self.stats.kind_errors += 1
+                self._error("kind", rule, err)
 
     def wakes_at(self) -> float | None:
         """The earliest time a tick may fire something, as far as the kinds say (None:

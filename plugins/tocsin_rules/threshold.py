@@ -1,10 +1,15 @@
 """``kind = "threshold"``: fires when ``count`` events (or a ``sum`` of ``field``) fall in
 the sliding ``window``; resolves on time, as soon as the window drops below the bound.
 
-Memory per group: with ``count``, the newest ``count`` event times (older ones can never
-matter); with ``sum``, one ``(time, value)`` per counted event in the window, at most
-``MAX_SUM_POINTS`` (neighbours merge beyond). A group is
-forgotten once its window is empty and it is not firing.
+Memory per group: with ``count``, the newest ``count`` event times and ids (older ones can
+never matter), and ``RETRACT_SLACK`` more; with ``sum``, one ``(time, value, id)`` per
+counted event in the window, at most ``MAX_SUM_POINTS`` (neighbours merge beyond). A group
+is forgotten once its window is empty and it is not firing.
+
+An event counts once: pushed again, it is not counted again. One the provider takes back
+(``removed``: a Vite rollback) is no longer counted (``discard``), whether or not an alert
+carried it; if the window then drops below the bound, a firing group resolves at the next
+tick. Taken back and pushed again, it counts once.
 """
 
 from __future__ import annotations
@@ -73,15 +78,26 @@ class ThresholdKind(LifecycleKind[ThresholdGroup]):
             out.extend(self.catch_up(group_key, group, now))
         points = group.points
         points.expire(self.window, now)
+        if points.holds(event.id):  # the same fact pushed again
+            self.settle(group_key, group)
+            return out
         if isinstance(points, SumWindow):
             assert value is not None
-            points.add(t, value)
+            points.add(t, value, event.id)
         else:
-            points.add(t)
+            points.add(t, event.id)
         if not group.firing and self.reached(group, now):
             out.extend(self.fire(group_key, group, event, now))
         self.settle(group_key, group)
         return out
+
+    def discard(self, event: Event, group_key: str, now: float) -> None:
+        group = self.table.get(group_key)
+        if group is None or not group.points.discard(event.id):
+            return
+        self.settle(group_key, group)
+        if group.firing and self.table.get(group_key) is group and not self.reached(group, now):
+            self.table.schedule(group_key, group, now)  # resolves at the next tick
 
     def wake(self, key: str, group: ThresholdGroup, now: float) -> list[Firing]:
         group.points.expire(self.window, now)
@@ -115,10 +131,13 @@ class ThresholdKind(LifecycleKind[ThresholdGroup]):
         if not isinstance(raw, list):
             raise ValueError("points: expected a list")
         points: CountWindow | SumWindow
-        if self.field is not None:
-            points = SumWindow((float(t), Decimal(str(v))) for t, v in raw)
-        else:
-            points = CountWindow(self.limit, (float(t) for t in raw))
+        if self.field is not None:  # [time, value, id]; [time, value] before ids were kept
+            points = SumWindow((float(p[0]), Decimal(str(p[1])), _id(p[2:])) for p in raw)
+        else:  # [time, id]; a bare time before ids were kept
+            points = CountWindow(
+                self.limit,
+                ((float(p[0]), _id(p[1:])) if isinstance(p, list) else (float(p), "") for p in raw),
+            )
         return self.decode_alerting(ThresholdGroup(points=points), state)
 
     def explain(self, group_key: str, now: float) -> str:
@@ -131,5 +150,14 @@ class ThresholdKind(LifecycleKind[ThresholdGroup]):
             total = Decimal(0)
         else:
             count = points.count(self.window, now) if points is not None else 0
-            return f"{count} of {self.limit} within {self.span()}{firing}"
+            return f"{min(count, self.limit)} of {self.limit} within {self.span()}{firing}"
         return f"sum {show(total)} of {show(self.bound)} within {self.span()}{firing}"
+
+
+def _id(rest: list[Any]) -> str:
+    """A saved point's event id: what follows its time (and value), if anything."""
+    if not rest:
+        return ""
+    if not isinstance(rest[0], str):
+        raise ValueError("points: an event id must be a string")
+    return rest[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from bisect import insort
 from collections.abc import Iterable
 from decimal import Decimal
+from typing import Any
 
 
 def expired(t: float, window: float, now: float) -> bool:
@@ -33,49 +34,78 @@ def _gone(times: Iterable[float], window: float, now: float) -> int:
     return gone
 
 
+RETRACT_SLACK = 8
+"""Event times a count window keeps beyond its ``count``: that many of the newest events
+may be taken back (a rollback) and the count stays exact."""
+
+
 class CountWindow:
-    """The times of the newest ``limit`` events: enough to tell whether ``limit`` of them
-    fall in the window, so memory is bounded by ``limit`` whatever the event rate."""
+    """The times (and event ids) of the newest ``limit`` events, and ``RETRACT_SLACK`` more:
+    enough to tell whether ``limit`` of them fall in the window, so memory is bounded by
+    ``limit`` whatever the event rate. An event is counted once (``holds``), and one the
+    provider took back is no longer counted (``discard``)."""
 
-    __slots__ = ("limit", "times")
+    __slots__ = ("ids", "keep", "limit", "points")
 
-    def __init__(self, limit: int, times: Iterable[float] = ()) -> None:
+    def __init__(self, limit: int, points: Iterable[tuple[float, str]] = ()) -> None:
         self.limit = limit
-        self.times: list[float] = sorted(times)[-limit:] if limit else []
+        self.keep = limit + RETRACT_SLACK if limit else 0
+        self.points: list[tuple[float, str]] = (
+            sorted(points, key=_time)[-self.keep :] if self.keep else []
+        )
+        self.ids = {i for _, i in self.points if i}
 
     def __len__(self) -> int:
-        return len(self.times)
+        return len(self.points)
 
-    def add(self, t: float) -> None:
-        times = self.times
-        if not times or t >= times[-1]:
-            times.append(t)
+    def add(self, t: float, event_id: str = "") -> None:
+        points = self.points
+        if not points or t >= points[-1][0]:
+            points.append((t, event_id))
         else:
-            insort(times, t)
-        if len(times) > self.limit:
-            del times[0]
+            insort(points, (t, event_id), key=_time)
+        if event_id:
+            self.ids.add(event_id)
+        if len(points) > self.keep:
+            self.ids.discard(points[0][1])
+            del points[0]
+
+    def holds(self, event_id: str) -> bool:
+        """Whether the event is counted already (pushed again: it counts once)."""
+        return event_id in self.ids
+
+    def discard(self, event_id: str) -> bool:
+        """Stop counting an event the provider took back; whether it was counted."""
+        if event_id not in self.ids:
+            return False
+        self.ids.discard(event_id)
+        self.points = [p for p in self.points if p[1] != event_id]
+        return True
 
     def expire(self, window: float, now: float) -> None:
         """Forget the times that have left the window."""
-        gone = _gone(self.times, window, now)
+        gone = _gone((t for t, _ in self.points), window, now)
         if gone:
-            del self.times[:gone]
+            for _, event_id in self.points[:gone]:
+                self.ids.discard(event_id)
+            del self.points[:gone]
 
     def count(self, window: float, now: float) -> int:
-        """Events in the window at ``now`` (at most ``limit``), without forgetting any."""
-        return len(self.times) - _gone(self.times, window, now)
+        """Events in the window at ``now`` (at most ``limit`` and the slack), without
+        forgetting any."""
+        return len(self.points) - _gone((t for t, _ in self.points), window, now)
 
     def reached(self, window: float, now: float) -> bool:
         return self.count(window, now) >= self.limit
 
     def oldest(self) -> float | None:
-        return self.times[0] if self.times else None
+        return self.points[0][0] if self.points else None
 
     def newest(self) -> float | None:
-        return self.times[-1] if self.times else None
+        return self.points[-1][0] if self.points else None
 
-    def dump(self) -> list[float]:
-        return self.times.copy()
+    def dump(self) -> list[list[float | str]]:
+        return [[t, i] for t, i in self.points]
 
 
 MAX_SUM_POINTS = 4096
@@ -83,27 +113,49 @@ MAX_SUM_POINTS = 4096
 
 
 class SumWindow:
-    """``(time, value)`` points and their running total (exact: ``Decimal``), at most
-    ``MAX_SUM_POINTS`` of them."""
+    """``(time, value, event id)`` points and their running total (exact: ``Decimal``), at
+    most ``MAX_SUM_POINTS`` of them. An event is counted once, and one the provider took
+    back is no longer counted, unless its point was merged with a neighbour."""
 
-    __slots__ = ("points", "total")
+    __slots__ = ("ids", "points", "total")
 
-    def __init__(self, points: Iterable[tuple[float, Decimal]] = ()) -> None:
-        self.points: list[tuple[float, Decimal]] = sorted(points, key=_time)
-        self.total = sum((v for _, v in self.points), Decimal(0))
+    def __init__(self, points: Iterable[tuple[float, Decimal, str]] = ()) -> None:
+        self.points: list[tuple[float, Decimal, str]] = sorted(points, key=_time)
+        self.total = sum((v for _, v, _ in self.points), Decimal(0))
+        self.ids = {i for _, _, i in self.points if i}
 
     def __len__(self) -> int:
         return len(self.points)
 
-    def add(self, t: float, value: Decimal) -> None:
+    def add(self, t: float, value: Decimal, event_id: str = "") -> None:
         points = self.points
         if not points or t >= points[-1][0]:
-            points.append((t, value))
+            points.append((t, value, event_id))
         else:
-            insort(points, (t, value), key=_time)
+            insort(points, (t, value, event_id), key=_time)
         self.total += value
+        if event_id:
+            self.ids.add(event_id)
         if len(points) > MAX_SUM_POINTS:
             self._coalesce()
+
+    def holds(self, event_id: str) -> bool:
+        """Whether the event is counted already (pushed again: it counts once)."""
+        return event_id in self.ids
+
+    def discard(self, event_id: str) -> bool:
+        """Take an event the provider took back out of the sum; whether it was in it."""
+        if event_id not in self.ids:
+            return False
+        self.ids.discard(event_id)
+        kept = []
+        for point in self.points:
+            if point[2] == event_id:
+                self.total -= point[1]
+            else:
+                kept.append(point)
+        self.points = kept
+        return True
 
     def _coalesce(self) -> None:
         """Halve the points: each two neighbours become one, at the later one's time.
@@ -111,31 +163,36 @@ class SumWindow:
         Memory (and the state written with each commit) stays within ``MAX_SUM_POINTS``
         per group whatever the event rate. The total is unchanged; a value may leave the
         window a little later than it arrived plus the window, by the time to its
-        neighbour: at a steady rate about a thousandth of the window.
+        neighbour: at a steady rate about a thousandth of the window. A merged point
+        keeps no event id: its events can no longer be taken out of the sum.
         """
         points = self.points
         merged = [
-            (points[i + 1][0], points[i][1] + points[i + 1][1])
+            (points[i + 1][0], points[i][1] + points[i + 1][1], "")
             for i in range(0, len(points) - 1, 2)
         ]
         if len(points) % 2:
             merged.append(points[-1])
         self.points = merged
+        self.ids = {i for _, _, i in merged if i}
 
     def expire(self, window: float, now: float) -> None:
         points = self.points
-        gone = _gone((t for t, _ in points), window, now)
+        gone = _gone((t for t, _, _ in points), window, now)
         if gone == len(points):
             points.clear()
+            self.ids.clear()
             self.total = Decimal(0)
         elif gone:
-            self.total -= sum((v for _, v in points[:gone]), Decimal(0))
+            self.total -= sum((v for _, v, _ in points[:gone]), Decimal(0))
+            for _, _, event_id in points[:gone]:
+                self.ids.discard(event_id)
             del points[:gone]
 
     def sum(self, window: float, now: float) -> Decimal:
         """The total in the window at ``now``, without forgetting any point."""
         total = self.total
-        for t, value in self.points:
+        for t, value, _ in self.points:
             if not expired(t, window, now):
                 break
             total -= value
@@ -148,7 +205,7 @@ class SumWindow:
         return self.points[-1][0] if self.points else None
 
     def dump(self) -> list[list[float | str]]:
-        return [[t, str(v)] for t, v in self.points]
+        return [[t, str(v), i] for t, v, i in self.points]
 
 
 MAX_VALUE_POINTS = 4096
@@ -221,5 +278,5 @@ class ValueWindow:
         return [[t, str(v)] for t, v in self.points]
 
 
-def _time(point: tuple[float, Decimal]) -> float:
-    return point[0]
+def _time(point: tuple[Any, ...]) -> float:
+    return float(point[0])

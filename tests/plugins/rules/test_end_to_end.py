@@ -102,3 +102,42 @@ async def test_a_retracted_crossing_is_retracted_once_and_carried_no_more(tmp_pa
     assert set(alerts[:cut]) == {("firing", "t2", False)}  # the firing and its repeats
     assert alerts.count(("retracted", "t2", True)) == 1  # one retraction for them all
     assert set(alerts[cut + 1 :]) == {("firing", "t3", False)}  # t2 is carried no more
+
+
+async def test_a_threshold_counts_no_fact_the_provider_took_back(tmp_path: Path) -> None:
+    # The rules audit: a fact taken back was still counted (A, B, B removed, C fired "3"),
+    # and one taken back and pushed again counted twice (D, E, E removed, E fired "3").
+    # A match rule on every event is the control: its alert on END comes after the rest.
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).replace(
+            'window = "2s"\ncount = 2', 'window = "1h"\ncount = 3'
+        )
+        text += '\n[[rules]]\nname = "each"\nsource = "feed"\nmatch = { "args.to" = "end" }\nactions = ["hook"]\n'
+        path = write_config(tmp_path / "t.toml", text)
+
+        def sent() -> list[tuple[str, str, str]]:
+            return [(b["rule"], b["status"], b["event"]["id"]) for b in receiver_json(receiver)]
+
+        async with running(path, make_registry(tocsin_rules)):
+            await wait_for(lambda: server.clients, what="the source to connect")
+            for frame in [
+                transfer("A"),
+                transfer("B"),
+                {**transfer("B"), "removed": True},
+                transfer("C"),
+                transfer("D", to="carol"),
+                transfer("E", to="carol"),
+                {**transfer("E", to="carol"), "removed": True},
+                transfer("E", to="carol"),
+                transfer("E", to="carol"),  # pushed again with no removal: counts once
+                transfer("END", to="end"),
+            ]:
+                await server.push(frame)
+            await wait_for(lambda: ("each", "firing", "END") in sent(), what="the control alert")
+            await server.push(transfer("F"))  # A, C, F: three live facts to bob
+            await wait_for(lambda: ("burst out", "firing", "F") in sent(), what="bob's firing")
+    assert [a for a in sent() if a[0] == "burst out"] == [("burst out", "firing", "F")]
+
+
+def receiver_json(receiver: Receiver) -> list[dict[str, object]]:
+    return [r.json() for r in receiver.ok()]

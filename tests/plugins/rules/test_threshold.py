@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tocsin_rules import ThresholdConfig
 from tocsin_rules.threshold import ThresholdKind
 
 from tocsin import Event
@@ -313,3 +314,63 @@ def test_a_throttled_repeat_of_a_sent_firing_keeps_its_resolved(tmp_path: Path) 
         assert engine.tick() == []
     clock.at(10)  # e1 leaves the 10 s window: the run ends
     assert seen([first, *engine.tick()]) == [("firing", "e1"), ("resolved", "e1")]
+
+
+def removed(e: Event) -> Event:
+    return Event(e.id, e.source, e.provider, e.type, e.data, e.time, True)
+
+
+def test_a_fact_taken_back_is_no_longer_counted_and_a_firing_resolves(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(extra=""), clock)
+    kind = kind_of(engine)
+    for n in (1, 2, 3):
+        fired = engine.process(out(n))
+    assert seen(fired) == [("firing", "e3")]
+    engine.discard(removed(out(2)))  # not the event the firing carries: no retraction
+    assert kind.explain('["ann"]', clock.now) == "2 of 3 within 10s; firing"
+    clock.at(0.5)
+    assert seen(engine.tick()) == [("resolved", "e3")]  # below the bound: at the next tick
+    assert engine.process(out(1)) == []  # pushed again with no removal: counts once
+    assert seen(engine.process(out(2))) == [("firing", "e2")]  # taken back, pushed again
+    engine.discard(removed(out(9, who="bob")))  # a fact no group counted: nothing
+    assert kind.explain('["ann"]', clock.now) == "3 of 3 within 10s; firing"
+
+
+def test_a_sum_takes_out_a_value_taken_back_and_reads_points_saved_without_ids(
+    tmp_path: Path,
+) -> None:
+    clock = Clock().at(0)
+    text = RULE.format(extra='field = "amount"\nsum = 10').replace("count = 3\n", "")
+    store = Store.open(tmp_path / "state")
+    try:
+        engine = build(tmp_path, text, clock)
+        engine.process(out(1, amount=4))
+        engine.process(out(2, amount=5))
+        engine.discard(removed(out(1, amount=4)))
+        assert engine.process(out(3, amount=4)) == []  # 5 + 4: the 4 taken back is out
+        assert engine.process(out(3, amount=4)) == []  # pushed again: counted once
+        assert kind_of(engine).explain('["ann"]', clock.now) == "sum 9 of 10 within 10s"
+        persist(store, engine)
+        assert saved_groups(store)['["ann"]'].startswith(
+            '{"v":1,"points":[[1800000000.0,"5","e2"],[1800000000.0,"4","e3"]]'
+        )
+        # Saved before ids were kept: [time, value] (a sum), a bare time (a count).
+        old_sum = '{"v":1,"points":[[1800000000.0,"5"]],"firing":false,"seq":0,"repeat":0,"next":null,"event":null}'
+        store.call_sync(
+            Store.commit_alerts,
+            [],
+            [],
+            [("burst", f'kind\x1f{engine.rules["burst"].fingerprint}\x1f["ann"]', old_sum)],
+        )
+        again = restart(store, tmp_path, text, clock)
+        assert kind_of(again).explain('["ann"]', clock.now) == "sum 5 of 10 within 10s"
+        assert seen(again.process(out(4, amount=5))) == [("firing", "e4")]
+    finally:
+        store.close()
+    count = ThresholdKind(
+        ThresholdConfig.model_validate({"name": "c", "kind": "threshold", "count": 2, "window": 10})
+    )
+    group = count.decode({"points": [1.0, 2.0], "firing": False, "seq": 0, "repeat": 0,
+                          "next": None, "event": None})  # fmt: skip
+    assert group.points.count(10, 5.0) == 2
