@@ -28,6 +28,9 @@ class Group:
 
 G = TypeVar("G", bound=Group)
 
+SPARE_SCAN = 64
+"""Groups looked at, least recently seen first, for one to evict that need not be spared."""
+
 
 class GroupTable(Generic[G]):
     """Group key -> state, with deadlines, a size cap and the set of groups to persist.
@@ -56,13 +59,23 @@ class GroupTable(Generic[G]):
     def get(self, key: str) -> G | None:
         return self.groups.get(key)
 
-    def add(self, key: str, group: G) -> str | None:
-        """Add a new group as the most recently seen; returns the key evicted for room."""
+    def add(self, key: str, group: G, spare: Callable[[G], bool] | None = None) -> str | None:
+        """Add a new group as the most recently seen; returns the key evicted for room.
+
+        The least recently seen group goes, except one ``spare`` says to keep (a firing
+        one, whose resolved would never come) when one of the ``SPARE_SCAN`` least
+        recently seen may go instead."""
         self.groups[key] = group
         self.changed[key] = None
         if len(self.groups) <= self.max_groups:
             return None
-        old, _ = self.groups.popitem(last=False)
+        old = next(iter(self.groups))
+        if spare is not None:
+            for candidate in itertools.islice(self.groups, SPARE_SCAN):
+                if candidate != key and not spare(self.groups[candidate]):
+                    old = candidate
+                    break
+        del self.groups[old]
         self.changed[old] = None
         self.evicted += 1
         return old

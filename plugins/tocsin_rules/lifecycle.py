@@ -56,6 +56,9 @@ class LifecycleKind(StatefulKind[A], Generic[A]):
         self.backoff = config.realert_backoff
         self.last_seq = 0
 
+    def spare(self, group: A) -> bool:
+        return group.firing  # forgotten, its resolved would never be sent
+
     def fire(self, key: str, group: A, event: Event, now: float) -> list[Firing]:
         """The group starts firing, carrying ``event``."""
         seq = max(group.seq + 1, self.last_seq + 1, int(now * 1000))

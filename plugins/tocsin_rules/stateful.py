@@ -130,13 +130,18 @@ class StatefulKind(RuleKind, Generic[G]):
             return None
         return t
 
+    def spare(self, group: G) -> bool:
+        """Whether ``max_groups`` should rather forget another group than this one."""
+        return False
+
     def admit(self, key: str, group: G) -> None:
-        """Add a new group; forget the least recently seen one beyond ``max_groups``."""
-        if self.table.add(key, group) is not None:
+        """Add a new group; forget the least recently seen one beyond ``max_groups``
+        (sparing firing ones while others can go)."""
+        if self.table.add(key, group, self.spare) is not None:
             self.warn_once(
                 "evict",
                 "rule %r: more than %d groups (max_groups): the least recently seen are"
-                " forgotten, firing or not; check its group_by",
+                " forgotten (firing ones last); check its group_by",
                 self.rule,
                 self.table.max_groups,
             )

@@ -22,9 +22,9 @@ from tocsin_rules import (
 from tocsin_rules.stateful import StatefulKind
 
 from tocsin import Event, Firing, RuleKind
-from tocsin.rules import Engine
+from tocsin.rules import Engine, PendingAlert
 
-from .conftest import Clock, build, event
+from .conftest import Clock, build, event, seen
 
 GROUPS = 10_000
 
@@ -214,6 +214,35 @@ def test_max_groups_forgets_the_least_recently_seen_with_one_warning(
     assert len(warnings) == 1 and "'absence'" in warnings[0].getMessage()
     deleted = {w[1].rpartition("\x1f")[2] for w in engine.take_state() if w[2] is None}
     assert deleted == {f"[{n}]" for n in range(1, 51)}
+
+
+def test_max_groups_forgets_a_quiet_group_before_a_firing_one(tmp_path: Path) -> None:
+    # The rules audit: the idle firing group was evicted first, so its resolved never came.
+    clock = Clock().at(0)
+    engine = build(
+        tmp_path, RULES.format(cap=100).replace("count = 2", "count = 2\nmax_groups = 2"), clock
+    )
+    threshold = kinds(engine)["threshold"]
+    feed(engine, 0, range(1))
+    assert seen(feed_alerts(engine, 1, range(1))) == [("firing", "1-0")]  # key 0 fires
+    clock.at(1)
+    feed(engine, 2, range(1, 2))
+    clock.at(2)
+    feed(engine, 3, range(2, 3))  # a third key: quiet key 1 goes, not firing key 0
+    assert list(threshold.table) == ["[0]", "[2]"] and threshold.table.evicted == 1
+    clock.at(10)
+    assert [p.alert.status for p in engine.tick() if p.alert.rule == "threshold"] == ["resolved"]
+
+
+def feed_alerts(engine: Engine, round_: int, keys: range) -> list[PendingAlert]:
+    return [
+        p
+        for n in keys
+        for p in engine.process(
+            Event(id=f"{round_}-{n}", source="s", provider="p", type="t", data={"key": n})
+        )
+        if p.alert.rule == "threshold"
+    ]
 
 
 def test_evictions_leave_no_pile_of_stale_deadlines() -> None:
