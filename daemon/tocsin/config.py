@@ -251,6 +251,10 @@ class _Loader:
             found = problems_from(err, model, file, prefix, sep)
             self.problems.extend(p for p in found if (p.file, p.path) not in self.unresolved)
             return None
+        except Exception as err:  # a plugin's validator raised what pydantic does not catch
+            reason = " ".join(str(err).split())[:300] or "no reason given"
+            self.problem(file, prefix, f"{model.__name__} failed: {type(err).__name__}: {reason}")
+            return None
 
     def plugin_table(
         self, what: str, raw: object, file: str, path: str, known: Mapping[str, Any]

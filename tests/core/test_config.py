@@ -3,11 +3,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
+from anyio.abc import TaskStatus
+from pydantic import model_validator
 
 from support import make_registry, write_config
+from tocsin import Secret, Source, SourceConfig, hookimpl
 from tocsin.config import load_config, load_daemon_config
 from tocsin.errors import ConfigError
 from tocsin.fields import SecretValue, format_duration, parse_duration
@@ -452,3 +457,47 @@ def test_a_credential_name_stays_in_the_credentials_directory(
     assert [str(p) for p in caught.value.problems] == [
         f"{path}: actions.hook.secret: credential '../outside': a credential's name has no '/'"
     ]
+
+
+class FussyConfig(SourceConfig):
+    key: Secret
+    level: int = 0
+
+    @model_validator(mode="after")
+    def _level(self) -> FussyConfig:
+        if self.level == 4:  # a plugin's bug: not a ValueError, and quoting its secret
+            raise TypeError(f"unsupported key {self.key.get()}\nat level 4")
+        return self
+
+
+class FussySource(Source):
+    name = "fussy"
+    Config = FussyConfig
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+
+class FussyPlugin:
+    @staticmethod
+    @hookimpl
+    def register_sources(register: Callable[[type[Source]], None]) -> None:
+        register(FussySource)
+
+
+def test_a_plugin_validator_raising_anything_is_a_problem_without_its_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, a TypeError from a plugin's validator escaped: tocsin check printed a
+    # traceback ending in the secret, and exited 1 (the plugin audit).
+    monkeypatch.setenv("FUSSY_KEY", "SECRET-FUSSY-1")
+    text = '[sources.f]\nplugin = "fussy"\nkey = { env = "FUSSY_KEY" }\nlevel = 4\n'
+    path = write_config(tmp_path / "t.toml", text + '[actions.a]\nplugin = "nope"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, make_registry(FussyPlugin()))
+    problems = [str(p) for p in err.value.problems]
+    assert problems == [
+        f"{path}: sources.f: FussyConfig failed: TypeError: unsupported key *** at level 4",
+        f'{path}: actions.a.plugin: unknown action plugin "nope" (installed: apprise, log, webhook)',
+    ]  # every problem is still listed
+    assert "SECRET" not in str(err.value)
