@@ -6,6 +6,8 @@ down (tests build one with exactly the plugins they need).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -16,11 +18,11 @@ from typing import Any, TypeVar
 import pluggy
 
 from . import hookspecs
-from .action import Action
+from .action import Action, ActionConfig
 from .emulator import Emulator
 from .errors import PluginError
-from .rulekind import RuleKind
-from .source import Source
+from .rulekind import RuleConfig, RuleKind
+from .source import Source, SourceConfig
 
 ENTRY_POINT_GROUP = "tocsin"
 
@@ -54,8 +56,10 @@ def make_plugin_manager(
             loaded[ep.name] = ep
             try:
                 plugin = ep.load()
-            except Exception as err:
-                raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {err}") from err
+            except (Exception, SystemExit) as err:  # sys.exit() at import too
+                raise PluginError(
+                    f"plugin {ep.name!r} ({ep.value}) failed to load: {_one_line(err)}"
+                ) from err
             _register(pm, plugin, ep.name)
     for plugin in plugins:
         # Readable names for error messages: a module's name, else the object's class name.
@@ -65,11 +69,30 @@ def make_plugin_manager(
             n += 1
             name = f"{base}#{n}"
         _register(pm, plugin, name)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as err:
-        raise PluginError(str(err)) from err
+    _check_pending(pm)
     return pm
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    """pluggy's ``check_pending``, saying which plugin and which hook it may have meant."""
+    for name in pm.hook.__dict__:
+        if name.startswith("_"):
+            continue
+        hook = getattr(pm.hook, name)
+        if hook.has_spec():
+            continue
+        for impl in hook.get_hookimpls():
+            if not impl.optionalhook:
+                hooks = [h for h in dir(hookspecs) if h.startswith("register_")]
+                close = difflib.get_close_matches(name, hooks, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PluginError(f"plugin {impl.plugin_name!r}: unknown hook {name!r}{hint}")
+
+
+def _one_line(err: BaseException) -> str:
+    """``TypeName: message`` on one line (a message may span several), at most 300 chars."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
@@ -132,8 +155,14 @@ def _collect(
     named: Callable[[Any], str],
     arity: int = 1,
     base: type | None = None,
+    config: type | None = None,
 ) -> None:
+    article = "an" if what[0] in "aeiou" else "a"
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        if inspect.iscoroutinefunction(impl.function):
+            raise PluginError(
+                f"plugin {impl.plugin_name!r}: {hook_name} must be a plain function, not async"
+            )
 
         def register(*args: Any, _plugin: str = impl.plugin_name) -> None:
             if len(args) != arity:
@@ -146,6 +175,13 @@ def _collect(
                     f"plugin {_plugin!r}: {hook_name} registered {obj!r}, not a subclass of"
                     f" tocsin.{base.__name__}"
                 )
+            if config is not None and not (
+                isinstance(obj.Config, type) and issubclass(obj.Config, config)
+            ):
+                raise PluginError(
+                    f"plugin {_plugin!r}: {hook_name} registered {obj.__name__}, whose Config"
+                    f" is not a subclass of tocsin.{config.__name__}"
+                )
             if base is None and not callable(obj):
                 raise PluginError(
                     f"plugin {_plugin!r}: {hook_name} registered {obj!r}, not a function"
@@ -154,10 +190,10 @@ def _collect(
                 name = named(args)
             except AttributeError:
                 raise PluginError(
-                    f"plugin {_plugin!r} registered a {what} without a name"
+                    f"plugin {_plugin!r} registered {article} {what} without a name"
                 ) from None
             if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {_plugin!r} registered a {what} without a name")
+                raise PluginError(f"plugin {_plugin!r} registered {article} {what} without a name")
             if name in into:
                 raise PluginError(
                     f"{what} {name!r} is registered twice: by plugin {into[name].plugin!r}"
@@ -166,22 +202,40 @@ def _collect(
             into[name] = Registered(obj, _plugin)
 
         try:
-            impl.function(register=register)
+            result = impl.function(register=register)
         except PluginError:
             raise
         except Exception as err:
             raise PluginError(
-                f"plugin {impl.plugin_name!r} failed in {hook_name}: {err!r}"
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {_one_line(err)}"
             ) from err
+        if inspect.isawaitable(result):  # a plain function returning a coroutine
+            if inspect.iscoroutine(result):
+                result.close()
+            raise PluginError(
+                f"plugin {impl.plugin_name!r}: {hook_name} must register, not return an awaitable"
+            )
 
 
 def build_registry(pm: pluggy.PluginManager) -> Registry:
     """Call every registration hook; a name registered twice is an error naming both plugins."""
     reg = Registry()
     name = lambda a: a[0].name  # noqa: E731
-    _collect(pm, "register_sources", "source plugin", reg.sources, name, base=Source)
-    _collect(pm, "register_actions", "action plugin", reg.actions, name, base=Action)
-    _collect(pm, "register_rule_kinds", "rule kind", reg.rule_kinds, name, base=RuleKind)
+    _collect(
+        pm, "register_sources", "source plugin", reg.sources, name, base=Source, config=SourceConfig
+    )
+    _collect(
+        pm, "register_actions", "action plugin", reg.actions, name, base=Action, config=ActionConfig
+    )
+    _collect(
+        pm,
+        "register_rule_kinds",
+        "rule kind",
+        reg.rule_kinds,
+        name,
+        base=RuleKind,
+        config=RuleConfig,
+    )
     _collect(pm, "register_template_filters", "template filter", reg.filters, lambda a: a[0], 2)
     _collect(pm, "register_emulators", "emulator", reg.emulators, name, base=Emulator)
     return reg

@@ -76,6 +76,7 @@ class RecordingContext(EventFactory):
 
     def received(self, frame: str | bytes) -> None:
         self.frames.append(frame)
+        self._changed()  # a test may wait for frames that make no event (heartbeats)
 
     async def load_cursor(self, key: str) -> str | None:
         return self.cursors.get(key)

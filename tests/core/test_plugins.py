@@ -5,7 +5,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import anyio.lowlevel
 import pytest
+from pydantic import BaseModel
 
 import tocsin
 import tocsin_builtin
@@ -25,6 +27,7 @@ from tocsin.config import load_config
 from tocsin.errors import ConfigError, PluginError
 from tocsin.plugins import build_registry, make_plugin_manager, plugin_versions
 from tocsin.rules import Engine, compile_rules
+from tocsin.testing import RecordingContext
 
 
 class EveryOther(RuleKind):
@@ -112,8 +115,47 @@ def test_misspelled_hook_fails_loudly() -> None:
         def register_source(register: Callable[..., None]) -> None:  # missing "s"
             raise AssertionError("never called")
 
-    with pytest.raises(PluginError, match="register_source"):
+    with pytest.raises(PluginError) as caught:
         make_plugin_manager([Typo()], load_entry_points=False)
+    assert str(caught.value) == (  # the plugin's name, not pluggy's repr of the object
+        "plugin 'Typo': unknown hook 'register_source' (did you mean 'register_sources'?)"
+    )
+
+
+def test_an_async_hook_or_a_config_of_the_wrong_kind_is_a_plugin_error() -> None:
+    # Both passed before: the async hook registered nothing (exit 0, a RuntimeWarning),
+    # and the action with a plain pydantic Config crashed `tocsin run` (the plugin audit).
+    class Async:
+        @staticmethod
+        @hookimpl
+        async def register_template_filters(register: Callable[..., None]) -> None:
+            raise AssertionError("never called")
+
+    with pytest.raises(PluginError) as caught:
+        build_registry(make_plugin_manager([Async()], load_entry_points=False))
+    assert str(caught.value) == (
+        "plugin 'Async': register_template_filters must be a plain function, not async"
+    )
+
+    class Plain(BaseModel):
+        url: str = ""
+
+    class Pager(Action):
+        name = "pager"
+        Config = Plain  # type: ignore[assignment]
+
+    class WrongConfig:
+        @staticmethod
+        @hookimpl
+        def register_actions(register: Callable[..., None]) -> None:
+            register(Pager)
+
+    with pytest.raises(PluginError) as caught:
+        build_registry(make_plugin_manager([WrongConfig()], load_entry_points=False))
+    assert str(caught.value) == (
+        "plugin 'WrongConfig': register_actions registered Pager, whose Config is not a"
+        " subclass of tocsin.ActionConfig"
+    )
 
 
 def test_failing_hook_is_a_plugin_error() -> None:
@@ -156,6 +198,32 @@ def test_a_second_plugin_of_the_same_name_stops_loading_naming_both(
     message = str(caught.value)
     assert message.startswith("plugin name 'eospark' is installed twice: by ")
     assert "tocsin-bad 0.0.7 (tocsin_bad_mod)" in message and "(tocsin_eospark)" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (
+            'raise RuntimeError("no key\\nsecond line\\n  third")',
+            "RuntimeError: no key second line third",
+        ),
+        ('import sys\nsys.exit("plugin exits at import")', "SystemExit: plugin exits at import"),
+    ],
+)
+def test_a_plugin_that_fails_to_import_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, error: str
+) -> None:
+    site = tmp_path / "site"
+    info = site / "tocsin_broken-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tocsin-broken\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[tocsin]\nbroken = tocsin_broken_mod\n")
+    (site / "tocsin_broken_mod.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "broken")
+    with pytest.raises(PluginError) as caught:
+        make_plugin_manager()
+    assert str(caught.value) == f"plugin 'broken' (tocsin_broken_mod) failed to load: {error}"
 
 
 def test_a_hook_with_a_wrong_argument_name_is_a_plugin_error() -> None:
@@ -373,3 +441,20 @@ async def test_an_action_that_fails_to_close_on_a_reload_costs_nothing_else(
         assert not daemon.stopping
     # At exit too: the failure is logged, the daemon stops cleanly (no exception).
     assert "action 'boom': closing it failed" in caplog.text
+
+
+async def test_a_recording_context_wakes_a_wait_for_frames_that_make_no_event() -> None:
+    # docs/plugins.md: wait_until is "woken by every change"; a frame read (a heartbeat)
+    # was not one, so a test waiting for frames hung (the plugin audit).
+    ctx = RecordingContext("prices", "ticker")
+    async with anyio.create_task_group() as tg:
+
+        async def heartbeats() -> None:
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()  # the waiter is waiting by then
+                ctx.received('{"type": "heartbeat"}')
+
+        tg.start_soon(heartbeats)
+        with anyio.fail_after(5):
+            await ctx.wait_until(lambda: len(ctx.frames) == 3)
+    assert ctx.events == []
