@@ -28,7 +28,8 @@ import tocsin_builtin
 from tocsin import Alert, Event, PermanentDelivery, RetryableDelivery, SourceContext, hookspecs
 from tocsin.config import load_config
 from tocsin.plugins import Registry, build_registry, make_plugin_manager
-from tocsin.rules import compile_rules
+from tocsin.rules import Engine, compile_rules
+from tocsin.store import Store
 from tocsin.testing import RecordingContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,6 +292,49 @@ def test_once_kind_example_fires_once_and_resolves(monkeypatch: pytest.MonkeyPat
     (resolved,) = kind.on_tick(90.0)
     assert (resolved.status, resolved.event.id) == ("resolved", "e2")
     assert resolved.id_parts != fired[0].id_parts
+
+
+def test_once_kind_example_keeps_its_state_across_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The guide's kind through the real engine and state database: a restart in the middle
+    # of a group neither fires it again nor loses its resolved (the plugin audit: the
+    # guide's kind fired "first BTC" again after every restart).
+    module = load_example("once_kind", monkeypatch)
+    registry = registry_of(module)
+    text = '[daemon]\nstate_dir = "state"\n[[rules]]\nname = "new"\nkind = "once"\nquiet = "1m"\n'
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    now = [0.0]
+
+    def engine() -> Engine:
+        return Engine(
+            compile_rules(load_config(str(path), registry), registry), clock=lambda: now[0]
+        )
+
+    def event(n: int) -> Event:
+        return Event(id=f"e{n}", source="eos", provider="eospark", type="action", data={})
+
+    store = Store.open(tmp_path / "state")
+    try:
+        first = engine()
+        assert [p.alert.status for p in first.process(event(1))] == ["firing"]
+        store.call_sync(Store.commit_alerts, [], [], first.take_state())
+        now[0] = 30.0
+        second = engine()  # a restart
+        second.restore(store.call_sync(Store.load_rule_state))
+        assert second.process(event(2)) == []  # the group is still open: no second firing
+        assert second.explain(event(3)) == [("new", "", "fired on e1; resolves after 60s quiet")]
+        store.call_sync(Store.commit_alerts, [], [], second.take_state())
+        now[0] = 90.0
+        third = engine()
+        third.restore(store.call_sync(Store.load_rule_state))
+        (resolved,) = third.tick()
+        assert (resolved.alert.status, resolved.alert.event["id"]) == ("resolved", "e2")
+        store.call_sync(Store.commit_alerts, [], [], third.take_state())
+        assert store.call_sync(Store.load_rule_state) == []  # resolved: its row is gone
+    finally:
+        store.close()
 
 
 def test_money_filter_example_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
