@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal, InvalidOperation
 
 # A number followed by a symbol, as EOS writes amounts ("12.5000 EOS"): the amount counts.
 _AMOUNT_WITH_SYMBOL = re.compile(r"([+-]?[0-9]{1,30}(?:\.[0-9]{1,30})?) [A-Z]{1,7}")
@@ -52,6 +53,28 @@ def to_decimal(value: object) -> Decimal | None:
     return number
 
 
+EXACT = Context(prec=1000, Emax=MAX_EMAX, Emin=MIN_EMIN)
+"""The context of sums and moves. ``to_decimal`` bounds a value to 100 characters and
+1e300 either way, so sums and differences of them (and products with ``by``) need at most
+a few hundred digits: with 1,000 they are exact. The default context (of ``+``, ``-``,
+``abs``...) keeps 28 and rounds the rest, so 10**28 + 1 was 10**28."""
+
+
+def add(a: Decimal, b: Decimal) -> Decimal:
+    return EXACT.add(a, b)
+
+
+def subtract(a: Decimal, b: Decimal) -> Decimal:
+    return EXACT.subtract(a, b)
+
+
+def total(values: Iterable[Decimal]) -> Decimal:
+    out = Decimal(0)
+    for value in values:
+        out = EXACT.add(out, value)
+    return out
+
+
 def show(number: Decimal) -> str:
     """A decimal as people write it: ``7200.0000`` -> ``7200``, ``2.50`` -> ``2.5``."""
     text = f"{number:f}"
@@ -79,20 +102,22 @@ class Move:
     def size(self, reference: Decimal, value: Decimal) -> Decimal | None:
         """How far ``value`` is from ``reference`` in the unit of ``by`` (a ratio for a
         percentage); None when a percentage of a zero reference is asked for."""
-        distance = abs(value - reference)
+        distance = EXACT.abs(subtract(value, reference))
         if not self.percent:
             return distance
         if not reference:
             return None
-        return distance / abs(reference)
+        return distance / EXACT.abs(reference)
 
     def reached(self, reference: Decimal, value: Decimal) -> bool:
         """``value`` is ``by`` or more away from ``reference`` (never, from 0 in percent)."""
-        distance = abs(value - reference)
+        distance = EXACT.abs(subtract(value, reference))
         if not self.percent:
             return distance >= self.amount
         # Compared without dividing, so the bound is exact: 2.10 -> 2.163 is 3%.
-        return bool(reference) and distance * 100 >= self.amount * abs(reference)
+        return bool(reference) and EXACT.multiply(distance, 100) >= EXACT.multiply(
+            self.amount, EXACT.abs(reference)
+        )
 
 
 def parse_move(value: object) -> Move:

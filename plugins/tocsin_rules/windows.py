@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
+from .numbers import add, subtract, total
+
 
 def expired(t: float, window: float, now: float) -> bool:
     """A point at ``t`` has left a ``window`` at ``now``."""
@@ -121,7 +123,7 @@ class SumWindow:
 
     def __init__(self, points: Iterable[tuple[float, Decimal, str]] = ()) -> None:
         self.points: list[tuple[float, Decimal, str]] = sorted(points, key=_time)
-        self.total = sum((v for _, v, _ in self.points), Decimal(0))
+        self.total = total(v for _, v, _ in self.points)
         self.ids = {i for _, _, i in self.points if i}
 
     def __len__(self) -> int:
@@ -133,7 +135,7 @@ class SumWindow:
             points.append((t, value, event_id))
         else:
             insort(points, (t, value, event_id), key=_time)
-        self.total += value
+        self.total = add(self.total, value)
         if event_id:
             self.ids.add(event_id)
         if len(points) > MAX_SUM_POINTS:
@@ -151,7 +153,7 @@ class SumWindow:
         kept = []
         for point in self.points:
             if point[2] == event_id:
-                self.total -= point[1]
+                self.total = subtract(self.total, point[1])
             else:
                 kept.append(point)
         self.points = kept
@@ -168,7 +170,7 @@ class SumWindow:
         """
         points = self.points
         merged = [
-            (points[i + 1][0], points[i][1] + points[i + 1][1], "")
+            (points[i + 1][0], add(points[i][1], points[i + 1][1]), "")
             for i in range(0, len(points) - 1, 2)
         ]
         if len(points) % 2:
@@ -184,19 +186,19 @@ class SumWindow:
             self.ids.clear()
             self.total = Decimal(0)
         elif gone:
-            self.total -= sum((v for _, v, _ in points[:gone]), Decimal(0))
+            self.total = subtract(self.total, total(v for _, v, _ in points[:gone]))
             for _, _, event_id in points[:gone]:
                 self.ids.discard(event_id)
             del points[:gone]
 
     def sum(self, window: float, now: float) -> Decimal:
         """The total in the window at ``now``, without forgetting any point."""
-        total = self.total
+        out = self.total
         for t, value, _ in self.points:
             if not expired(t, window, now):
                 break
-            total -= value
-        return total
+            out = subtract(out, value)
+        return out
 
     def oldest(self) -> float | None:
         return self.points[0][0] if self.points else None

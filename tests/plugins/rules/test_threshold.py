@@ -4,11 +4,13 @@ restart and a reload; windows driven by an injected clock."""
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tocsin_rules import ThresholdConfig
+from tocsin_rules.numbers import parse_move
 from tocsin_rules.threshold import ThresholdKind
 
 from tocsin import Event
@@ -374,3 +376,23 @@ def test_a_sum_takes_out_a_value_taken_back_and_reads_points_saved_without_ids(
     group = count.decode({"points": [1.0, 2.0], "firing": False, "seq": 0, "repeat": 0,
                           "next": None, "event": None})  # fmt: skip
     assert group.points.count(10, 5.0) == 2
+
+
+def test_sums_and_moves_are_exact_beyond_28_digits(tmp_path: Path) -> None:
+    # Decimal's default context keeps 28 digits and rounds the rest: a sum just below its
+    # bound rounded up to it and fired, and taking a value back out of a sum left a
+    # residue (the rules audit; token amounts carry up to 18 decimals).
+    clock = Clock().at(0)
+    text = RULE.format(extra='field = "amount"\nsum = 1000000000000000000')
+    engine = build(tmp_path, text.replace("count = 3\n", ""), clock)
+    assert engine.process(out(1, amount="999999999999999999.9999999999999")) == []
+    assert seen(engine.process(out(2, amount="0.0000000000001"))) == [("firing", "e2")]
+    from tocsin_rules.windows import SumWindow
+
+    window = SumWindow()
+    window.add(0.0, Decimal("0.000000000000000001"), "a")
+    window.add(0.0, Decimal(10**30), "b")
+    assert window.discard("b") and window.total == Decimal("0.000000000000000001")
+    move = parse_move("3%")
+    assert move.reached(Decimal(10**30), Decimal(10**30) + Decimal(3 * 10**28))
+    assert not move.reached(Decimal(10**30), Decimal(10**30 + 3 * 10**28 - 1))
