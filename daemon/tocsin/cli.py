@@ -198,7 +198,7 @@ def _registry() -> Registry:
 def _load(
     args: argparse.Namespace,
     registry: Registry,
-    unchecked: Callable[[ValueError], bool] | None = None,
+    unchecked: Callable[[str, ValueError], bool] | None = None,
 ) -> tuple[Config, Engine]:
     try:
         config = load_config(_config_path(args), registry, unchecked=unchecked)
@@ -214,14 +214,25 @@ def _notes(notes: Iterable[object]) -> None:
         print(f"tocsin: note: {note}", file=sys.stderr)
 
 
-def _credential_outside_systemd(error: ValueError) -> bool:
+def _credential_outside_systemd(path: str, error: ValueError) -> bool:
     """``tocsin check`` in a shell: the service's credentials are not there to read."""
     return isinstance(error, SecretUnavailable) and error.kind == "credential"
 
 
-def _any_unavailable(error: ValueError) -> bool:
+def _any_unavailable(path: str, error: ValueError) -> bool:
     """``tocsin test`` and ``explain`` send nothing: secrets they cannot read are not needed."""
     return isinstance(error, SecretUnavailable)
+
+
+def _outside_source(name: str) -> Callable[[str, ValueError], bool]:
+    """``tocsin record`` connects to one source: other tables' secrets are not needed."""
+    table = f"sources.{name}"
+
+    def unchecked(path: str, error: ValueError) -> bool:
+        inside = path == table or path.startswith((f"{table}.", f"{table}["))
+        return isinstance(error, SecretUnavailable) and not inside
+
+    return unchecked
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -500,7 +511,12 @@ def _ends_mid_line(path: Path) -> bool:
 def cmd_record(args: argparse.Namespace) -> int:
     setup_logging("info")
     registry = _registry()
-    config = load_config(_config_path(args), registry)
+    try:
+        config = load_config(_config_path(args), registry, unchecked=_outside_source(args.source))
+    except ConfigError as err:
+        _notes(err.notes)
+        raise
+    _notes(config.notes)
     cls = configured_source(config, registry, args.source)
     source_config = config.sources[args.source]
     try:

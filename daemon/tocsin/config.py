@@ -184,7 +184,7 @@ class _Loader:
         self,
         registry: Registry,
         environ: Mapping[str, str] | None,
-        unchecked: Callable[[ValueError], bool] | None = None,
+        unchecked: Callable[[str, ValueError], bool] | None = None,
     ) -> None:
         self.registry = registry
         self.unchecked = unchecked
@@ -233,7 +233,7 @@ class _Loader:
     def resolve(self, raw: dict[str, Any], file: str, path: str = "") -> dict[str, Any]:
         def unresolved(at: str, error: ValueError) -> None:
             self.unresolved.add((file, at))
-            if self.unchecked is not None and self.unchecked(error):
+            if self.unchecked is not None and self.unchecked(at, error):
                 self.notes.append(Problem(file, at, f"not checked here: {error}"))
             else:
                 self.problem(file, at, str(error))
@@ -297,13 +297,13 @@ def load_config(
     registry: Registry,
     environ: Mapping[str, str] | None = None,
     *,
-    unchecked: Callable[[ValueError], bool] | None = None,
+    unchecked: Callable[[str, ValueError], bool] | None = None,
 ) -> Config:
     """Read, resolve and validate the config at ``path`` and its includes.
 
     Raises ``ConfigError`` with every problem found. Templates are compiled by the rule
     engine (``rules.compile_rules``), which adds its problems the same way. A secret that
-    cannot be read for which ``unchecked(error)`` is true is a note (``Config.notes``),
+    cannot be read for which ``unchecked(path, error)`` is true is a note (``Config.notes``),
     not a problem, and the source or action holding it is left out: for commands that
     do not need it (``tocsin test``) or cannot read it (a credential outside systemd).
     """
@@ -315,7 +315,7 @@ def _load_config(
     path: str | os.PathLike[str],
     registry: Registry,
     environ: Mapping[str, str] | None = None,
-    unchecked: Callable[[ValueError], bool] | None = None,
+    unchecked: Callable[[str, ValueError], bool] | None = None,
 ) -> Config:
     loader = _Loader(registry, environ, unchecked)
     main = Path(path)

@@ -225,3 +225,30 @@ def test_a_source_that_cannot_replay_is_recorded_with_a_warning(tmp_path: Path) 
         " but not replayed by tocsin test --frames"
     )
     assert run.stdout.strip() == f"recorded 0 frame(s), 0 event(s) from 'feed' to {out}"
+
+
+def test_record_needs_no_secret_of_another_table_but_its_source_s(tmp_path: Path) -> None:
+    # Recording connects to one source and sends nothing: an action's secret that is not
+    # set here was a config error, and no frame could be recorded (the plugin audit).
+    config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws")
+    text = config.read_text().replace("[[rules]]\n", '[[rules]]\nactions = ["console", "oncall"]\n')
+    text += (
+        '\n[actions.oncall]\nplugin = "webhook"\nurl = "https://example.invalid/hook"\n'
+        'secret = { env = "ONCALL_SECRET" }\n'
+    )
+    config.write_text(text)
+    assert 'actions = ["console", "oncall"]' in text
+    out = tmp_path / "f.jsonl"
+    run = cli(
+        "record", "-c", str(config), "--source", "eos", "--out", str(out), "--duration", "200ms"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "note:" in run.stderr and "actions.oncall.secret: not checked here" in run.stderr
+    # The source's own secret is needed: without it, the config error says which.
+    env = {k: v for k, v in environment().items() if k != "EOSPARK_KEY"}
+    missing = subprocess.run(
+        tocsin("record", "-c", str(config), "--source", "eos", "--out", str(out)),
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert "sources.eos.api_key: environment variable EOSPARK_KEY is not set" in missing.stderr
