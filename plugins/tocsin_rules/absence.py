@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tocsin import Event, Firing, RuleConfig, stable_id, utc_iso
+import orjson
+
+from tocsin import Event, Firing, RuleConfig, split_path, stable_id, utc_iso
 
 from .config import AbsenceConfig
 from .lifecycle import Alerting, LifecycleKind
@@ -38,6 +40,7 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
     def __init__(self, config: RuleConfig) -> None:
         super().__init__(config)
         self.whole_rule = not config.group_by  # one group, watched from the start
+        self.group_by = list(config.group_by)
         self.sources = ",".join(config.source or [])
 
     def start(self, now: float) -> None:
@@ -76,7 +79,18 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
             return self.repeat_if_due(key, group, now)
         if not expired(group.last, self.window, now):
             return []
-        return self.fire(key, group, group.event or self.placeholder(group, now), now)
+        return self.fire(key, group, group.event or self.placeholder(key, group, now), now)
+
+    def discard(self, event: Event, group_key: str, now: float) -> None:
+        """The last event seen, which the group's alert would carry, was taken back: the
+        alert carries none (the placeholder) unless another comes. The silence still counts
+        from that event's time (the one before it is not kept): a group fires late rather
+        than falsely. A firing group's event is ``on_removed``'s to end."""
+        group = self.table.get(group_key)
+        if group is None or group.firing or group.event is None or group.event.id != event.id:
+            return
+        group.event = None
+        self.settle(group_key, group)
 
     def on_removed(self, event: Event, group_key: str, now: float) -> None:
         """The last event, which the firing carried, was taken back: the firing is
@@ -89,15 +103,36 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
             group.last = max(group.last, now)
             self.settle(group_key, group)
 
-    def placeholder(self, group: AbsenceGroup, now: float) -> Event:
-        """The event an alert carries when the rule has seen none since it was loaded."""
+    def placeholder(self, key: str, group: AbsenceGroup, now: float) -> Event:
+        """The event an alert carries when the rule has seen none since it was loaded, or
+        the provider took back the last one: the rule, window and since, and the group's
+        ``group_by`` values where the events had them (``market`` for a title's
+        ``{{ market }}``)."""
         since = utc_iso(group.last)
+        data: dict[str, Any] = {}
+        try:
+            values = orjson.loads(key) if key else []
+        except orjson.JSONDecodeError:
+            values = []
+        for path, value in zip(self.group_by, values, strict=False):
+            *parents, last = split_path(path)
+            at = data
+            for part in parents:
+                nested = at.setdefault(part, {})
+                if not isinstance(nested, dict):
+                    break
+                at = nested
+            else:
+                at.setdefault(last, value)
+        data.update({"rule": self.rule, "window": self.span(), "since": since})
         return Event(
-            id=stable_id(self.rule, "absence", since),
+            id=stable_id(self.rule, "absence", key, since)
+            if key
+            else stable_id(self.rule, "absence", since),
             source=self.sources,
             provider="tocsin",
             type="absence",
-            data={"rule": self.rule, "window": self.span(), "since": since},
+            data=data,
             time=utc_iso(now),
         )
 

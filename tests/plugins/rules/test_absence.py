@@ -223,3 +223,20 @@ def test_a_retracted_last_event_ends_the_firing_and_the_watch_starts_again(
     clock.at(122)
     (again,) = engine.tick()
     assert again.alert.status == "firing" and again.alert.id != firing.alert.id
+
+
+def test_an_absence_alert_carries_no_fact_the_provider_took_back(tmp_path: Path) -> None:
+    # Before, the removal reached only rules whose firing carried the fact: the absence
+    # fired later carrying the retracted quote (a leftover the rules audit confirmed).
+    clock = Clock().at(0)
+    engine = build(tmp_path, PER_MARKET.format(extra=""), clock)
+    engine.process(quote(1))
+    removal = quote(1)
+    removal.removed = True
+    engine.discard(removal)
+    clock.at(60)
+    (fired,) = engine.tick()
+    assert fired.alert.status == "firing"
+    assert fired.alert.event["id"] != "q1" and fired.alert.event["provider"] == "tocsin"
+    assert fired.alert.event["data"]["window"] == "1m"
+    assert fired.alert.title == "market 219 stopped quoting"  # the group's value is there
