@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ from .rulekind import RuleConfig, RuleKind
 from .source import Source, SourceConfig
 
 ENTRY_POINT_GROUP = "tocsin"
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -61,6 +64,14 @@ def make_plugin_manager(
                     f"plugin {ep.name!r} ({ep.value}) failed to load: {_one_line(err)}"
                 ) from err
             _register(pm, plugin, ep.name)
+        unknown = sorted(
+            (allowed or set()) - {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        )
+        if unknown:  # a typo would otherwise leave a plugin out with no word
+            log.warning(
+                "TOCSIN_LOAD_PLUGINS names %s, which no installed plugin is",
+                ", ".join(repr(n) for n in unknown),
+            )
     for plugin in plugins:
         # Readable names for error messages: a module's name, else the object's class name.
         name = getattr(plugin, "__name__", None) or type(plugin).__name__

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -179,6 +180,17 @@ def test_entry_points_and_load_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plugin_versions(pm)["builtin"] == tocsin.__version__
     monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "")
     assert build_registry(make_plugin_manager()).actions == {}
+
+
+def test_a_name_in_tocsin_load_plugins_that_no_plugin_has_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A typo left the plugin out with no word (the plugin audit).
+    monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "buitlin,eospark")
+    with caplog.at_level(logging.WARNING, logger="tocsin.plugins"):
+        registry = build_registry(make_plugin_manager())
+    assert "webhook" not in registry.actions and "eospark" in registry.sources
+    assert caplog.messages == ["TOCSIN_LOAD_PLUGINS names 'buitlin', which no installed plugin is"]
 
 
 def test_a_second_plugin_of_the_same_name_stops_loading_naming_both(
