@@ -41,7 +41,30 @@ RETRACT_SLACK = 8
 may be taken back (a rollback) and the count stays exact."""
 
 
-class CountWindow:
+class _Counted:
+    """The event ids of a window's points: an event counts once (``holds``), and one the
+    provider took back leaves the window (``discard``)."""
+
+    __slots__ = ()
+    ids: set[str]
+
+    def holds(self, event_id: str) -> bool:
+        """Whether the event is counted already (pushed again: it counts once)."""
+        return event_id in self.ids
+
+    def discard(self, event_id: str) -> bool:
+        """Stop counting an event the provider took back; whether it was counted."""
+        if event_id not in self.ids:
+            return False
+        self.ids.discard(event_id)
+        self._drop(event_id)
+        return True
+
+    def _drop(self, event_id: str) -> None:
+        raise NotImplementedError
+
+
+class CountWindow(_Counted):
     """The times (and event ids) of the newest ``limit`` events, and ``RETRACT_SLACK`` more:
     enough to tell whether ``limit`` of them fall in the window, so memory is bounded by
     ``limit`` whatever the event rate. An event is counted once (``holds``), and one the
@@ -72,17 +95,8 @@ class CountWindow:
             self.ids.discard(points[0][1])
             del points[0]
 
-    def holds(self, event_id: str) -> bool:
-        """Whether the event is counted already (pushed again: it counts once)."""
-        return event_id in self.ids
-
-    def discard(self, event_id: str) -> bool:
-        """Stop counting an event the provider took back; whether it was counted."""
-        if event_id not in self.ids:
-            return False
-        self.ids.discard(event_id)
+    def _drop(self, event_id: str) -> None:
         self.points = [p for p in self.points if p[1] != event_id]
-        return True
 
     def expire(self, window: float, now: float) -> None:
         """Forget the times that have left the window."""
@@ -114,7 +128,7 @@ MAX_SUM_POINTS = 4096
 """Points a ``sum`` window keeps per group; beyond, neighbours are merged."""
 
 
-class SumWindow:
+class SumWindow(_Counted):
     """``(time, value, event id)`` points and their running total (exact: ``Decimal``), at
     most ``MAX_SUM_POINTS`` of them. An event is counted once, and one the provider took
     back is no longer counted, unless its point was merged with a neighbour."""
@@ -141,15 +155,7 @@ class SumWindow:
         if len(points) > MAX_SUM_POINTS:
             self._coalesce()
 
-    def holds(self, event_id: str) -> bool:
-        """Whether the event is counted already (pushed again: it counts once)."""
-        return event_id in self.ids
-
-    def discard(self, event_id: str) -> bool:
-        """Take an event the provider took back out of the sum; whether it was in it."""
-        if event_id not in self.ids:
-            return False
-        self.ids.discard(event_id)
+    def _drop(self, event_id: str) -> None:
         kept = []
         for point in self.points:
             if point[2] == event_id:
@@ -157,7 +163,6 @@ class SumWindow:
             else:
                 kept.append(point)
         self.points = kept
-        return True
 
     def _coalesce(self) -> None:
         """Halve the points: each two neighbours become one, at the later one's time.

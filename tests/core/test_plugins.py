@@ -193,17 +193,25 @@ def test_a_name_in_tocsin_load_plugins_that_no_plugin_has_is_a_warning(
     assert caplog.messages == ["TOCSIN_LOAD_PLUGINS names 'buitlin', which no installed plugin is"]
 
 
+def install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dist: str, entry: str, module: str, body: str
+) -> None:
+    """An installed distribution ``dist`` ("name version") on the path, whose ``tocsin``
+    entry point ``entry`` is ``module``, a module of ``body``."""
+    name, version = dist.split()
+    info = tmp_path / "site" / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[tocsin]\n{entry} = {module}\n")
+    (tmp_path / "site" / f"{module}.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+
 def test_a_second_plugin_of_the_same_name_stops_loading_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A third-party distribution whose entry point is named like a built-in one.
-    site = tmp_path / "site"
-    info = site / "tocsin_bad-0.0.7.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tocsin-bad\nVersion: 0.0.7\n")
-    (info / "entry_points.txt").write_text("[tocsin]\neospark = tocsin_bad_mod\n")
-    (site / "tocsin_bad_mod.py").write_text("")
-    monkeypatch.syspath_prepend(str(site))
+    install(tmp_path, monkeypatch, "tocsin-bad 0.0.7", "eospark", "tocsin_bad_mod", "")
     monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "eospark,builtin")
     with pytest.raises(PluginError) as caught:
         make_plugin_manager()
@@ -225,13 +233,7 @@ def test_a_second_plugin_of_the_same_name_stops_loading_naming_both(
 def test_a_plugin_that_fails_to_import_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, error: str
 ) -> None:
-    site = tmp_path / "site"
-    info = site / "tocsin_broken-0.0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tocsin-broken\nVersion: 0.0.1\n")
-    (info / "entry_points.txt").write_text("[tocsin]\nbroken = tocsin_broken_mod\n")
-    (site / "tocsin_broken_mod.py").write_text(body + "\n")
-    monkeypatch.syspath_prepend(str(site))
+    install(tmp_path, monkeypatch, "tocsin-broken 0.0.1", "broken", "tocsin_broken_mod", body)
     monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "broken")
     with pytest.raises(PluginError) as caught:
         make_plugin_manager()
