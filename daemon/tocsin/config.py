@@ -28,7 +28,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from .action import ActionConfig
 from .errors import ConfigError, Problem
 from .events import DAEMON_EVENT_TYPES
-from .fields import ConfigModel, Duration, read_regular_file, resolve_secret_refs
+from .fields import (
+    ConfigModel,
+    Duration,
+    read_regular_file,
+    resolve_secret_refs,
+    secret_registry,
+)
 from .plugins import Registry
 from .rulekind import RuleConfig
 from .source import SourceConfig
@@ -252,7 +258,9 @@ class _Loader:
             self.problems.extend(p for p in found if (p.file, p.path) not in self.unresolved)
             return None
         except Exception as err:  # a plugin's validator raised what pydantic does not catch
-            reason = " ".join(str(err).split())[:300] or "no reason given"
+            # Masked before it is cut or its spaces collapsed: a secret with a newline (a
+            # PEM key) or cut in two would no longer be found whole.
+            reason = " ".join(secret_registry.scrub(str(err)).split())[:300] or "no reason given"
             self.problem(file, prefix, f"{model.__name__} failed: {type(err).__name__}: {reason}")
             return None
 

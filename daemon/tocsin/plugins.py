@@ -216,7 +216,7 @@ def _collect(
             result = impl.function(register=register)
         except PluginError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # sys.exit() in a hook too
             raise PluginError(
                 f"plugin {impl.plugin_name!r} failed in {hook_name}: {_one_line(err)}"
             ) from err

@@ -473,6 +473,8 @@ class Engine:
         context: dict[str, Any] | None = None
         now = self.clock()
         for rule in self.discarding:
+            if rule.config.on_removed != "retract":  # "ignore": removals are not its business
+                continue
             if rule not in candidates or not rule.selects(event):
                 continue
             if rule.when is not None:

@@ -467,6 +467,8 @@ class FussyConfig(SourceConfig):
     def _level(self) -> FussyConfig:
         if self.level == 4:  # a plugin's bug: not a ValueError, and quoting its secret
             raise TypeError(f"unsupported key {self.key.get()}\nat level 4")
+        if self.level == 5:  # the secret where the message is cut
+            raise TypeError("x" * 290 + f" {self.key.get()}")
         return self
 
 
@@ -501,3 +503,13 @@ def test_a_plugin_validator_raising_anything_is_a_problem_without_its_secret(
         f'{path}: actions.a.plugin: unknown action plugin "nope" (installed: apprise, log, webhook)',
     ]  # every problem is still listed
     assert "SECRET" not in str(err.value)
+    # A secret of several lines (a PEM key from a file), and one the 300-character cut
+    # would split: masked before the message is made one line and cut (review of c65ed1b).
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN KEY-----\nSECRET-LINE-1\n  SECRET-LINE-2\n-----END KEY-----\n")
+    for level in (4, 5):
+        text = f'[sources.f]\nplugin = "fussy"\nkey = {{ file = "key.pem" }}\nlevel = {level}\n'
+        path = write_config(tmp_path / "t.toml", text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path, make_registry(FussyPlugin()))
+        assert "SECRET" not in str(err.value) and "***" in str(err.value)

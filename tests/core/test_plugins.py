@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -168,6 +169,18 @@ def test_failing_hook_is_a_plugin_error() -> None:
 
     with pytest.raises(PluginError, match="failed in register_actions"):
         build_registry(make_plugin_manager([Broken()], load_entry_points=False))
+
+    class Exits:
+        @staticmethod
+        @hookimpl
+        def register_actions(register: Callable[..., None]) -> None:
+            sys.exit("bye from a plugin hook")
+
+    with pytest.raises(PluginError) as caught:
+        build_registry(make_plugin_manager([Exits()], load_entry_points=False))
+    assert str(caught.value) == (
+        "plugin 'Exits' failed in register_actions: SystemExit: bye from a plugin hook"
+    )
 
 
 def test_entry_points_and_load_limit(monkeypatch: pytest.MonkeyPatch) -> None:

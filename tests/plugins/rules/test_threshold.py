@@ -396,3 +396,16 @@ def test_sums_and_moves_are_exact_beyond_28_digits(tmp_path: Path) -> None:
     move = parse_move("3%")
     assert move.reached(Decimal(10**30), Decimal(10**30) + Decimal(3 * 10**28))
     assert not move.reached(Decimal(10**30), Decimal(10**30 + 3 * 10**28 - 1))
+
+
+def test_a_rule_that_ignores_removals_keeps_counting_what_was_taken_back(tmp_path: Path) -> None:
+    # on_removed = "ignore": a removal is not the rule's business. discard resolved the
+    # group early, carrying the retracted fact (review of d65e74e).
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(extra='on_removed = "ignore"'), clock)
+    fired = [p for n in (1, 2, 3) for p in engine.process(out(n))]
+    assert seen(fired) == [("firing", "e3")]
+    engine.discard(removed(out(2)))
+    clock.at(1)
+    assert engine.tick() == []
+    assert kind_of(engine).explain('["ann"]', clock.now) == "3 of 3 within 10s; firing"
