@@ -392,7 +392,6 @@ def cmd_test(args: argparse.Namespace) -> int:
                     due = until  # nothing due before the event (or too many wakes)
                 now[0] = due
             engine.suppressed.clear()
-            event.received = until  # on the replay's clock, as the daemon's events on its own
             if event.removed:  # as the daemon does: retract what the fact fired, nothing else
                 engine.discard(event)  # and stop counting it
                 fired_before = firing.pop(event.id, {})
@@ -460,7 +459,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _say(f"rule {name!r} is disabled (enabled = false): it fires for no event")
         return 0
     event = _read_event(args.event)
-    now = event.received = _event_clock(event)
+    now = _event_clock(event)
     engine.clock = engine.wall = lambda: now
     rule = engine.rules[name]
     _say(f"rule {name!r} on event {event.id} ({event.type} from {event.source}, {event.time})")

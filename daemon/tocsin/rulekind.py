@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -99,6 +101,10 @@ class RuleKind:
 
     def __init__(self, config: RuleConfig) -> None:
         self.config = config
+        # The wall clock (unix seconds) the engine runs on beside ``now``, which it sets:
+        # an event's own ``time`` is ``wall() - time`` old, whatever the wall clock did
+        # since start-up (``now`` does not follow its steps).
+        self.wall: Callable[[], float] = time.time
 
     def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
         """Alerts caused by one matching event."""

@@ -327,6 +327,8 @@ class Engine:
         self.discarding = [
             r for r in self.index.rules if type(r.kind).discard is not RuleKind.discard
         ]
+        for rule in self.index.rules:
+            rule.kind.wall = self._wall_now
         self._touched: set[Rule] = set()
         self.suppressed: dict[str, str] = {}  # rule -> why its last firing was not sent
         # (rule, group) of a throttled rule -> whether a firing of the group's current run
@@ -349,7 +351,8 @@ class Engine:
         self._recent = old._recent
         self.state_writes = old.state_writes + self.state_writes
         for name in same:
-            self.rules[name].kind = old.rules[name].kind
+            self.rules[name].kind = kind = old.rules[name].kind
+            kind.wall = self._wall_now
         self._touched = {self.rules[r.name] for r in old._touched if r.name in same}
         for name, rule in old.rules.items():
             if name not in same:
@@ -463,6 +466,9 @@ class Engine:
                 if pending is not None:
                     out.append(pending)
         return out
+
+    def _wall_now(self) -> float:
+        return self.wall()  # read at each call: a test or tocsin test may swap self.wall
 
     def discard(self, event: Event) -> None:
         """The provider took back ``event`` (``removed``, with the fact's data): each rule

@@ -105,9 +105,8 @@ class StatefulKind(RuleKind, Generic[G]):
     def moment(self, event: Event, now: float) -> float | None:
         """The time ``event`` counts at in the window, or None when it is older than the
         window (late: ignored). Receipt time is ``now``; an event's own time is ``now``
-        less its age when received (``event.received``, on the wall clock as its time),
-        never later than ``now`` (a provider's clock running ahead cannot stretch a
-        window)."""
+        less its age (``self.wall()``, the engine's wall clock, less its time), never
+        later than ``now`` (a provider's clock running ahead cannot stretch a window)."""
         if not self.use_event_time:
             return now
         t = event_timestamp(event.time)
@@ -121,10 +120,11 @@ class StatefulKind(RuleKind, Generic[G]):
                 str(event.time)[:40],
             )
             return now
-        # Its age when received (both times on the wall clock), counted back from ``now``
-        # on the engine's clock: a wall-clock step since start-up (NTP correcting a clock
-        # that was off at boot) must not make every event look late, or early.
-        t = now - max(0.0, event.received - t)
+        # Its age now (both times on the wall clock), counted back from ``now`` on the
+        # engine's clock: a wall-clock step since start-up (NTP correcting a clock that was
+        # off at boot) must not make every event look late, or early; and an event that
+        # waited in the intake is as old as it is.
+        t = now - max(0.0, self.wall() - t)
         if expired(t, self.window, now):
             self.late += 1
             return None

@@ -43,20 +43,15 @@ def build(tmp_path: Path, rules: str, clock: Clock) -> Engine:
     """An engine for ``rules`` (TOML ``[[rules]]`` text) with this plugin and the built-ins."""
     path = write_config(tmp_path / "tocsin.toml", HEAD + rules)
     registry = make_registry(tocsin_rules)
-    return Engine(compile_rules(load_config(path, registry), registry), clock=clock)
+    # The wall clock is the engine's here (an event's time on it tells its age).
+    return Engine(compile_rules(load_config(path, registry), registry), clock=clock, wall=clock)
 
 
-def event(
-    id: str, time: str | float | None = None, received: float | None = None, **data: Any
-) -> Event:
-    """An event with ``data``; ``time`` as an ISO string, or seconds after START;
-    ``received`` (on the wall clock, which ``time`` is on too) in seconds after START."""
+def event(id: str, time: str | float | None = None, **data: Any) -> Event:
+    """An event with ``data``; ``time`` as an ISO string, or seconds after START."""
     if isinstance(time, float | int):
         time = utc_iso(START + time)
-    e = Event(id=id, source="s", provider="p", type="t", data=data, time=time or "")
-    if received is not None:
-        e.received = START + received
-    return e
+    return Event(id=id, source="s", provider="p", type="t", data=data, time=time or "")
 
 
 def seen(alerts: list[PendingAlert]) -> list[tuple[str, str]]:

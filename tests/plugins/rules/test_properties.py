@@ -71,11 +71,9 @@ def run(kind: RuleKind, plan: list[tuple[Any, ...]]) -> list[Record]:
             # The wall clock, which event times and receipt are on, is stepped from the
             # engine's (NTP after start-up): only an event's age may count.
             wall = now + WALL_STEPS[i % len(WALL_STEPS)]
+            kind.wall = lambda wall=wall: wall  # type: ignore[misc]
             time = "no time" if lag is None else utc_iso(wall - lag)
-            e = Event(
-                id=f"e{i}", source="s", provider="p", type="t", data={"v": value}, time=time,
-                received=wall,
-            )  # fmt: skip
+            e = Event(id=f"e{i}", source="s", provider="p", type="t", data={"v": value}, time=time)
             firings = kind.on_event(e, key, now)
         for f in firings:
             key, *rest = f.id_parts

@@ -153,14 +153,14 @@ def test_event_time_windows_ignore_late_events_and_count_unreadable_times(
     clock = Clock().at(100)
     engine = build(tmp_path, RULE.format(extra='time_field = "event"'), clock)
     kind = kind_of(engine)
-    assert engine.process(event("late", 89.5, 100, kind="out", who="ann")) == []
+    assert engine.process(event("late", 89.5, kind="out", who="ann")) == []
     assert kind.late == 1 and len(kind.table) == 0  # older than the window: ignored
     with caplog.at_level(logging.WARNING, logger="tocsin_rules"):
-        assert engine.process(event("a", "yesterday", 100, kind="out", who="ann")) == []
-        assert engine.process(event("b", "2027-13-01T00:00:00Z", 100, kind="out", who="ann")) == []
+        assert engine.process(event("a", "yesterday", kind="out", who="ann")) == []
+        assert engine.process(event("b", "2027-13-01T00:00:00Z", kind="out", who="ann")) == []
     assert kind.untimed == 2  # counted at receipt time (100)
     assert caplog.text.count("has no readable time") == 1  # one line per rule, not per event
-    (fired,) = engine.process(event("c", 95.0, 100, kind="out", who="ann"))  # 5 s old, in window
+    (fired,) = engine.process(event("c", 95.0, kind="out", who="ann"))  # 5 s old, in window
     assert fired.alert.status == "firing"
     clock.at(105)  # the event-time point (95) leaves at 105, before the receipt ones
     (resolved,) = engine.tick()
@@ -171,7 +171,7 @@ def test_future_event_times_count_as_now(tmp_path: Path) -> None:
     clock = Clock().at(0)
     engine = build(tmp_path, RULE.format(extra='time_field = "event"'), clock)
     for n in range(3):
-        engine.process(event(f"f{n}", 3600.0, 0, kind="out", who="ann"))  # a clock an hour ahead
+        engine.process(event(f"f{n}", 3600.0, kind="out", who="ann"))  # a clock an hour ahead
     clock.at(10)
     assert seen(engine.tick()) == [("resolved", "f2")]  # not an hour later
 
@@ -182,14 +182,28 @@ def test_event_times_count_by_their_age_when_the_wall_clock_stepped(tmp_path: Pa
     # every one was late, and an event-time threshold never fired.
     clock = Clock().at(3600)
     engine = build(tmp_path, RULE.format(extra='time_field = "event"'), clock)
+    engine.wall = lambda: clock.now - 3600  # set right: an hour behind the engine's clock
     kind = kind_of(engine)
     fired = []
     for n in range(3):
         clock.at(3600 + n)
-        fired += engine.process(event(f"s{n}", n - 1.0, n, kind="out", who="ann"))  # 1 s old
+        fired += engine.process(event(f"s{n}", n - 1.0, kind="out", who="ann"))  # 1 s old
     assert kind.late == 0 and seen(fired) == [("firing", "s2")]
-    clock.at(3600 + 9)  # s0 counted at 3599 (1 s before it was received): leaves at 3609
+    clock.at(3600 + 9)  # s0 counted at 3599 (1 s old when it came): leaves at 3609
     assert seen(engine.tick()) == [("resolved", "s2")]
+
+
+def test_an_event_that_waited_before_it_was_evaluated_is_as_old_as_it_is(
+    tmp_path: Path,
+) -> None:
+    # Events received at 0, 20 and 40 s and evaluated at 100 s (the intake paused for a
+    # full disk): placed by their age when received, they counted as fresh and fired
+    # (review of fa78a5d); 60 to 100 s old, they are late for a 10 s window.
+    clock = Clock().at(100)
+    engine = build(tmp_path, RULE.format(extra='time_field = "event"'), clock)
+    for n, t in enumerate((0.0, 20.0, 40.0)):
+        assert engine.process(event(f"w{n}", t, kind="out", who="ann")) == []
+    assert kind_of(engine).late == 3
 
 
 def test_a_firing_threshold_survives_a_restart_and_resolves_once(tmp_path: Path) -> None:
