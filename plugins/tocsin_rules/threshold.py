@@ -2,14 +2,15 @@
 the sliding ``window``; resolves on time, as soon as the window drops below the bound.
 
 Memory per group: with ``count``, the newest ``count`` event times and ids (older ones can
-never matter), and ``RETRACT_SLACK`` more; with ``sum``, one ``(time, value, id)`` per
+never matter), and up to ``RETRACT_SLACK`` more; with ``sum``, one ``(time, value, id)`` per
 counted event in the window, at most ``MAX_SUM_POINTS`` (neighbours merge beyond). A group
 is forgotten once its window is empty and it is not firing.
 
-An event counts once: pushed again, it is not counted again. One the provider takes back
-(``removed``: a Vite rollback) is no longer counted (``discard``), whether or not an alert
-carried it; if the window then drops below the bound, a firing group resolves at the next
-tick. Taken back and pushed again, it counts once.
+An event the provider takes back (``removed``: a Vite rollback) is no longer counted
+(``discard``), whether or not an alert carried it; if the window then drops below the
+bound, a firing group resolves at the next tick. Taken back and pushed again, it counts
+once. (A fact pushed twice with no removal between is the source's to drop: the bundled
+sources do.)
 """
 
 from __future__ import annotations
@@ -78,14 +79,11 @@ class ThresholdKind(LifecycleKind[ThresholdGroup]):
             out.extend(self.catch_up(group_key, group, now))
         points = group.points
         points.expire(self.window, now)
-        if points.holds(event.id):  # the same fact pushed again
-            self.settle(group_key, group)
-            return out
         if isinstance(points, SumWindow):
             assert value is not None
-            points.add(t, value, event.id)
+            points.add(t, value, str(event.id))
         else:
-            points.add(t, event.id)
+            points.add(t, str(event.id))
         if not group.firing and self.reached(group, now):
             out.extend(self.fire(group_key, group, event, now))
         self.settle(group_key, group)
@@ -93,7 +91,7 @@ class ThresholdKind(LifecycleKind[ThresholdGroup]):
 
     def discard(self, event: Event, group_key: str, now: float) -> None:
         group = self.table.get(group_key)
-        if group is None or not group.points.discard(event.id):
+        if group is None or not group.points.discard(str(event.id)):
             return
         self.settle(group_key, group)
         if group.firing and self.table.get(group_key) is group and not self.reached(group, now):
@@ -158,6 +156,6 @@ def _id(rest: list[Any]) -> str:
     """A saved point's event id: what follows its time (and value), if anything."""
     if not rest:
         return ""
-    if not isinstance(rest[0], str):
+    if not isinstance(rest[0], str | int):
         raise ValueError("points: an event id must be a string")
-    return rest[0]
+    return str(rest[0])  # a source's int id was saved as one before

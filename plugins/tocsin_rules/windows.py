@@ -37,48 +37,24 @@ def _gone(times: Iterable[float], window: float, now: float) -> int:
 
 
 RETRACT_SLACK = 8
-"""Event times a count window keeps beyond its ``count``: that many of the newest events
-may be taken back (a rollback) and the count stays exact."""
+"""Event times a count window keeps beyond its ``count`` (at most ``count`` more): that many
+of the newest events may be taken back (a rollback) and the count stays exact."""
 
 
-class _Counted:
-    """The event ids of a window's points: an event counts once (``holds``), and one the
-    provider took back leaves the window (``discard``)."""
+class CountWindow:
+    """The times and event ids of the newest ``limit`` events, and up to ``RETRACT_SLACK``
+    more: enough to tell whether ``limit`` of them fall in the window, so memory is bounded
+    by ``limit`` whatever the event rate. An event the provider took back is no longer
+    counted (``discard``)."""
 
-    __slots__ = ()
-    ids: set[str]
-
-    def holds(self, event_id: str) -> bool:
-        """Whether the event is counted already (pushed again: it counts once)."""
-        return event_id in self.ids
-
-    def discard(self, event_id: str) -> bool:
-        """Stop counting an event the provider took back; whether it was counted."""
-        if event_id not in self.ids:
-            return False
-        self.ids.discard(event_id)
-        self._drop(event_id)
-        return True
-
-    def _drop(self, event_id: str) -> None:
-        raise NotImplementedError
-
-
-class CountWindow(_Counted):
-    """The times (and event ids) of the newest ``limit`` events, and ``RETRACT_SLACK`` more:
-    enough to tell whether ``limit`` of them fall in the window, so memory is bounded by
-    ``limit`` whatever the event rate. An event is counted once (``holds``), and one the
-    provider took back is no longer counted (``discard``)."""
-
-    __slots__ = ("ids", "keep", "limit", "points")
+    __slots__ = ("keep", "limit", "points")
 
     def __init__(self, limit: int, points: Iterable[tuple[float, str]] = ()) -> None:
         self.limit = limit
-        self.keep = limit + RETRACT_SLACK if limit else 0
+        self.keep = limit + min(limit, RETRACT_SLACK)
         self.points: list[tuple[float, str]] = (
             sorted(points, key=_time)[-self.keep :] if self.keep else []
         )
-        self.ids = {i for _, i in self.points if i}
 
     def __len__(self) -> int:
         return len(self.points)
@@ -89,25 +65,26 @@ class CountWindow(_Counted):
             points.append((t, event_id))
         else:
             insort(points, (t, event_id), key=_time)
-        if event_id:
-            self.ids.add(event_id)
         if len(points) > self.keep:
-            self.ids.discard(points[0][1])
             del points[0]
 
-    def _drop(self, event_id: str) -> None:
-        self.points = [p for p in self.points if p[1] != event_id]
+    def discard(self, event_id: str) -> bool:
+        """Stop counting an event the provider took back; whether it was counted."""
+        if not event_id:
+            return False
+        kept = [p for p in self.points if p[1] != event_id]
+        found = len(kept) < len(self.points)
+        self.points = kept
+        return found
 
     def expire(self, window: float, now: float) -> None:
         """Forget the times that have left the window."""
         gone = _gone((t for t, _ in self.points), window, now)
         if gone:
-            for _, event_id in self.points[:gone]:
-                self.ids.discard(event_id)
             del self.points[:gone]
 
     def count(self, window: float, now: float) -> int:
-        """Events in the window at ``now`` (at most ``limit`` and the slack), without
+        """Events in the window at ``now`` (at most the ``limit`` and its slack), without
         forgetting any."""
         return len(self.points) - _gone((t for t, _ in self.points), window, now)
 
@@ -128,17 +105,16 @@ MAX_SUM_POINTS = 4096
 """Points a ``sum`` window keeps per group; beyond, neighbours are merged."""
 
 
-class SumWindow(_Counted):
+class SumWindow:
     """``(time, value, event id)`` points and their running total (exact: ``Decimal``), at
-    most ``MAX_SUM_POINTS`` of them. An event is counted once, and one the provider took
-    back is no longer counted, unless its point was merged with a neighbour."""
+    most ``MAX_SUM_POINTS`` of them. An event the provider took back is taken out of the
+    sum, unless its point was merged with a neighbour."""
 
-    __slots__ = ("ids", "points", "total")
+    __slots__ = ("points", "total")
 
     def __init__(self, points: Iterable[tuple[float, Decimal, str]] = ()) -> None:
         self.points: list[tuple[float, Decimal, str]] = sorted(points, key=_time)
         self.total = total(v for _, v, _ in self.points)
-        self.ids = {i for _, _, i in self.points if i}
 
     def __len__(self) -> int:
         return len(self.points)
@@ -150,19 +126,22 @@ class SumWindow(_Counted):
         else:
             insort(points, (t, value, event_id), key=_time)
         self.total = add(self.total, value)
-        if event_id:
-            self.ids.add(event_id)
         if len(points) > MAX_SUM_POINTS:
             self._coalesce()
 
-    def _drop(self, event_id: str) -> None:
+    def discard(self, event_id: str) -> bool:
+        """Take an event the provider took back out of the sum; whether it was in it."""
+        if not event_id:  # a merged point's, or none
+            return False
         kept = []
         for point in self.points:
             if point[2] == event_id:
                 self.total = subtract(self.total, point[1])
             else:
                 kept.append(point)
+        found = len(kept) < len(self.points)
         self.points = kept
+        return found
 
     def _coalesce(self) -> None:
         """Halve the points: each two neighbours become one, at the later one's time.
@@ -181,19 +160,15 @@ class SumWindow(_Counted):
         if len(points) % 2:
             merged.append(points[-1])
         self.points = merged
-        self.ids = {i for _, _, i in merged if i}
 
     def expire(self, window: float, now: float) -> None:
         points = self.points
         gone = _gone((t for t, _, _ in points), window, now)
         if gone == len(points):
             points.clear()
-            self.ids.clear()
             self.total = Decimal(0)
         elif gone:
             self.total = subtract(self.total, total(v for _, v, _ in points[:gone]))
-            for _, _, event_id in points[:gone]:
-                self.ids.discard(event_id)
             del points[:gone]
 
     def sum(self, window: float, now: float) -> Decimal:

@@ -129,7 +129,6 @@ async def test_a_threshold_counts_no_fact_the_provider_took_back(tmp_path: Path)
                 transfer("E", to="carol"),
                 {**transfer("E", to="carol"), "removed": True},
                 transfer("E", to="carol"),
-                transfer("E", to="carol"),  # pushed again with no removal: counts once
                 transfer("END", to="end"),
             ]:
                 await server.push(frame)
