@@ -365,9 +365,9 @@ STAGES = [  # (stage, pattern on "function (file:line)"), the innermost match wi
         "match",
         re.compile(r"tocsin/rules\.py|tocsin/templates\.py|jinja2/|tocsin_builtin/match\.py"),
     ),
-    ("decode", re.compile(r"tocsin/wsclient\.py|orjson|json/|_typed_push")),
+    ("decode", re.compile(r"parse_json \(.*tocsin/wsclient\.py|orjson|json/|_typed_push")),
     ("normalize", re.compile(r"tocsin_eospark/|tocsin/events\.py")),
-    ("receive", re.compile(r"websockets/")),
+    ("receive", re.compile(r"websockets/|tocsin/wsclient\.py")),  # BatchedConnection
     ("daemon", re.compile(r"tocsin/daemon\.py")),
     ("event loop", re.compile(r"asyncio/|anyio/|selectors\.py")),
 ]

@@ -50,7 +50,14 @@ from .source import (
     SourceConfig,
     SourceContext,
 )
-from .wsclient import ScrubbingLogger, closed_for_size, failure_reason, parse_json, printable
+from .wsclient import (
+    BatchedConnection,
+    ScrubbingLogger,
+    closed_for_size,
+    failure_reason,
+    parse_json,
+    printable,
+)
 
 __all__ = [
     "DAEMON_EVENT_TYPES",
@@ -58,6 +65,7 @@ __all__ = [
     "ActionConfig",
     "Alert",
     "Backoff",
+    "BatchedConnection",
     "ConfigError",
     "ConfigModel",
     "DeliveryError",

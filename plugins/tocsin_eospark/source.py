@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from typing import Annotated, Any
 
 import anyio
 from anyio.abc import TaskStatus
 from pydantic import BeforeValidator, Field, field_validator, model_validator
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tocsin import (
     Backoff,
+    BatchedConnection,
     ConfigModel,
     Duration,
     Event,
@@ -239,7 +241,9 @@ class EOSParkSource(Source):
             open_timeout=OPEN_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
             logger=WS_LOGGER,
+            create_connection=BatchedConnection,
         ) as ws:
+            assert isinstance(ws, BatchedConnection)
             self._last_frame = time.time()
             messages = [
                 subscribe_message(s.account, s.contract, s.action)
@@ -253,7 +257,7 @@ class EOSParkSource(Source):
             await self._receive(ws, backoff, task_status, pending=len(messages))
 
     async def _receive(
-        self, ws: ClientConnection, backoff: Backoff, task_status: TaskStatus[None], pending: int
+        self, ws: BatchedConnection, backoff: Backoff, task_status: TaskStatus[None], pending: int
     ) -> None:
         """Handle frames; return after ``stale_after`` of silence, raise on any failure."""
         stale_after = self.eospark.stale_after
@@ -261,11 +265,13 @@ class EOSParkSource(Source):
         # Moving a cancel scope's deadline costs a timer reschedule: doing it at every
         # frame was a tenth of the event loop's time (make bench). The deadline moves at
         # most every ``step``; when it passes, silence is checked against the last frame,
-        # and recv() (cancel-safe in websockets) is simply called again if it was early.
-        # emit() never loses an event to this cancellation (the daemon shields a full
-        # intake).
+        # and recv_batch() (cancel-safe) is simply called again if it was early. The
+        # frames of a batch not handled yet stay in ``frames`` if the deadline interrupts
+        # one (an await in ``_handle``); emit() never loses an event to it (the daemon
+        # shields a full intake).
         step = min(1.0, stale_after / 10)
         heard = time.monotonic()
+        frames: deque[str | bytes] = deque()
         while True:
             deadline = heard + stale_after
             with anyio.CancelScope(
@@ -273,14 +279,16 @@ class EOSParkSource(Source):
             ) as silence:
                 refresh = heard + step
                 while True:
-                    raw = await ws.recv()
-                    heard = time.monotonic()
-                    if heard >= refresh:
-                        refresh = heard + step
-                        deadline = heard + stale_after
-                        silence.deadline = min(deadline, ack_deadline) if pending else deadline
-                        backoff.healthy()  # it resets after a minute up: once a step will do
-                    self._last_frame = time.time()
+                    if not frames:
+                        frames.extend(await ws.recv_batch())
+                        heard = time.monotonic()
+                        if heard >= refresh:
+                            refresh = heard + step
+                            deadline = heard + stale_after
+                            silence.deadline = min(deadline, ack_deadline) if pending else deadline
+                            backoff.healthy()  # it resets after a minute up: once a step will do
+                        self._last_frame = time.time()
+                    raw = frames.popleft()
                     self.ctx.received(raw)
                     try:
                         msg = parse_frame(raw)
@@ -289,11 +297,11 @@ class EOSParkSource(Source):
                         continue
                     pending = await self._handle(msg, pending, backoff, task_status)
             now = time.monotonic()
-            if pending and now >= ack_deadline:
+            if pending and now >= ack_deadline and not frames:
                 raise SourceError(
                     f"no answer to the subscription within {format_duration(SUBSCRIBE_TIMEOUT)}"
                 )
-            if now - heard >= stale_after:
+            if now - heard >= stale_after and not frames:
                 break
         await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
 

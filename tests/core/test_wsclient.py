@@ -1,18 +1,25 @@
-"""tocsin.wsclient: the scrubbing logger for websockets and the failure reasons."""
+"""tocsin.wsclient: the scrubbing logger for websockets, the failure reasons, and the
+batched connection."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
+import anyio
 import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.frames import Close, CloseCode
 from websockets.http11 import Response
 
-from tocsin import ScrubbingLogger, SecretValue, SourceAuthError, failure_reason
+from support import until
+from tocsin import BatchedConnection, ScrubbingLogger, SecretValue, SourceAuthError, failure_reason
 from tocsin.fields import resolve_secret_refs
-from tocsin.wsclient import closed_for_size, printable
+from tocsin.wsclient import BATCH, closed_for_size, printable
 
 
 def test_scrubbing_logger_masks_headers_query_and_secrets(
@@ -146,3 +153,88 @@ def test_transient_secrets_are_scrubbed_and_bounded() -> None:
         register_secret(f"signature-{i:03d}", transient=True)
     assert secret_registry.scrub("signature-099") == "***"
     assert secret_registry.scrub("signature-000") == "signature-000"  # long expired
+
+
+# -- BatchedConnection: against a real websockets server on 127.0.0.1 ---------------------
+
+
+@asynccontextmanager
+async def _server(handler: Callable[[ServerConnection], Awaitable[None]]) -> AsyncIterator[str]:
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/"
+
+
+async def _batches(ws: BatchedConnection) -> list[list[str | bytes]]:
+    """Every batch until the connection closes."""
+    out = []
+    with pytest.raises(ConnectionClosed):
+        while True:
+            out.append(await ws.recv_batch())
+    return out
+
+
+async def test_a_batch_holds_whole_messages_in_order_as_recv_gives_them() -> None:
+    sent = [f"text {n}" if n % 3 else f"binary {n}".encode() for n in range(300)]
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()  # the client is ready
+        for message in sent[:100]:
+            await ws.send(message)
+        await ws.send(["frag", "mented ", "text"])  # one message in three frames
+        await ws.send([b"frag", b"mented ", b"binary"])
+        for message in sent[100:]:
+            await ws.send(message)
+
+    async with _server(handler) as url, connect(url, create_connection=BatchedConnection) as ws:
+        assert isinstance(ws, BatchedConnection)
+        await ws.send("go")
+        # Everything the server sent waits, unread (reading pauses past max_queue: 16).
+        await until(lambda: len(ws._messages) > 16)
+        assert not ws.transport.is_reading()
+        first = await ws.recv_batch(limit=5)
+        assert first == sent[:5]
+        batches = [first, *await _batches(ws)]
+    received = [m for batch in batches for m in batch]
+    assert received == [*sent[:100], "fragmented text", b"fragmented binary", *sent[100:]]
+    assert all(len(batch) <= BATCH for batch in batches)
+    assert len(batches) < len(received) / 4  # taken a read at a time, not one by one
+    with pytest.raises(TypeError, match="recv_batch"):
+        await ws.recv()
+
+
+async def test_a_cancelled_recv_batch_loses_nothing() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send("first")
+
+    async with _server(handler) as url, connect(url, create_connection=BatchedConnection) as ws:
+        assert isinstance(ws, BatchedConnection)
+        with anyio.move_on_after(0.05):
+            await ws.recv_batch()  # nothing was sent yet: cancelled while waiting
+        await ws.send("go")
+        assert await ws.recv_batch() == ["first"]
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (b"bad utf-8: \xff", CloseCode.INVALID_DATA),
+        ([b"x"] * 4097, CloseCode.MESSAGE_TOO_BIG),  # more frames than MAX_FRAGMENTS
+    ],
+)
+async def test_a_bad_text_message_fails_the_connection_as_websockets_does(
+    message: bytes | list[bytes], code: CloseCode
+) -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("before")
+        await ws.send(message, text=True)
+        await ws.send("after")  # never delivered: the connection failed first
+        await ws.wait_closed()
+
+    async with _server(handler) as url, connect(url, create_connection=BatchedConnection) as ws:
+        assert isinstance(ws, BatchedConnection)
+        received = [m for batch in await _batches(ws) for m in batch]
+    assert received == ["before"]
+    close = ws.protocol.close_sent
+    assert close is not None and close.code == code
