@@ -26,9 +26,10 @@ from .windows import expired
 @dataclass(slots=True, kw_only=True)
 class AbsenceGroup(Alerting):
     """When a group's last event came (or its watch began), and its alert; ``event`` is
-    the last event seen."""
+    the last event seen (None: none yet, or ``taken_back``)."""
 
     last: float
+    taken_back: bool = False
 
 
 class AbsenceKind(LifecycleKind[AbsenceGroup]):
@@ -69,6 +70,7 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
         if t >= group.last:
             group.last = t
             group.event = event
+            group.taken_back = False
         if group.firing:  # an accepted event is never older than the window: it is back
             out.extend(self.resolve(group_key, group, event))
         self.settle(group_key, group)
@@ -90,6 +92,7 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
         if group is None or group.firing or group.event is None or group.event.id != event.id:
             return
         group.event = None
+        group.taken_back = True
         self.settle(group_key, group)
 
     def on_removed(self, event: Event, group_key: str, now: float) -> None:
@@ -155,6 +158,8 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
         silent = ago(now - group.last)
         if group.firing:
             return f"no event for {silent} (window {self.span()}); firing"
+        if group.taken_back:
+            return f"last event {silent} ago, taken back since; fires after {self.span()}"
         if group.event is None:
             return f"no event since the rule started {silent} ago; fires after {self.span()}"
         return f"last event {silent} ago; fires after {self.span()}"

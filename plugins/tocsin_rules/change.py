@@ -5,7 +5,9 @@ move alerts once. Change alerts do not resolve.
 
 A group keeps the distinct values of its window (a repeated value costs nothing) and its
 last value however old: odds that hold for longer than the window and then jump move from
-it. So a group is kept until ``max_groups`` makes room (the least recently seen goes).
+it. So a group is kept until ``max_groups`` makes room (the least recently seen goes:
+silently when all it held was a last value older than the window, the fate meant for
+keys a feed stopped sending).
 Values that are not numbers are ignored; with ``time_field = "event"``, so is an event
 older than the newest value of its group.
 """
@@ -22,7 +24,7 @@ from .config import ChangeConfig
 from .groups import Group
 from .numbers import show, show_percent, to_decimal
 from .stateful import StatefulKind, ago
-from .windows import ValueWindow
+from .windows import ValueWindow, expired
 
 
 @dataclass(slots=True, kw_only=True)
@@ -45,9 +47,11 @@ class ChangeKind(StatefulKind[ChangeGroup]):
         self.field = split_path(config.field)
         self.field_name = config.field
         self.by = config.by
+        self.now = 0.0  # of the event being evaluated
 
     def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
         self.begin(now)
+        self.now = now
         value = to_decimal(get_path(event.data, self.field))
         if value is None:
             self.skipped += 1
@@ -76,6 +80,10 @@ class ChangeKind(StatefulKind[ChangeGroup]):
             values.add(t, value)
         self.settle(group_key, group)
         return out
+
+    def expendable(self, group: ChangeGroup) -> bool:
+        newest = group.values.newest()
+        return newest is None or expired(newest[0], self.window, self.now)
 
     def wake(self, key: str, group: ChangeGroup, now: float) -> list[Firing]:
         group.values.expire(self.window, now)

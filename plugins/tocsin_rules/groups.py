@@ -59,8 +59,8 @@ class GroupTable(Generic[G]):
     def get(self, key: str) -> G | None:
         return self.groups.get(key)
 
-    def add(self, key: str, group: G, spare: Callable[[G], bool] | None = None) -> str | None:
-        """Add a new group as the most recently seen; returns the key evicted for room.
+    def add(self, key: str, group: G, spare: Callable[[G], bool] | None = None) -> G | None:
+        """Add a new group as the most recently seen; returns the group evicted for room.
 
         The least recently seen group goes, except one ``spare`` says to keep (a firing
         one, whose resolved would never come) when one of the ``SPARE_SCAN`` least
@@ -75,10 +75,10 @@ class GroupTable(Generic[G]):
                 if candidate != key and not spare(self.groups[candidate]):
                     old = candidate
                     break
-        del self.groups[old]
+        evicted = self.groups.pop(old)
         self.changed[old] = None
         self.evicted += 1
-        return old
+        return evicted
 
     def restore(self, key: str, group: G) -> None:
         """Put back a group read from the state database (not marked for saving again)."""

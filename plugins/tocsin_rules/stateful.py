@@ -134,10 +134,16 @@ class StatefulKind(RuleKind, Generic[G]):
         """Whether ``max_groups`` should rather forget another group than this one."""
         return False
 
+    def expendable(self, group: G) -> bool:
+        """Whether forgetting ``group`` for room loses nothing within the window (no
+        warning then: ``max_groups`` working as meant, not a ``group_by`` to check)."""
+        return False
+
     def admit(self, key: str, group: G) -> None:
         """Add a new group; forget the least recently seen one beyond ``max_groups``
         (sparing firing ones while others can go)."""
-        if self.table.add(key, group, self.spare) is not None:
+        evicted = self.table.add(key, group, self.spare)
+        if evicted is not None and not self.expendable(evicted):
             self.warn_once(
                 "evict",
                 "rule %r: more than %d groups (max_groups): the least recently seen are"

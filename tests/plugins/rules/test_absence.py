@@ -234,6 +234,11 @@ def test_an_absence_alert_carries_no_fact_the_provider_took_back(tmp_path: Path)
     removal = quote(1)
     removal.removed = True
     engine.discard(removal)
+    clock.at(30)
+    # It said "no event since the rule started" (review of 36e9148).
+    assert engine.explain(quote(2)) == [
+        ("market quiet", "", "last event 30s ago, taken back since; fires after 1m")
+    ]
     clock.at(60)
     (fired,) = engine.tick()
     assert fired.alert.status == "firing"

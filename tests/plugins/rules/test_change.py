@@ -3,8 +3,10 @@ window or from the last value; the window starts again from the value that fired
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from tocsin_rules.change import ChangeKind
 
 from tocsin import Event
@@ -149,3 +151,24 @@ def test_a_change_window_keeps_a_bounded_number_of_values() -> None:
     # The oldest value and the newest, which a move is measured from, are still there.
     assert window.points[0] == (0.0, Decimal(0))
     assert window.newest() == ((3 * MAX_VALUE_POINTS - 1) / 100, Decimal(3 * MAX_VALUE_POINTS - 1))
+
+
+def test_max_groups_forgets_a_stale_last_value_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A product the feed stopped quoting leaves only its last value: forgetting it for
+    # room is what max_groups is for, not a group_by to check (review of ea5c80a).
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by='"3%"') + "max_groups = 2\n", clock)
+    kind = kind_of(engine)
+    engine.process(odds(1, "2.10", product="a"))
+    engine.process(odds(2, "2.10", product="b"))
+    clock.at(300)  # a and b are a window old
+    with caplog.at_level(logging.WARNING, logger="tocsin_rules"):
+        engine.process(odds(3, "2.10", product="c"))  # a goes
+        engine.process(odds(4, "2.10", product="d"))  # b goes
+        assert not [r for r in caplog.records if "max_groups" in r.getMessage()]
+        assert list(kind.table) == ['["c"]', '["d"]'] and kind.table.evicted == 2
+        engine.process(odds(5, "2.10", product="e"))  # c goes, with a value in the window
+    (warning,) = [r for r in caplog.records if "max_groups" in r.getMessage()]
+    assert "'odds moved'" in warning.getMessage()
