@@ -16,9 +16,11 @@ message that arrived with one read, at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -26,7 +28,7 @@ from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.exceptions import ConcurrencyError, ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import Event as WsEvent
 
@@ -165,8 +167,9 @@ def failure_reason(err: BaseException, *, open_timeout: float | None = None) -> 
 BATCH = 128
 """Messages ``recv_batch`` returns at most: a source yields to the event loop between."""
 
-MAX_FRAGMENTS = 4096
-"""Frames one message may come in (websockets' own limit): beyond, the connection fails."""
+MAX_FRAGMENTS = int(os.environ.get("WEBSOCKETS_MAX_FRAGMENTS", "4096"))
+"""Frames one message may come in (websockets' own limit, and its environment variable):
+beyond, the connection fails."""
 
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
@@ -200,14 +203,24 @@ class BatchedConnection(ClientConnection):
         self._low: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def ready(self) -> int:
+        """How many messages ``recv_batch`` would return without waiting (before ``limit``)."""
+        return len(self._messages)
+
     async def recv_batch(self, limit: int = BATCH) -> list[str | bytes]:
         """The messages received so far (``limit`` at most), oldest first, waiting for one
         if there is none; ``ConnectionClosed`` once the connection is closed and every
-        message was taken. Cancelling it loses nothing."""
+        message was taken. Cancelling it loses nothing. One caller at a time
+        (``ConcurrencyError``, as websockets' ``recv()``)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
         messages = self._messages
         while not messages:
             if self.connection_lost_waiter.done():
                 raise self.protocol.close_exc
+            if self._waiter is not None:
+                raise ConcurrencyError("recv_batch() is already waiting")
             self._waiter = self.loop.create_future()
             try:
                 await self._waiter
@@ -224,6 +237,9 @@ class BatchedConnection(ClientConnection):
         return batch
 
     async def recv(self, decode: bool | None = None) -> Any:
+        raise TypeError("a BatchedConnection is read with recv_batch()")
+
+    def recv_streaming(self, decode: bool | None = None) -> Any:
         raise TypeError("a BatchedConnection is read with recv_batch()")
 
     # -- websockets' callbacks ---------------------------------------------------------
@@ -280,8 +296,11 @@ class BatchedConnection(ClientConnection):
         self._parts = []
 
         async def fail() -> None:
-            async with self.send_context():
-                self.protocol.fail(code, reason)
+            # As recv() does; send_context() raises ConnectionClosed once the connection
+            # is closed (by then, or by the close timeout): the end this task is for.
+            with contextlib.suppress(ConnectionClosed):
+                async with self.send_context():
+                    self.protocol.fail(code, reason)
 
         task = self.loop.create_task(fail())
         self._tasks.add(task)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from typing import Annotated, Any
 
 import anyio
@@ -262,47 +261,42 @@ class EOSParkSource(Source):
         """Handle frames; return after ``stale_after`` of silence, raise on any failure."""
         stale_after = self.eospark.stale_after
         ack_deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
-        # Moving a cancel scope's deadline costs a timer reschedule: doing it at every
-        # frame was a tenth of the event loop's time (make bench). The deadline moves at
-        # most every ``step``; when it passes, silence is checked against the last frame,
-        # and recv_batch() (cancel-safe) is simply called again if it was early. The
-        # frames of a batch not handled yet stay in ``frames`` if the deadline interrupts
-        # one (an await in ``_handle``); emit() never loses an event to it (the daemon
-        # shields a full intake).
-        step = min(1.0, stale_after / 10)
         heard = time.monotonic()
-        frames: deque[str | bytes] = deque()
         while True:
-            deadline = heard + stale_after
-            with anyio.CancelScope(
-                deadline=min(deadline, ack_deadline) if pending else deadline
-            ) as silence:
-                refresh = heard + step
-                while True:
-                    if not frames:
-                        frames.extend(await ws.recv_batch())
-                        heard = time.monotonic()
-                        if heard >= refresh:
-                            refresh = heard + step
-                            deadline = heard + stale_after
-                            silence.deadline = min(deadline, ack_deadline) if pending else deadline
-                            backoff.healthy()  # it resets after a minute up: once a step will do
-                        self._last_frame = time.time()
-                    raw = frames.popleft()
-                    self.ctx.received(raw)
-                    try:
-                        msg = parse_frame(raw)
-                    except ValueError as err:
-                        self.ctx.reject(f"malformed frame: {err}")
-                        continue
-                    pending = await self._handle(msg, pending, backoff, task_status)
-            now = time.monotonic()
-            if pending and now >= ack_deadline and not frames:
+            if ws.ready:  # frames are waiting: no deadline to set (a timer per frame was
+                batch = await ws.recv_batch()  # a tenth of the event loop's time)
+            else:
+                # Only the wait has a deadline: a frame in hand is handled whole, however
+                # long that takes, and silence counts from when the last one was handled.
+                deadline = heard + stale_after
+                with anyio.CancelScope(
+                    deadline=min(deadline, ack_deadline) if pending else deadline
+                ) as waiting:
+                    batch = await ws.recv_batch()
+                if waiting.cancelled_caught:  # the deadline passed with nothing received
+                    if pending and time.monotonic() >= ack_deadline:
+                        raise SourceError(
+                            "no answer to the subscription within"
+                            f" {format_duration(SUBSCRIBE_TIMEOUT)}"
+                        )
+                    if time.monotonic() - heard >= stale_after:
+                        break
+                    continue
+            self._last_frame = time.time()
+            backoff.healthy()
+            for raw in batch:
+                self.ctx.received(raw)
+                try:
+                    msg = parse_frame(raw)
+                except ValueError as err:
+                    self.ctx.reject(f"malformed frame: {err}")
+                    continue
+                pending = await self._handle(msg, pending, backoff, task_status)
+            heard = time.monotonic()
+            if pending and heard >= ack_deadline:  # frames, but no answer among them
                 raise SourceError(
                     f"no answer to the subscription within {format_duration(SUBSCRIBE_TIMEOUT)}"
                 )
-            if now - heard >= stale_after and not frames:
-                break
         await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
 
     async def _handle(

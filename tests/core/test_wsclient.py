@@ -3,16 +3,19 @@ batched connection."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.exceptions import ConcurrencyError, ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.frames import Close, CloseCode
 from websockets.http11 import Response
 
@@ -238,3 +241,55 @@ async def test_a_bad_text_message_fails_the_connection_as_websockets_does(
     assert received == ["before"]
     close = ws.protocol.close_sent
     assert close is not None and close.code == code
+
+
+async def test_the_failing_task_ends_quietly_when_the_server_closed_first() -> None:
+    # Review of 49eaa4a: send_context() raised ConnectionClosed in the task that fails the
+    # connection, and asyncio logged "Task exception was never retrieved" at ERROR.
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(b"bad utf-8: \xff", text=True)
+        await ws.close()  # before the client's 1007 could go out
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        async with _server(handler) as url:
+            ws = await connect(url, create_connection=BatchedConnection)
+            assert isinstance(ws, BatchedConnection)
+            assert await _batches(ws) == []
+            failing = ws._tasks
+            await until(lambda: not failing)
+            del ws
+            gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
+
+
+async def test_one_reader_at_a_time_and_no_streaming() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send("one")
+        await ws.wait_closed()
+
+    async with _server(handler) as url, connect(url, create_connection=BatchedConnection) as ws:
+        assert isinstance(ws, BatchedConnection)
+        with pytest.raises(TypeError, match="recv_batch"):
+            ws.recv_streaming()
+        async with anyio.create_task_group() as tg:
+            first: list[list[str | bytes]] = []
+
+            async def read() -> None:
+                first.append(await ws.recv_batch())
+
+            tg.start_soon(read)
+            await until(lambda: ws._waiter is not None)
+            # A second reader would have taken the waiter and left the first one waiting
+            # for ever (as websockets' recv(), it is refused).
+            with pytest.raises(ConcurrencyError):
+                await ws.recv_batch()
+            await ws.send("go")
+        assert first == [["one"]]
+        with pytest.raises(ValueError, match="at least 1"):
+            await ws.recv_batch(limit=0)

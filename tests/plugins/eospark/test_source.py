@@ -196,6 +196,34 @@ async def test_8_silence_is_stale_then_reconnect_and_gap(emulator: EOSParkEmulat
     assert emulator.accepted == 2
 
 
+class SlowContext(RecordingContext):
+    """A context whose emit() takes 0.15 s and, unlike the daemon's, can be cancelled."""
+
+    async def emit(self, event: Any) -> None:
+        await anyio.sleep(0.15)  # the work of a slow consumer, not a wait for something
+        await super().emit(event)
+
+
+async def test_a_burst_handled_for_longer_than_stale_after_loses_nothing(
+    emulator: EOSParkEmulator,
+) -> None:
+    # Review of 49eaa4a: the frames of a batch still in hand when the silence deadline
+    # passed were handled under an already-cancelled scope: half of them were lost, and
+    # the source declared itself stale in the middle of the burst.
+    ctx = SlowContext("eos", "eospark")
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(5):
+            await tg.start(EOSParkSource(make_config(emulator.url, stale_after="1s"), ctx).run)
+        for n in range(12):  # 1.8 s of handling, in one read or a few
+            await emulator.push_transaction(incoming(f"{n + 1}.0000 EOS"))
+        await wait(ctx, lambda: len(ctx.events) == 12)
+        tg.cancel_scope.cancel()
+    assert [e.data["args"]["quantity"] for e in ctx.events] == [
+        f"{n + 1}.0000 EOS" for n in range(12)
+    ]
+    assert ctx.states() == ["up"]
+
+
 async def test_heartbeats_keep_a_quiet_connection_alive(emulator: EOSParkEmulator) -> None:
     async with source_running(make_config(emulator.url, stale_after="1s")) as ctx:
         with anyio.move_on_after(HEARTBEAT * 6):  # well past stale_after, with heartbeats
