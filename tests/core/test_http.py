@@ -298,3 +298,23 @@ def test_run_says_the_address_is_in_use_in_one_sentence(tmp_path: Path) -> None:
     assert run.stderr.strip().splitlines()[-1] == (
         f"tocsin: cannot serve [daemon] http on 127.0.0.1:{port}: address already in use"
     )
+
+
+def test_a_daemon_with_no_endpoint_never_imports_aiohttp(tmp_path: Path) -> None:
+    # aiohttp's web server took 0.18 s of a 1.4 s start-up with 10,000 rules (make bench):
+    # it is imported only when [daemon] http is set.
+    def imported(head: str) -> str:
+        config = write_config(tmp_path / "tocsin.toml", f'[daemon]\nstate_dir = "state"\n{head}')
+        script = (
+            "import sys\n"
+            "from tocsin.daemon import Daemon\n"
+            "from tocsin.plugins import build_registry, make_plugin_manager\n"
+            f"Daemon({str(config)!r}, build_registry(make_plugin_manager()))\n"
+            "print('aiohttp.web' in sys.modules)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert imported("") == "False"
+    assert imported('http = "127.0.0.1:0"\n') == "True"
