@@ -51,7 +51,7 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
                 self.settle(key, group)
         if self.whole_rule and "" not in self.table:
             group = AbsenceGroup(last=now)
-            self.admit("", group)
+            self.admit("", group, now)
             self.settle("", group)
 
     def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
@@ -62,7 +62,7 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
         group = self.table.get(group_key)
         if group is None:
             group = AbsenceGroup(last=t, event=event)
-            self.admit(group_key, group)
+            self.admit(group_key, group, now)
             self.settle(group_key, group)
             return []
         self.table.seen(group_key)

@@ -47,11 +47,9 @@ class ChangeKind(StatefulKind[ChangeGroup]):
         self.field = split_path(config.field)
         self.field_name = config.field
         self.by = config.by
-        self.now = 0.0  # of the event being evaluated
 
     def on_event(self, event: Event, group_key: str, now: float) -> list[Firing]:
         self.begin(now)
-        self.now = now
         value = to_decimal(get_path(event.data, self.field))
         if value is None:
             self.skipped += 1
@@ -61,7 +59,7 @@ class ChangeKind(StatefulKind[ChangeGroup]):
             return []
         group = self.table.get(group_key)
         if group is None:
-            self.admit(group_key, ChangeGroup(values=ValueWindow([(t, value)])))
+            self.admit(group_key, ChangeGroup(values=ValueWindow([(t, value)])), now)
             self.settle(group_key, self.table.groups[group_key])
             return []
         self.table.seen(group_key)
@@ -81,9 +79,9 @@ class ChangeKind(StatefulKind[ChangeGroup]):
         self.settle(group_key, group)
         return out
 
-    def expendable(self, group: ChangeGroup) -> bool:
+    def expendable(self, group: ChangeGroup, now: float) -> bool:
         newest = group.values.newest()
-        return newest is None or expired(newest[0], self.window, self.now)
+        return newest is None or expired(newest[0], self.window, now)
 
     def wake(self, key: str, group: ChangeGroup, now: float) -> list[Firing]:
         group.values.expire(self.window, now)

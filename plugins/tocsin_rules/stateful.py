@@ -134,16 +134,16 @@ class StatefulKind(RuleKind, Generic[G]):
         """Whether ``max_groups`` should rather forget another group than this one."""
         return False
 
-    def expendable(self, group: G) -> bool:
-        """Whether forgetting ``group`` for room loses nothing within the window (no
-        warning then: ``max_groups`` working as meant, not a ``group_by`` to check)."""
+    def expendable(self, group: G, now: float) -> bool:
+        """Whether forgetting ``group`` for room at ``now`` loses nothing within the window
+        (no warning then: ``max_groups`` working as meant, not a ``group_by`` to check)."""
         return False
 
-    def admit(self, key: str, group: G) -> None:
+    def admit(self, key: str, group: G, now: float) -> None:
         """Add a new group; forget the least recently seen one beyond ``max_groups``
         (sparing firing ones while others can go)."""
         evicted = self.table.add(key, group, self.spare)
-        if evicted is not None and not self.expendable(evicted):
+        if evicted is not None and not self.expendable(evicted, now):
             self.warn_once(
                 "evict",
                 "rule %r: more than %d groups (max_groups): the least recently seen are"

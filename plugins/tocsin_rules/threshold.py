@@ -73,7 +73,7 @@ class ThresholdKind(LifecycleKind[ThresholdGroup]):
         group = self.table.get(group_key)
         if group is None:
             group = ThresholdGroup(points=self.new_points())
-            self.admit(group_key, group)
+            self.admit(group_key, group, now)
         else:
             self.table.seen(group_key)
             out.extend(self.catch_up(group_key, group, now))
