@@ -66,6 +66,12 @@ CLOSE_TIMEOUT = 2.0  # a dead peer never answers the close handshake: do not wai
 SUBSCRIBE_TIMEOUT = 10.0
 GAP_REASON = "reconnected; events while disconnected may be missed"
 
+
+def unanswered() -> SourceError:
+    """No ack of the subscription within ``SUBSCRIBE_TIMEOUT``."""
+    return SourceError(f"no answer to the subscription within {format_duration(SUBSCRIBE_TIMEOUT)}")
+
+
 _APIKEY_IN_QUERY = re.compile(r"(apikey=)[^&\s#]*", re.IGNORECASE)
 
 
@@ -275,10 +281,7 @@ class EOSParkSource(Source):
                     batch = await ws.recv_batch()
                 if waiting.cancelled_caught:  # the deadline passed with nothing received
                     if pending and time.monotonic() >= ack_deadline:
-                        raise SourceError(
-                            "no answer to the subscription within"
-                            f" {format_duration(SUBSCRIBE_TIMEOUT)}"
-                        )
+                        raise unanswered()
                     if time.monotonic() - heard >= stale_after:
                         break
                     continue
@@ -294,9 +297,7 @@ class EOSParkSource(Source):
                 pending = await self._handle(msg, pending, backoff, task_status)
             heard = time.monotonic()
             if pending and heard >= ack_deadline:  # frames, but no answer among them
-                raise SourceError(
-                    f"no answer to the subscription within {format_duration(SUBSCRIBE_TIMEOUT)}"
-                )
+                raise unanswered()
         await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
 
     async def _handle(
