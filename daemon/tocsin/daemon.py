@@ -1,7 +1,8 @@
 """The running daemon: one supervisor over sources, the rule engine, the outbox workers.
 
-Events flow from sources through one bounded memory stream into the engine loop, which
-evaluates them in batches, commits the alerts (and any source cursors that follow them)
+Events flow from sources through one bounded memory stream into the engine loop (a
+source may hand over the events of one read as a list: one item, bounded by its events),
+which evaluates them in batches, commits the alerts (and any source cursors that follow them)
 in one transaction, and wakes the action workers. ``stop()`` stops intake, drains what
 was received, lets in-flight deliveries finish within ``drain_timeout``, and returns;
 what is not delivered stays in the outbox for the next start.
@@ -63,6 +64,10 @@ class Checkpoint:
     value: str
 
 
+Intake = Event | Checkpoint | list[Event]
+"""An item of the intake stream: an event, a cursor, or the events of ``emit_many``."""
+
+
 class _Started:
     """A TaskStatus that records the source said it is up, without blocking anything."""
 
@@ -107,6 +112,15 @@ class SourceRunner(EventFactory):
         self.types[event.type] += 1
         self.last_event = time.time()
         await self.daemon.intake(event)
+
+    async def emit_many(self, events: Iterable[Event]) -> None:
+        batch = list(events)  # the source may reuse its list
+        if not batch:
+            return
+        self.events += len(batch)
+        self.types.update(event.type for event in batch)
+        self.last_event = time.time()
+        await self.daemon.intake_many(batch)
 
     async def _status(self, state: str, type_: str, reason: str, **extra: str) -> None:
         since = self.since if state == self.state else utc_iso()
@@ -262,12 +276,18 @@ class Daemon:
         self._stop = anyio.Event()
         self._engine_done = anyio.Event()
         self._tg: TaskGroup | None = None
-        self._send: MemoryObjectSendStream[Event | Checkpoint] | None = None
+        self._send: MemoryObjectSendStream[Intake] | None = None
+        # The intake's bound is in events and cursors, not in stream items (a list of
+        # events is one item): how many wait, and what a source waits on when they are
+        # too many (set when the engine takes some).
+        self._limit = self.config.daemon.queue_size  # as the stream was made (not reloaded)
+        self._waiting = 0
+        self._room: anyio.Event | None = None
         self._full_waits: set[anyio.CancelScope] = set()  # sources waiting on a full intake
         self._committing = anyio.Lock(fast_acquire=True)  # no yield when nobody else holds it
         self.paused = ""
-        # For STATUS= and the watchdog (notify.py): items the engine took off the intake
-        # stream, when the batch it works on was received, the outbox as last counted.
+        # For STATUS= and the watchdog (notify.py): events and cursors the engine took off the
+        # intake, when the batch it works on was received, the outbox as last counted.
         self.taken = 0
         self.busy = False  # the engine holds a batch it has not finished
         self.batch_received = 0.0
@@ -285,21 +305,38 @@ class Daemon:
     # -- intake --------------------------------------------------------------------------
 
     async def intake(self, item: Event | Checkpoint) -> None:
+        """Hand an event or a cursor to the engine; waits while the intake is full."""
+        await self._hand_over(item, 1)
+
+    async def intake_many(self, events: list[Event]) -> None:
+        """Hand events to the engine as one item (in slices of at most ``queue_size``)."""
+        limit = self._limit
+        if len(events) <= limit:
+            await self._hand_over(events, len(events))
+            return
+        for start in range(0, len(events), limit):
+            piece = events[start : start + limit]
+            await self._hand_over(piece, len(piece))
+
+    async def _hand_over(self, item: Intake, count: int) -> None:
         send = self._send
         if send is None:
             return
         try:
-            # While the stream has room, hand the item over without a checkpoint: the
-            # source yields at its next recv() anyway, and anyio's checkpoint in send()
-            # was a tenth of the event loop's time per event (make bench).
-            send.send_nowait(item)
-        except anyio.WouldBlock:
-            await self._intake_full(send, item)
+            if self._waiting + count <= self._limit:
+                # While there is room, hand the item over without a checkpoint: the
+                # source yields at its next read anyway, and anyio's checkpoint in send()
+                # was a tenth of the event loop's time per event (make bench). The
+                # stream never refuses it: it holds fewer items than events.
+                send.send_nowait(item)
+                self._waiting += count
+                return
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # closed while stopping: intake is over
+            return  # closed while stopping: intake is over
+        await self._intake_full(send, item, count)
 
     async def _intake_full(
-        self, send: MemoryObjectSendStream[Event | Checkpoint], item: Event | Checkpoint
+        self, send: MemoryObjectSendStream[Intake], item: Intake, count: int
     ) -> None:
         # The source waits (bounded intake). Shielded, so a source's own timeout (stale,
         # ack) never drops an event it has handed over; the daemon cancels these waits
@@ -307,28 +344,48 @@ class Daemon:
         with anyio.CancelScope(shield=True) as waiting:
             self._full_waits.add(waiting)
             try:
-                await send.send(item)
+                while self._waiting + count > self._limit:
+                    if self._room is None:
+                        self._room = anyio.Event()
+                    await self._room.wait()
+                send.send_nowait(item)
+                self._waiting += count
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
             finally:
                 self._full_waits.discard(waiting)
 
-    async def _engine_loop(self, receive: MemoryObjectReceiveStream[Event | Checkpoint]) -> None:
+    def _taken(self, count: int) -> None:
+        """The engine took ``count`` events and cursors off the intake: room for more."""
+        self._waiting -= count
+        self.taken += count
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    async def _engine_loop(self, receive: MemoryObjectReceiveStream[Intake]) -> None:
         try:
             await self._evaluate(receive)
         finally:
             self._engine_done.set()
 
-    async def _evaluate(self, receive: MemoryObjectReceiveStream[Event | Checkpoint]) -> None:
+    async def _evaluate(self, receive: MemoryObjectReceiveStream[Intake]) -> None:
         async with receive:
             while True:
                 try:
-                    batch = [await receive.receive()]
+                    item = await receive.receive()
                 except anyio.EndOfStream:
                     return
-                while len(batch) < BATCH:
+                batch: list[Event | Checkpoint] = []
+                while True:
+                    if isinstance(item, list):
+                        batch += item
+                    else:
+                        batch.append(item)
+                    if len(batch) >= BATCH:
+                        break
                     try:
-                        batch.append(receive.receive_nowait())
+                        item = receive.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                 self._took(batch)
@@ -337,7 +394,7 @@ class Daemon:
                 self.busy = False
 
     def _took(self, batch: list[Event | Checkpoint]) -> None:
-        self.taken += len(batch)
+        self._taken(len(batch))
         first = next((item for item in batch if isinstance(item, Event)), None)
         self.batch_received = first.received if first is not None else time.time()
 
@@ -450,9 +507,8 @@ class Daemon:
             self.engine.generations = await self.store.call(Store.load_generations)
             self.engine.restore(await self.store.call(Store.load_rule_state))
             self.dispatcher = Dispatcher(self.store)
-            send, receive = anyio.create_memory_object_stream[Event | Checkpoint](
-                self.config.daemon.queue_size
-            )
+            self._limit = self.config.daemon.queue_size
+            send, receive = anyio.create_memory_object_stream[Intake](self._limit)
             self._send = send
             async with anyio.create_task_group() as tg:
                 try:
@@ -470,7 +526,7 @@ class Daemon:
     async def _serve(
         self,
         tg: TaskGroup,
-        receive: MemoryObjectReceiveStream[Event | Checkpoint],
+        receive: MemoryObjectReceiveStream[Intake],
         state_dir: object,
         task_status: TaskStatus[None],
     ) -> None:
@@ -513,8 +569,7 @@ class Daemon:
     @property
     def intake_waiting(self) -> int:
         """Events and cursors received and not yet taken by the engine."""
-        stats = self._send.statistics() if self._send is not None else None
-        return stats.current_buffer_used if stats is not None else 0
+        return self._waiting
 
     @property
     def stopping(self) -> bool:
@@ -760,11 +815,10 @@ class Daemon:
             if probe is None:  # the store's writer answers this query like any other
                 probe, probe_since = self.store.submit(Store.depth), time.monotonic()
             if watchdog is not None:
-                stats = self._send.statistics() if self._send is not None else None
                 why = watchdog.stalled(
                     Progress(
                         taken=self.taken,
-                        waiting=stats.current_buffer_used if stats else 0,
+                        waiting=self._waiting,
                         paused=bool(self.paused),
                         busy=self.busy,
                         probe_age=time.monotonic() - probe_since if not probe.done() else None,
@@ -794,10 +848,9 @@ class Daemon:
             parts.append(f"outbox {pending} pending{age}, {dead} dead")
         # Lag: how long the batch the engine works on has waited (0 when it waits for input).
         stats = self._send.statistics() if self._send is not None else None
-        waiting = stats.current_buffer_used if stats is not None else 0
         busy = stats is not None and not stats.tasks_waiting_receive
         lag = max(0.0, time.time() - self.batch_received) if busy and self.taken else 0.0
-        parts.append(f"intake {waiting} waiting, lag {lag:.1f}s")
+        parts.append(f"intake {self._waiting} waiting, lag {lag:.1f}s")
         rejected = sum(sum(r.rejected.values()) for r in self.sources.values())
         reconnects = sum(r.reconnects for r in self.sources.values())
         parts.append(f"{rejected} frames rejected, {reconnects} reconnects")

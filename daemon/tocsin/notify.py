@@ -122,9 +122,9 @@ class Progress:
     """What the watchdog looks at, sampled at each tick."""
 
     taken: int
-    """Items the engine has taken off the intake stream since start."""
+    """Events and cursors the engine has taken off the intake stream since start."""
     waiting: int
-    """Items waiting in the intake stream now."""
+    """Events and cursors waiting in the intake stream now."""
     paused: bool
     """The engine is retrying a commit that failed (reported in ``STATUS=``)."""
     probe_age: float | None

@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO
 
@@ -96,6 +96,9 @@ class Recorder(EventFactory):
 
     async def emit(self, event: Event) -> None:
         self.seen.events += 1
+
+    async def emit_many(self, events: Iterable[Event]) -> None:
+        self.seen.events += sum(1 for _ in events)
 
     async def up(self) -> None:
         self.logger.info("source %r is up", self.source)

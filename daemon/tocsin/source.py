@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import anyio
@@ -55,6 +55,11 @@ class SourceContext(Protocol):
 
     async def emit(self, event: Event) -> None:
         """Hand an event to the rule engine; waits when the engine is behind (bounded)."""
+        ...
+
+    async def emit_many(self, events: Iterable[Event]) -> None:
+        """``emit`` for each of ``events``, in order, as one hand-over: for a source that
+        reads frames a batch at a time (the daemon's cost per event is then a fraction)."""
         ...
 
     async def up(self) -> None:

@@ -12,7 +12,7 @@ local server with a ``RecordingContext`` in place of the daemon::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import anyio
 
@@ -44,6 +44,10 @@ class RecordingContext(EventFactory):
 
     async def emit(self, event: Event) -> None:
         self.events.append(event)
+        self._changed()
+
+    async def emit_many(self, events: Iterable[Event]) -> None:
+        self.events.extend(events)
         self._changed()
 
     async def _status(self, what: str, reason: str) -> None:

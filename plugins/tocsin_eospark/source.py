@@ -287,6 +287,7 @@ class EOSParkSource(Source):
                     continue
             self._last_frame = time.time()
             backoff.healthy()
+            events: list[Event] = []  # the batch's events, handed over together
             for raw in batch:
                 self.ctx.received(raw)
                 try:
@@ -294,20 +295,26 @@ class EOSParkSource(Source):
                 except ValueError as err:
                     self.ctx.reject(f"malformed frame: {err}")
                     continue
-                pending = await self._handle(msg, pending, backoff, task_status)
+                if isinstance(msg, Transaction):
+                    events += transaction_events(msg, self.recent, self.ctx)
+                    continue
+                if events:  # what came before a control message goes first
+                    await self.ctx.emit_many(events)
+                    events = []
+                pending = await self._control(msg, pending, backoff, task_status)
+            if events:
+                await self.ctx.emit_many(events)
             heard = time.monotonic()
             if pending and heard >= ack_deadline:  # frames, but no answer among them
                 raise unanswered()
         await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
 
-    async def _handle(
+    async def _control(
         self, msg: Message, pending: int, backoff: Backoff, task_status: TaskStatus[None]
     ) -> int:
-        """Act on one message; returns how many subscribe acks are still awaited."""
-        if isinstance(msg, Transaction):
-            for event in transaction_events(msg, self.recent, self.ctx):
-                await self.ctx.emit(event)
-        elif isinstance(msg, Refusal):
+        """Act on a message other than a data push; returns how many subscribe acks are
+        still awaited."""
+        if isinstance(msg, Refusal):
             raise refusal_error(msg)
         elif isinstance(msg, Ack) and msg.msg_type.startswith("subscribe") and pending:
             if not msg.ok:

@@ -546,6 +546,59 @@ async def test_a_full_intake_keeps_what_a_timed_out_source_handed_over(tmp_path:
         assert [r.json()["event"]["id"] for r in receiver.requests] == ids[:sent]
 
 
+async def test_emit_many_is_bounded_by_events_and_keeps_their_order(tmp_path: Path) -> None:
+    # emit_many hands a list over as one item of the intake stream: the bound must still
+    # be queue_size events (not lists), a list larger than that goes in slices, and the
+    # events reach the rules in the order they were emitted, mixed with single emits.
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).replace(
+            'drain_timeout = "2s"', 'drain_timeout = "2s"\nqueue_size = 10'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients, what="the source to connect")
+            gate = anyio.Event()
+            process, hand_over = daemon._process, daemon._hand_over
+            waiting: list[int] = []
+
+            async def held(batch: list[object]) -> None:
+                await gate.wait()
+                await process(batch)  # type: ignore[arg-type]
+
+            async def counted(item: Any, count: int) -> None:
+                await hand_over(item, count)
+                waiting.append(daemon.intake_waiting)
+
+            daemon._process = held  # type: ignore[method-assign]
+            daemon._hand_over = counted  # type: ignore[method-assign]
+            runner = daemon.sources["feed"]
+            ids = [f"b{i}" for i in range(40)]
+            events = [
+                runner.event("transfer", transfer(i)["data"], id=i)  # type: ignore[arg-type]
+                for i in ids
+            ]
+
+            async def emit_all() -> None:
+                await runner.emit_many(events[:4])
+                await runner.emit(events[4])
+                await runner.emit_many(iter(events[5:12]))  # 12 > 10: waits for the engine
+                await runner.emit_many([])
+                await runner.emit_many(events[12:])  # 28 > queue_size: in slices
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(emit_all)
+                await wait_for(lambda: daemon._full_waits, what="a wait on the full intake")
+                # The engine holds the first 5; the 7 came in after them, the first slice
+                # of 10 waits: 17 would be over the bound.
+                assert daemon.intake_waiting == 7
+                gate.set()
+            await wait_for(lambda: len(receiver.requests) == 40, what="every event's alert")
+            assert runner.events == 40 and runner.types["transfer"] == 40
+            assert daemon.intake_waiting == 0
+        assert max(waiting) <= 10 and 10 in waiting
+        assert [r.json()["event"]["id"] for r in receiver.requests] == ids
+
+
 async def test_an_outage_logs_a_warning_when_it_starts_or_changes_then_debug(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -197,11 +197,15 @@ async def test_8_silence_is_stale_then_reconnect_and_gap(emulator: EOSParkEmulat
 
 
 class SlowContext(RecordingContext):
-    """A context whose emit() takes 0.15 s and, unlike the daemon's, can be cancelled."""
+    """A context that takes 0.15 s per event and, unlike the daemon's, can be cancelled."""
 
     async def emit(self, event: Any) -> None:
         await anyio.sleep(0.15)  # the work of a slow consumer, not a wait for something
         await super().emit(event)
+
+    async def emit_many(self, events: Any) -> None:
+        for event in events:
+            await self.emit(event)
 
 
 async def test_a_burst_handled_for_longer_than_stale_after_loses_nothing(
