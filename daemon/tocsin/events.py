@@ -94,7 +94,7 @@ class Numbering:
 def utc_iso(ts: float | None = None) -> str:
     """ISO-8601 UTC with a ``Z``, to the millisecond (``2026-11-22T10:00:00.000Z``)."""
     moment = datetime.fromtimestamp(_time.time() if ts is None else ts, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # less its "+00:00"
 
 
 def stable_id(*parts: object) -> str:

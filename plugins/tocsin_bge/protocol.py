@@ -17,6 +17,7 @@ See PROTOCOLS.md section 2; what the documents leave open is marked [inferred].
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -463,6 +464,7 @@ def pong_message(value: int | float | str) -> str:
 # -- normalization ---------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # a feed's few field names, every push: 0.1 us, not 2
 def snake_case(key: str) -> str:
     """``seqId`` -> ``seq_id``, ``changePercent`` -> ``change_percent``."""
     return _CAMEL.sub(r"_\1", key).lower()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tocsin.events import stable_id, wire_number
+from tocsin.events import stable_id, utc_iso, wire_number
 
 
 def test_stable_ids_do_not_change_between_versions() -> None:
@@ -28,3 +28,10 @@ def test_wire_numbers() -> None:
     assert wire_number("1e999") == "1e999"  # not finite: kept
     for kept in ("abc", "", "1.2.3", " 1", "NaN", 5, None):
         assert wire_number(kept) == kept
+
+
+def test_utc_iso_is_milliseconds_truncated_with_a_z() -> None:
+    assert utc_iso(0) == "1970-01-01T00:00:00.000Z"
+    assert utc_iso(1.9999) == "1970-01-01T00:00:01.999Z"  # truncated, as block times are
+    assert utc_iso(1765100000.5) == "2025-12-07T09:33:20.500Z"
+    assert utc_iso(-62135596800) == "0001-01-01T00:00:00.000Z"
