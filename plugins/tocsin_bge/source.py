@@ -44,10 +44,11 @@ from typing import NamedTuple
 
 import anyio
 from anyio.abc import TaskStatus
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from tocsin import (
     Backoff,
+    BatchedConnection,
     Event,
     EventFactory,
     FrameParser,
@@ -192,7 +193,9 @@ class BGESource(Source):
             close_timeout=CLOSE_TIMEOUT,
             ping_interval=None,  # BGE pings us; our own pings would count as messages
             logger=WS_LOGGER,
+            create_connection=BatchedConnection,
         ) as ws:
+            assert isinstance(ws, BatchedConnection)
             self._last_frame = time.time()
             self.intake.seqs.reset()
             session = _Session(self, ws, await self._resume_points())
@@ -335,8 +338,7 @@ class BGESource(Source):
             )
         if not backfill:
             self.last_push[key] = utc_iso()
-        for event in taken.events:
-            await self.ctx.emit(event)
+        await self.ctx.emit_many(taken.events)
         for state, content in taken.states:  # after the events: committed with their alerts
             await self.ctx.save_cursor(state_cursor(state), content)
         if key.type == "candles":
@@ -367,7 +369,7 @@ class _Session:
     """One connection: the outbox behind the token bucket, the answers awaited, timers."""
 
     def __init__(
-        self, source: BGESource, ws: ClientConnection, resume_from: dict[ChannelKey, int]
+        self, source: BGESource, ws: BatchedConnection, resume_from: dict[ChannelKey, int]
     ) -> None:
         self.source = source
         self.ctx = source.ctx
@@ -406,22 +408,29 @@ class _Session:
                 self.keepalive()
                 self.last_data = now
                 continue
-            wake = [self.last_frame + stale_after, *self.acks.values()]
-            wake += [job.overdue for job in self.backfills.values()]
-            if self.next_send is not None:
-                wake.append(self.next_send)
-            if self.login_deadline is not None:
-                wake.append(self.login_deadline)
-            if self.login_deadline is None:
-                wake.append(self.last_data + keepalive)
-            raw: str | bytes | None = None
-            with anyio.move_on_after(max(0.0, min(wake) - now)):
-                raw = await self.ws.recv()
-            if raw is None:
+            batch: list[str | bytes] = []
+            if self.ws.ready:  # frames are waiting: no timer to set
+                batch = await self.ws.recv_batch()
+            else:
+                wake = [self.last_frame + stale_after, *self.acks.values()]
+                wake += [job.overdue for job in self.backfills.values()]
+                if self.next_send is not None:
+                    wake.append(self.next_send)
+                if self.login_deadline is not None:
+                    wake.append(self.login_deadline)
+                if self.login_deadline is None:
+                    wake.append(self.last_data + keepalive)
+                # Only the wait has a deadline: frames in hand are handled whole.
+                with anyio.move_on_after(max(0.0, min(wake) - now)):
+                    batch = await self.ws.recv_batch()
+            if not batch:
                 continue
-            self.last_frame = anyio.current_time()
             self.source.frame_arrived()
-            await self.handle(raw)
+            for raw in batch:
+                await self.handle(raw)
+            # Silence counts from when the last frame was handled: handing its events
+            # over may have waited for the engine.
+            self.last_frame = anyio.current_time()
 
     # -- outgoing ----------------------------------------------------------------------
 
