@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from tocsin import (
     Backoff,
+    BatchedConnection,
     ConfigModel,
     Duration,
     Event,
@@ -212,8 +213,13 @@ class CkexSource(Source):
             try:
                 url = connect_url(config.url, config.token.get())
                 async with connect(
-                    url, max_size=MAX_FRAME, open_timeout=OPEN_TIMEOUT, logger=WEBSOCKETS_LOGGER
+                    url,
+                    max_size=MAX_FRAME,
+                    open_timeout=OPEN_TIMEOUT,
+                    logger=WEBSOCKETS_LOGGER,
+                    create_connection=BatchedConnection,
                 ) as ws:
+                    assert isinstance(ws, BatchedConnection)
                     self.heard = time.time()
                     await self._register(ws, config)
                     await ws.send(start_command())
@@ -248,33 +254,38 @@ class CkexSource(Source):
         for entry in config.markets:
             await ws.send(register_command(entry.market()))
 
-    async def _receive(self, ws: ClientConnection, config: CkexConfig, backoff: Backoff) -> None:
+    async def _receive(self, ws: BatchedConnection, config: CkexConfig, backoff: Backoff) -> None:
         """Handle frames; return after ``stale_after`` of silence, raise when closed."""
         last_frame = anyio.current_time()
         next_register = last_frame + config.resubscribe_every
         while True:
             now = anyio.current_time()
-            raw: str | bytes | None = None
-            with anyio.move_on_after(min(last_frame + config.stale_after, next_register) - now):
-                raw = await ws.recv()
-                self.ctx.received(raw)
-            now = anyio.current_time()
-            if raw is None:
-                if now >= last_frame + config.stale_after:
+            if now >= next_register:
+                # Quotes of a market stop about an hour after it was registered. The start
+                # again costs nothing and suits a server that wants it after each.
+                await self._register(ws, config)
+                await ws.send(start_command())
+                next_register = now + config.resubscribe_every
+            batch: list[str | bytes] = []
+            if ws.ready:  # frames are waiting: no timer to set
+                batch = await ws.recv_batch()
+            else:  # only the wait has a deadline: frames in hand are handled whole
+                with anyio.move_on_after(min(last_frame + config.stale_after, next_register) - now):
+                    batch = await ws.recv_batch()
+            if not batch:
+                if anyio.current_time() >= last_frame + config.stale_after:
                     silence = format_duration(config.stale_after)
                     await self.ctx.stale(f"nothing received for {silence}")
                     return
-                if now >= next_register:
-                    # Quotes of a market stop about an hour after it was registered. The
-                    # start again costs nothing and suits a server that wants it after each.
-                    await self._register(ws, config)
-                    await ws.send(start_command())
-                    next_register = now + config.resubscribe_every
                 continue
-            last_frame = now
             self.heard = time.time()
             backoff.healthy()
-            await self._handle(raw)
+            for raw in batch:
+                self.ctx.received(raw)
+                await self._handle(raw)
+            # Silence counts from when the last frame was handled: handing its events
+            # over may have waited for the engine.
+            last_frame = anyio.current_time()
 
     async def _handle(self, raw: str | bytes) -> None:
         try:
@@ -290,6 +301,8 @@ class CkexSource(Source):
         assert isinstance(frame, Quotes)
         for _ in range(frame.invalid):
             self.ctx.reject("malformed quote")
+        events: list[Event] = []
+        cursors: list[tuple[str, str]] = []
         for quote in frame.quotes:
             product = QuoteBook.key(quote)
             if product not in self.book:  # new to this run (or forgotten): as saved before?
@@ -298,9 +311,11 @@ class CkexSource(Source):
                     self.book.recall(product, saved)
             event = quote_news(quote, self.book, self.ctx)
             if event is not None:
-                await self.ctx.emit(event)
-                # After the event: committed once its alerts are (SPEC section 5).
-                await self.ctx.save_cursor(cursor_key(product), self.book.saved(product))
+                events.append(event)
+                cursors.append((cursor_key(product), self.book.saved(product)))
+        await self.ctx.emit_many(events)
+        for key, value in cursors:  # after the events: committed once their alerts are
+            await self.ctx.save_cursor(key, value)  # (SPEC section 5)
 
     def _server_error(self, message: str) -> None:
         """Count an error frame; the connection stays (the server keeps it open too)."""

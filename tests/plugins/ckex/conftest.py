@@ -69,11 +69,16 @@ def run_source(registry: Registry) -> RunSource:
     """
 
     async def run(
-        settings: dict[str, Any], body: Body, *, started: bool = True, within: float = 10.0
+        settings: dict[str, Any],
+        body: Body,
+        *,
+        started: bool = True,
+        within: float = 10.0,
+        ctx: RecordingContext | None = None,
     ) -> tuple[CkexSource, RecordingContext]:
         cls = registry.source("ckex")
         config = cls.Config.model_validate({"plugin": "ckex", **settings})
-        ctx = RecordingContext("odds", "ckex")
+        ctx = ctx or RecordingContext("odds", "ckex")
         source = cls(config, ctx)
         assert isinstance(source, CkexSource)
         with anyio.fail_after(within):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import ValidationError
 from tocsin_ckex.emulator import CkexEmulator
@@ -162,6 +163,42 @@ async def test_fancy_quotes_last_write_wins_by_ut(run_source: RunSource) -> None
         _, ctx = await run_source(settings(emu), body)
     assert [e.data.get("bl") for e in ctx.events] == [181, 182, None]
     assert ctx.events[1].time == "2023-11-07T08:29:50.000Z"
+
+
+class SlowContext(RecordingContext):
+    """A context that takes 0.15 s per event and, unlike the daemon's, can be cancelled."""
+
+    async def emit(self, event: Any) -> None:
+        await anyio.sleep(0.15)  # the work of a slow consumer, not a wait for something
+        await super().emit(event)
+
+    async def emit_many(self, events: Any) -> None:
+        for event in events:
+            await self.emit(event)
+
+
+async def test_a_burst_handled_for_longer_than_stale_after_is_not_silence(
+    run_source: RunSource,
+) -> None:
+    # A frame in hand is handled whole, and silence counts from when it was handled, not
+    # from when it arrived: one frame of 12 changed quotes takes 1.8 s > stale_after here.
+    async with CkexEmulator(**QUIET) as emu:
+        products = [str(n) for n in range(1, 13)]
+
+        async def body(source: CkexSource, ctx: RecordingContext) -> None:
+            await wait_for(lambda: start_command() in emu.commands, what="the start command")
+            for product in products:
+                await emu.quote(SB.event_id, SB.market_id, product, "2.00", push=False)
+            await emu.push(SB.event_id, SB.market_id)
+            await ctx.wait_until(lambda: len(ctx.events) == 12)
+            # One more within stale_after of the burst's end: the connection is still fresh.
+            await emu.quote(SB.event_id, SB.market_id, "1", "2.50")
+            await ctx.wait_until(lambda: len(ctx.events) == 13)
+
+        slow = SlowContext("odds", "ckex")
+        _, ctx = await run_source(settings(emu, stale_after=1), body, ctx=slow)
+    assert prices(ctx) == [(product, 2.0) for product in products] + [("1", 2.5)]
+    assert ctx.states() == ["up"], ctx.status
 
 
 # -- scenarios 3 and 7: keepalives ---------------------------------------------------------
