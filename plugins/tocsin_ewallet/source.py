@@ -24,11 +24,12 @@ import time
 import anyio
 from anyio.abc import TaskStatus
 from pydantic import Field, field_validator, model_validator
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tocsin import (
     Backoff,
+    BatchedConnection,
     Duration,
     Event,
     EventFactory,
@@ -211,7 +212,9 @@ class EWalletSource(Source):
                     open_timeout=OPEN_TIMEOUT,
                     ping_interval=None,  # the Phoenix heartbeat is the keepalive
                     logger=WS_LOGGER,
+                    create_connection=BatchedConnection,
                 ) as ws:
+                    assert isinstance(ws, BatchedConnection)
                     self.heard = time.time()
                     session = _Session(self, ws)
                     await session.join_all()
@@ -292,7 +295,7 @@ class EWalletSource(Source):
 class _Session:
     """One connection: its refs, joins and heartbeat."""
 
-    def __init__(self, source: EWalletSource, ws: ClientConnection) -> None:
+    def __init__(self, source: EWalletSource, ws: BatchedConnection) -> None:
         self.source = source
         self.ctx = source.ctx
         self.config = source.settings
@@ -325,12 +328,13 @@ class _Session:
                 self.rejoin_at[topic] = retry_at
         while self.joining:
             deadline = min(d for _, d in self.joining.values())
-            raw: str | bytes | None = None
+            batch: list[str | bytes] = []
             with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                raw = await self.ws.recv()
-            if raw is None:
+                batch = await self.ws.recv_batch()
+            if not batch:
                 raise SourceError(f"no reply to phx_join within {format_duration(JOIN_TIMEOUT)}")
-            await self.handle(raw)
+            for raw in batch:
+                await self.handle(raw)
         if not self.joined:
             raise SourceAuthError(f"no channel could be joined ({self.refusals()})")
 
@@ -345,41 +349,51 @@ class _Session:
         next_beat = last_frame + heartbeat
         while True:
             now = anyio.current_time()
-            if now - last_frame >= stale_after:
+            # Silence, a missed heartbeat reply or join reply are judged with nothing left
+            # unread: the reply may be among the frames waiting.
+            unread = self.ws.ready
+            if not unread and now - last_frame >= stale_after:
                 await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
                 return
             if now >= next_beat:
-                if self.heartbeat_ref is not None:
+                if self.heartbeat_ref is None:
+                    self.heartbeat_ref = self.next_ref()
+                    await self.ws.send(heartbeat_message(self.heartbeat_ref))
+                    next_beat = now + heartbeat
+                elif not unread:
                     # phoenix.js's rule: no reply before the next beat is a dead socket.
                     await self.ctx.stale(f"no heartbeat reply within {format_duration(heartbeat)}")
                     return
-                self.heartbeat_ref = self.next_ref()
-                await self.ws.send(heartbeat_message(self.heartbeat_ref))
-                next_beat = now + heartbeat
             for topic, when in list(self.rejoin_at.items()):
                 if when <= now:
                     del self.rejoin_at[topic]
                     await self.join(topic)
             for topic, deadline in self.joining.values():
-                if deadline <= now:
+                if deadline <= now and not unread:
                     raise SourceError(f"no reply to joining {topic} within {JOIN_TIMEOUT:g}s")
-            wake = min(
-                [next_beat, last_frame + stale_after, *self.rejoin_at.values()]
-                + [d for _, d in self.joining.values()]
-            )
-            raw: str | bytes | None = None
-            with anyio.move_on_after(max(0.0, wake - now)):
-                raw = await self.ws.recv()
-            if raw is None:
-                continue
-            last_frame = anyio.current_time()
+            batch: list[str | bytes] = []
+            if unread:  # frames are waiting: no timer to set
+                batch = await self.ws.recv_batch()
+            else:  # only the wait has a deadline: frames in hand are handled whole
+                wake = min(
+                    [next_beat, last_frame + stale_after, *self.rejoin_at.values()]
+                    + [d for _, d in self.joining.values()]
+                )
+                with anyio.move_on_after(max(0.0, wake - now)):
+                    batch = await self.ws.recv_batch()
+                if not batch:
+                    continue
             self.source.heard = time.time()
             backoff.healthy()
             for topic in self.joined:
                 self.rejoin_backoff[topic].healthy()
-            await self.handle(raw)
-            if self.nothing_joinable():
-                raise SourceAuthError(f"no channel could be joined ({self.refusals()})")
+            for raw in batch:
+                await self.handle(raw)
+                if self.nothing_joinable():
+                    raise SourceAuthError(f"no channel could be joined ({self.refusals()})")
+            # Silence counts from when the last frame was handled: handing its event over
+            # may have waited for the engine.
+            last_frame = anyio.current_time()
 
     def nothing_joinable(self) -> bool:
         """Nothing joined, nothing on its way, and every channel waits out a refusal."""

@@ -66,10 +66,14 @@ def make_config(url: str, **overrides: Any) -> EWalletConfig:
 
 @asynccontextmanager
 async def running_source(
-    config: EWalletConfig, *, wait_started: bool = True, within: float = 15.0
+    config: EWalletConfig,
+    *,
+    wait_started: bool = True,
+    within: float = 15.0,
+    ctx: RecordingContext | None = None,
 ) -> AsyncIterator[RecordingContext]:
     """The source running against its server with a RecordingContext; cancelled on exit."""
-    ctx = RecordingContext("wallet", "ewallet")
+    ctx = ctx or RecordingContext("wallet", "ewallet")
     with anyio.fail_after(within):
         async with anyio.create_task_group() as tg:
             source = source_class()(config, ctx)
