@@ -558,8 +558,7 @@ class ViteSource(Source):
                 watch,
                 [r for r in watch.recent if r[0] in heights and r[1] and r[:2] not in blocks],
             )
-        for event in new_events(self.memory, self.ctx, facts):
-            await self.ctx.emit(event)
+        await self.ctx.emit_many(new_events(self.memory, self.ctx, facts))
         for fact in facts:
             if watch.topic.heights and fact.height is not None:
                 cursor = watch.cursor

@@ -738,6 +738,10 @@ class Ordered(RecordingContext):
             self.log.append(("emit", event.data["height"]))
         await super().emit(event)
 
+    async def emit_many(self, events: Any) -> None:
+        for event in events:
+            await self.emit(event)
+
     async def save_cursor(self, key: str, value: str) -> None:
         self.log.append(("save", int(value)))
         await super().save_cursor(key, value)
