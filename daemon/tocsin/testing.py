@@ -24,9 +24,14 @@ __all__ = ["RecordingContext", "Registry", "build_registry", "make_plugin_manage
 
 
 class RecordingContext(EventFactory):
-    """A ``SourceContext`` that records what a source does, in place of the daemon."""
+    """A ``SourceContext`` that records what a source does, in place of the daemon.
 
-    def __init__(self, source: str, provider: str) -> None:
+    ``hand_over`` (seconds) makes every event take that long to be taken, as when the
+    daemon's engine is behind: a source must not take that for silence, nor lose an
+    event to its own deadlines (unlike the daemon's, this wait can be cancelled)."""
+
+    def __init__(self, source: str, provider: str, *, hand_over: float = 0.0) -> None:
+        self.hand_over = hand_over
         self.source = source
         self.provider = provider
         self.logger = logging.getLogger(f"tocsin.testing.{source}")
@@ -43,12 +48,18 @@ class RecordingContext(EventFactory):
         self.changed = anyio.Event()
 
     async def emit(self, event: Event) -> None:
+        if self.hand_over:
+            await anyio.sleep(self.hand_over)  # the engine's work, not a wait for something
         self.events.append(event)
         self._changed()
 
     async def emit_many(self, events: Iterable[Event]) -> None:
-        self.events.extend(events)
-        self._changed()
+        if not self.hand_over:
+            self.events.extend(events)
+            self._changed()
+            return
+        for event in events:
+            await self.emit(event)
 
     async def _status(self, what: str, reason: str) -> None:
         self.status.append((what, reason))

@@ -507,24 +507,34 @@ async def test_a_crashing_rule_kind_costs_only_its_own_rule(tmp_path: Path) -> N
         assert {r.json()["rule"] for r in receiver.ok()} == {"incoming transfer"}
 
 
+def small_intake(server: PushServer, receiver: Receiver) -> str:
+    """The config with an intake of 10 events."""
+    return config_text(server, receiver.url()).replace(
+        'drain_timeout = "2s"', 'drain_timeout = "2s"\nqueue_size = 10'
+    )
+
+
+def hold_the_engine(daemon: Daemon) -> anyio.Event:
+    """Make the engine wait, holding the first batch it takes, until the event is set."""
+    gate = anyio.Event()
+    process = daemon._process
+
+    async def held(batch: list[object]) -> None:
+        await gate.wait()
+        await process(batch)  # type: ignore[arg-type]
+
+    daemon._process = held  # type: ignore[method-assign]
+    return gate
+
+
 async def test_a_full_intake_keeps_what_a_timed_out_source_handed_over(tmp_path: Path) -> None:
     # A source's own deadline (stale, ack) may pass while it waits on a full intake: the
     # event it handed over must still be evaluated, not dropped with the cancelled wait.
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
-        text = config_text(server, receiver.url()).replace(
-            'drain_timeout = "2s"', 'drain_timeout = "2s"\nqueue_size = 10'
-        )
-        path = write_config(tmp_path / "t.toml", text)
+        path = write_config(tmp_path / "t.toml", small_intake(server, receiver))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients, what="the source to connect")
-            gate = anyio.Event()
-            process = daemon._process
-
-            async def held(batch: list[object]) -> None:
-                await gate.wait()
-                await process(batch)  # type: ignore[arg-type]
-
-            daemon._process = held  # type: ignore[method-assign]
+            gate = hold_the_engine(daemon)
             runner = daemon.sources["feed"]
             ids = [f"full{i}" for i in range(30)]
             deadline = anyio.CancelScope()
@@ -551,25 +561,17 @@ async def test_emit_many_is_bounded_by_events_and_keeps_their_order(tmp_path: Pa
     # be queue_size events (not lists), a list larger than that goes in slices, and the
     # events reach the rules in the order they were emitted, mixed with single emits.
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
-        text = config_text(server, receiver.url()).replace(
-            'drain_timeout = "2s"', 'drain_timeout = "2s"\nqueue_size = 10'
-        )
-        path = write_config(tmp_path / "t.toml", text)
+        path = write_config(tmp_path / "t.toml", small_intake(server, receiver))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients, what="the source to connect")
-            gate = anyio.Event()
-            process, hand_over = daemon._process, daemon._hand_over
+            gate = hold_the_engine(daemon)
+            hand_over = daemon._hand_over
             waiting: list[int] = []
-
-            async def held(batch: list[object]) -> None:
-                await gate.wait()
-                await process(batch)  # type: ignore[arg-type]
 
             async def counted(item: Any, count: int) -> None:
                 await hand_over(item, count)
                 waiting.append(daemon.intake_waiting)
 
-            daemon._process = held  # type: ignore[method-assign]
             daemon._hand_over = counted  # type: ignore[method-assign]
             runner = daemon.sources["feed"]
             ids = [f"b{i}" for i in range(40)]

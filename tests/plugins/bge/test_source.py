@@ -227,23 +227,11 @@ async def test_silence_is_stale_then_reconnect_and_gap(emulator: BGEEmulator) ->
     assert emulator.connections == 2
 
 
-class SlowContext(RecordingContext):
-    """A context that takes 0.15 s per event and, unlike the daemon's, can be cancelled."""
-
-    async def emit(self, event: Any) -> None:
-        await anyio.sleep(0.15)  # the work of a slow consumer, not a wait for something
-        await super().emit(event)
-
-    async def emit_many(self, events: Any) -> None:
-        for event in events:
-            await self.emit(event)
-
-
 async def test_a_burst_handled_for_longer_than_stale_after_is_not_silence() -> None:
     # The frames of one read are handled together: silence counts from when the last
     # of them was handled, not from when they arrived (12 x 0.15 s > stale_after). BGE's
     # own timers at their 30 s: a pong or keepalive cannot go out while a frame is handled.
-    ctx = SlowContext("market", "bge")
+    ctx = RecordingContext("market", "bge", hand_over=0.15)
     async with (
         BGEEmulator(orderbook_interval=None) as emulator,
         source_running(make_config(emulator.url, stale_after="1s"), ctx=ctx),

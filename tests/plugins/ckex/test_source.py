@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anyio
 import pytest
 from pydantic import ValidationError
 from tocsin_ckex.emulator import CkexEmulator
@@ -165,18 +164,6 @@ async def test_fancy_quotes_last_write_wins_by_ut(run_source: RunSource) -> None
     assert ctx.events[1].time == "2023-11-07T08:29:50.000Z"
 
 
-class SlowContext(RecordingContext):
-    """A context that takes 0.15 s per event and, unlike the daemon's, can be cancelled."""
-
-    async def emit(self, event: Any) -> None:
-        await anyio.sleep(0.15)  # the work of a slow consumer, not a wait for something
-        await super().emit(event)
-
-    async def emit_many(self, events: Any) -> None:
-        for event in events:
-            await self.emit(event)
-
-
 async def test_a_burst_handled_for_longer_than_stale_after_is_not_silence(
     run_source: RunSource,
 ) -> None:
@@ -195,7 +182,7 @@ async def test_a_burst_handled_for_longer_than_stale_after_is_not_silence(
             await emu.quote(SB.event_id, SB.market_id, "1", "2.50")
             await ctx.wait_until(lambda: len(ctx.events) == 13)
 
-        slow = SlowContext("odds", "ckex")
+        slow = RecordingContext("odds", "ckex", hand_over=0.15)
         _, ctx = await run_source(settings(emu, stale_after=1), body, ctx=slow)
     assert prices(ctx) == [(product, 2.0) for product in products] + [("1", 2.5)]
     assert ctx.states() == ["up"], ctx.status

@@ -196,25 +196,13 @@ async def test_8_silence_is_stale_then_reconnect_and_gap(emulator: EOSParkEmulat
     assert emulator.accepted == 2
 
 
-class SlowContext(RecordingContext):
-    """A context that takes 0.15 s per event and, unlike the daemon's, can be cancelled."""
-
-    async def emit(self, event: Any) -> None:
-        await anyio.sleep(0.15)  # the work of a slow consumer, not a wait for something
-        await super().emit(event)
-
-    async def emit_many(self, events: Any) -> None:
-        for event in events:
-            await self.emit(event)
-
-
 async def test_a_burst_handled_for_longer_than_stale_after_loses_nothing(
     emulator: EOSParkEmulator,
 ) -> None:
     # Review of 49eaa4a: the frames of a batch still in hand when the silence deadline
     # passed were handled under an already-cancelled scope: half of them were lost, and
     # the source declared itself stale in the middle of the burst.
-    ctx = SlowContext("eos", "eospark")
+    ctx = RecordingContext("eos", "eospark", hand_over=0.15)
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(5):
             await tg.start(EOSParkSource(make_config(emulator.url, stale_after="1s"), ctx).run)

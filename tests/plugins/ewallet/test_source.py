@@ -8,7 +8,6 @@ import time
 from datetime import datetime
 from typing import Any
 
-import anyio
 import pytest
 from pydantic import ValidationError
 from tocsin_ewallet.emulator import (
@@ -249,21 +248,13 @@ async def test_silence_is_stale() -> None:
     assert ctx.status[1] == ("stale", "nothing received for 1s")
 
 
-class SlowFirstContext(RecordingContext):
-    """A context whose first event takes 1.5 s to hand over (an engine that is behind)."""
-
-    async def emit(self, event: Any) -> None:
-        if not self.events:
-            await anyio.sleep(1.5)  # the work of a slow consumer, not a wait for something
-        await super().emit(event)
-
-
 async def test_an_event_handed_over_for_longer_than_stale_after_is_not_silence() -> None:
     # Silence counts from when a frame was handled, not from when it arrived: the frame
     # in hand was no silence, however long the engine took to take its event.
     async with EWalletEmulator() as emulator:
         config = make_config(emulator.url, stale_after="1s")
-        async with running_source(config, ctx=SlowFirstContext("wallet", "ewallet")) as ctx:
+        slow = RecordingContext("wallet", "ewallet", hand_over=1.2)  # > stale_after
+        async with running_source(config, ctx=slow) as ctx:
             await emulator.request_consumption(amount=1)
             await ctx.wait_until(lambda: len(ctx.events) == 1)
             await emulator.request_consumption(amount=2)
