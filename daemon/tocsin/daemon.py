@@ -16,7 +16,7 @@ import dataclasses
 import gc
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -278,11 +278,13 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self._send: MemoryObjectSendStream[Intake] | None = None
         # The intake's bound is in events and cursors, not in stream items (a list of
-        # events is one item): how many wait, and what a source waits on when they are
-        # too many (set when the engine takes some).
+        # events is one item): how many wait, and the sources waiting for room, first
+        # come first served (each with how many it brings, and the event that says go).
         self._limit = self.config.daemon.queue_size  # as the stream was made (not reloaded)
         self._waiting = 0
-        self._room: anyio.Event | None = None
+        self._waiters: deque[tuple[int, anyio.Event]] = deque()
+        self._closed = False  # intake is over: waiting sources give up
+        self._carry: list[Event] = []  # the rest of a list a batch had no room for
         self._full_waits: set[anyio.CancelScope] = set()  # sources waiting on a full intake
         self._committing = anyio.Lock(fast_acquire=True)  # no yield when nobody else holds it
         self.paused = ""
@@ -316,52 +318,78 @@ class Daemon:
             return
         for start in range(0, len(events), limit):
             piece = events[start : start + limit]
-            await self._hand_over(piece, len(piece))
+            if not await self._hand_over(piece, len(piece)):
+                return  # intake is over (stopping): the rest goes nowhere either
 
-    async def _hand_over(self, item: Intake, count: int) -> None:
+    async def _hand_over(self, item: Intake, count: int) -> bool:
+        """Put ``item`` (``count`` events and cursors) in the intake, waiting for room
+        behind any source that already waits; False if intake is over."""
         send = self._send
-        if send is None:
-            return
-        try:
-            if self._waiting + count <= self._limit:
-                # While there is room, hand the item over without a checkpoint: the
-                # source yields at its next read anyway, and anyio's checkpoint in send()
-                # was a tenth of the event loop's time per event (make bench). The
-                # stream never refuses it: it holds fewer items than events.
+        if send is None or self._closed:
+            return False
+        if not self._waiters and self._waiting + count <= self._limit:
+            # While there is room, hand the item over without a checkpoint: the source
+            # yields at its next read anyway, and anyio's checkpoint in send() was a tenth
+            # of the event loop's time per event (make bench). The stream never refuses
+            # it for room: it holds fewer items than events.
+            try:
                 send.send_nowait(item)
-                self._waiting += count
-                return
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return  # closed while stopping: intake is over
-        await self._intake_full(send, item, count)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return False  # closed while stopping: intake is over
+            self._waiting += count
+            return True
+        return await self._intake_full(send, item, count)
 
     async def _intake_full(
         self, send: MemoryObjectSendStream[Intake], item: Intake, count: int
-    ) -> None:
-        # The source waits (bounded intake). Shielded, so a source's own timeout (stale,
-        # ack) never drops an event it has handed over; the daemon cancels these waits
-        # itself when it stops.
+    ) -> bool:
+        # The source waits its turn (bounded intake, first come first served: a large
+        # hand-over is not overtaken for ever by a busy neighbour's small ones). Shielded,
+        # so a source's own timeout (stale, ack) never drops an event it has handed over;
+        # the daemon ends these waits itself when it stops.
+        go = anyio.Event()
+        turn = (count, go)
+        self._waiters.append(turn)
+        handed = False
         with anyio.CancelScope(shield=True) as waiting:
             self._full_waits.add(waiting)
             try:
-                while self._waiting + count > self._limit:
-                    if self._room is None:
-                        self._room = anyio.Event()
-                    await self._room.wait()
-                send.send_nowait(item)
-                self._waiting += count
+                self._wake()
+                await go.wait()
+                if not self._closed:
+                    send.send_nowait(item)
+                    self._waiting += count
+                    handed = True
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
             finally:
                 self._full_waits.discard(waiting)
+                self._waiters.remove(turn)
+                self._wake()  # the next in line, if it fits now
+        return handed
+
+    def _wake(self) -> None:
+        """Let the first waiting source in if its items fit (all of them once closed)."""
+        if self._closed:
+            for _, go in self._waiters:
+                go.set()
+        elif self._waiters:
+            count, go = self._waiters[0]
+            if self._waiting + count <= self._limit:
+                go.set()
+
+    def _close_intake(self) -> None:
+        """Intake is over: sources waiting for room give up (what they hold is dropped,
+        as what the provider has not sent yet)."""
+        self._closed = True
+        self._wake()
 
     def _taken(self, count: int) -> None:
         """The engine took ``count`` events and cursors off the intake: room for more."""
         self._waiting -= count
         self.taken += count
-        if self._room is not None:
-            self._room.set()
-            self._room = None
+        if self._waiters:
+            self._wake()
 
     async def _engine_loop(self, receive: MemoryObjectReceiveStream[Intake]) -> None:
         try:
@@ -372,13 +400,24 @@ class Daemon:
     async def _evaluate(self, receive: MemoryObjectReceiveStream[Intake]) -> None:
         async with receive:
             while True:
-                try:
-                    item = await receive.receive()
-                except anyio.EndOfStream:
-                    return
+                if self._carry:
+                    item: Intake = self._carry
+                    self._carry = []
+                else:
+                    try:
+                        item = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
                 batch: list[Event | Checkpoint] = []
                 while True:
                     if isinstance(item, list):
+                        room = BATCH - len(batch)
+                        if len(item) > room:
+                            # At most BATCH in hand: the rest stays counted in the intake,
+                            # so what is held in memory stays within queue_size + BATCH.
+                            batch += item[:room]
+                            self._carry = item[room:]
+                            break
                         batch += item
                     else:
                         batch.append(item)
@@ -514,6 +553,7 @@ class Daemon:
                 try:
                     await self._serve(tg, receive, state_dir, task_status)
                 finally:
+                    self._close_intake()
                     for waiting in list(self._full_waits):
                         waiting.cancel()  # shielded from the task group: end them here
         finally:
@@ -582,6 +622,7 @@ class Daemon:
                 runner.scope.cancel()
         if self._send is not None:
             await self._send.aclose()  # the engine loop drains what is buffered, then ends
+        self._close_intake()
         self.dispatcher.stop()
         with anyio.move_on_after(self.config.daemon.drain_timeout) as drain:
             # Events already received are evaluated and their alerts committed (delivered

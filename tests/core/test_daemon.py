@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from support import (
@@ -568,9 +569,10 @@ async def test_emit_many_is_bounded_by_events_and_keeps_their_order(tmp_path: Pa
             hand_over = daemon._hand_over
             waiting: list[int] = []
 
-            async def counted(item: Any, count: int) -> None:
-                await hand_over(item, count)
+            async def counted(item: Any, count: int) -> bool:
+                handed = await hand_over(item, count)
                 waiting.append(daemon.intake_waiting)
+                return handed
 
             daemon._hand_over = counted  # type: ignore[method-assign]
             runner = daemon.sources["feed"]
@@ -599,6 +601,114 @@ async def test_emit_many_is_bounded_by_events_and_keeps_their_order(tmp_path: Pa
             assert daemon.intake_waiting == 0
         assert max(waiting) <= 10 and 10 in waiting
         assert [r.json()["event"]["id"] for r in receiver.requests] == ids
+
+
+async def test_a_stop_past_the_drain_timeout_ends_a_source_mid_emit_many(tmp_path: Path) -> None:
+    # Review of a91a1b5: the engine is stuck (a disk refusing commits), the drain times
+    # out, and a source is in the middle of handing over a list in slices: the stop must
+    # still end (it hung: the next slice waited for room nobody would ever make).
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = small_intake(server, receiver).replace(
+            'drain_timeout = "2s"', 'drain_timeout = "1s"'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+        daemon = Daemon(str(path), make_registry())
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            await wait_for(lambda: server.clients, what="the source to connect")
+            hold_the_engine(daemon)  # never released
+            runner = daemon.sources["feed"]
+            data = {"args": {"to": "me", "from": "alice", "amount": 1}}
+            events = [runner.event("transfer", data, id=f"m{i}") for i in range(50)]
+            scope = anyio.CancelScope()
+
+            async def source() -> None:
+                with scope:  # as a source's task, which the daemon cancels to stop it
+                    await runner.emit_many(events)  # 50 > queue_size 10: in slices
+
+            assert daemon._tg is not None
+            daemon._tg.start_soon(source)
+            await wait_for(lambda: daemon._full_waits, what="a slice waiting for room")
+            daemon.stop()
+            scope.cancel()
+            with anyio.fail_after(10):
+                await daemon.stopped.wait()
+
+
+async def test_a_large_hand_over_is_not_overtaken_for_ever_by_a_busy_neighbour(
+    tmp_path: Path,
+) -> None:
+    # Review of a91a1b5: sources wait for room first come first served. A list that
+    # needs more room than one engine batch frees got in only if no other source
+    # refilled the intake meanwhile: never, next to a source emitting without pause.
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients, what="the source to connect")
+            process = daemon._process
+
+            async def behind(batch: list[object]) -> None:
+                await anyio.sleep(0.01)  # the work of an engine that is behind
+                await process(batch)  # type: ignore[arg-type]
+
+            daemon._process = behind  # type: ignore[method-assign]
+            runner = daemon.sources["feed"]
+            data = {"args": {"to": "nobody", "from": "alice", "amount": 1}}
+            large = [runner.event("transfer", data, id=f"a{i}") for i in range(600)]
+            done = anyio.Event()
+
+            async def flood() -> None:
+                n = 0
+                while not done.is_set():
+                    for _ in range(50):  # a read's worth of frames, then a yield
+                        n += 1
+                        await runner.emit(runner.event("transfer", data, id=f"b{n}"))
+                    await anyio.lowlevel.checkpoint()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flood)
+                await wait_for(lambda: daemon._full_waits, what="the intake to be full")
+                with anyio.fail_after(10):
+                    await runner.emit_many(large)
+                done.set()
+
+
+async def test_events_in_memory_stay_within_queue_size_and_a_batch(tmp_path: Path) -> None:
+    # Review of a91a1b5: the engine took a whole list into its batch, freeing its room
+    # for more: queue_size events in the intake and up to queue_size more in hand.
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).replace(
+            'drain_timeout = "2s"', 'drain_timeout = "2s"\nqueue_size = 1000'
+        )
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients, what="the source to connect")
+            gate = hold_the_engine(daemon)
+            held: list[int] = []
+            process = daemon._process
+
+            async def measured(batch: list[object]) -> None:
+                held.append(len(batch))
+                await process(batch)  # type: ignore[arg-type]
+
+            daemon._process = measured  # type: ignore[method-assign]
+            runner = daemon.sources["feed"]
+            data = {"args": {"to": "nobody", "from": "alice", "amount": 1}}
+
+            async def produce() -> None:
+                for r in range(3):
+                    await runner.emit_many(
+                        [runner.event("transfer", data, id=f"{r}-{i}") for i in range(1000)]
+                    )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                await wait_for(lambda: held and daemon._full_waits, what="a full intake")
+                assert held == [daemon_module.BATCH]
+                assert daemon.intake_waiting + held[0] <= 1000 + daemon_module.BATCH
+                gate.set()
+            await wait_for(lambda: sum(held) == 3000, what="every event taken")
+            assert max(held) == daemon_module.BATCH and daemon.intake_waiting == 0
 
 
 async def test_an_outage_logs_a_warning_when_it_starts_or_changes_then_debug(
