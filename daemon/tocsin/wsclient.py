@@ -199,6 +199,7 @@ class BatchedConnection(ClientConnection):
         self._failing = False
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._closing = False  # close() was called: what arrives now is not read
         self._high: int | None = None  # websockets' max_queue, as its queue reads it
         self._low: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -236,6 +237,17 @@ class BatchedConnection(ClientConnection):
             self.transport.resume_reading()
         return batch
 
+    async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """websockets' ``close()``, reading again if a backlog had paused reading: the
+        server's close frame must be read for the closing handshake to end (else it
+        waits out ``close_timeout``, and the server's side waits for us). Messages that
+        arrive from now on are dropped; those already received stay readable."""
+        self._closing = True
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        await super().close(code, reason)
+
     async def recv(self, decode: bool | None = None) -> Any:
         raise TypeError("a BatchedConnection is read with recv_batch()")
 
@@ -248,7 +260,7 @@ class BatchedConnection(ClientConnection):
         if self.response is None or not isinstance(event, Frame) or event.opcode not in _DATA:
             super().process_event(event)  # the handshake's response, control frames
             return
-        if self._failing:
+        if self._failing or self._closing:
             return
         if event.opcode is not Opcode.CONT:
             self._text = event.opcode is Opcode.TEXT

@@ -206,6 +206,33 @@ async def test_a_batch_holds_whole_messages_in_order_as_recv_gives_them() -> Non
         await ws.recv()
 
 
+async def test_a_close_with_a_backlog_ends_the_handshake_at_once() -> None:
+    # With reading paused (a backlog past max_queue), the server's close frame was never
+    # read: close() waited out close_timeout, and the server's side waited for the client
+    # (the eWallet emulator's close hung on it).
+    closed = anyio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        for _ in range(200):  # more than max_queue: the client pauses reading
+            await ws.send("x" * 1000)
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()  # the client's close
+        closed.set()
+
+    async with _server(handler) as url:
+        ws = await connect(url, create_connection=BatchedConnection, close_timeout=30)
+        assert isinstance(ws, BatchedConnection)
+        await ws.send("go")
+        await until(lambda: len(ws._messages) > 16 and not ws.transport.is_reading())
+        kept = len(ws._messages)
+        with anyio.fail_after(5):  # far less than close_timeout
+            await ws.close()
+            await closed.wait()
+        assert ws.close_code == CloseCode.NORMAL_CLOSURE
+        assert await ws.recv_batch() == ["x" * 1000] * min(kept, BATCH)  # nothing after
+
+
 async def test_a_cancelled_recv_batch_loses_nothing() -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.recv()
