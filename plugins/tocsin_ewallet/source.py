@@ -349,8 +349,9 @@ class _Session:
         next_beat = last_frame + heartbeat
         while True:
             now = anyio.current_time()
-            # Silence, a missed heartbeat reply or join reply are judged with nothing left
-            # unread: the reply may be among the frames waiting.
+            # Silence is judged with nothing left unread, and a missed heartbeat or join
+            # reply too, or once one more interval has passed: the reply may be among the
+            # frames waiting, but a backlog that lasts must not hide a dead channel.
             unread = self.ws.ready
             if not unread and now - last_frame >= stale_after:
                 await self.ctx.stale(f"nothing received for {format_duration(stale_after)}")
@@ -360,7 +361,7 @@ class _Session:
                     self.heartbeat_ref = self.next_ref()
                     await self.ws.send(heartbeat_message(self.heartbeat_ref))
                     next_beat = now + heartbeat
-                elif not unread:
+                elif not unread or now >= next_beat + heartbeat:
                     # phoenix.js's rule: no reply before the next beat is a dead socket.
                     await self.ctx.stale(f"no heartbeat reply within {format_duration(heartbeat)}")
                     return
@@ -369,7 +370,7 @@ class _Session:
                     del self.rejoin_at[topic]
                     await self.join(topic)
             for topic, deadline in self.joining.values():
-                if deadline <= now and not unread:
+                if deadline <= now and (not unread or now >= deadline + JOIN_TIMEOUT):
                     raise SourceError(f"no reply to joining {topic} within {JOIN_TIMEOUT:g}s")
             batch: list[str | bytes] = []
             if unread:  # frames are waiting: no timer to set

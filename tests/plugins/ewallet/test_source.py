@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import ValidationError
 from tocsin_ewallet.emulator import (
@@ -237,6 +238,33 @@ async def test_unanswered_heartbeat_reconnects_rejoins_and_reports_a_gap(
     )
     assert emulator.connections == 2
     assert len(emulator.frames("phx_join", REQUEST_TOPIC)) == 2
+
+
+async def test_an_unanswered_heartbeat_is_found_under_a_lasting_backlog(
+    emulator: EWalletEmulator,
+) -> None:
+    # Review of 48640e6: a missed reply was judged only with nothing left unread, so
+    # while frames kept coming faster than the engine took them, a heartbeat never
+    # answered went unnoticed for as long as the backlog lasted.
+    slow = RecordingContext("wallet", "ewallet", hand_over=0.02)  # takes ~50 events/s
+    config = make_config(emulator.url, heartbeat="0.2s", stale_after="5s")
+    async with running_source(config, ctx=slow) as ctx:
+        emulator.answer_heartbeats = False
+        found = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def flood() -> None:
+                while not found.is_set():  # ~100 a second: a backlog that lasts
+                    await emulator.request_consumption(amount=1)
+                    await anyio.sleep(0.01)
+
+            tg.start_soon(flood)
+            try:
+                with anyio.fail_after(5):
+                    await ctx.wait_until(lambda: "stale" in ctx.states())
+            finally:
+                found.set()  # the flood ends between two pushes, never inside one
+    assert ("stale", "no heartbeat reply within 200ms") in ctx.status
 
 
 async def test_silence_is_stale() -> None:
