@@ -284,6 +284,7 @@ class Daemon:
         self._waiting = 0
         self._waiters: deque[tuple[int, anyio.Event]] = deque()
         self._closed = False  # intake is over: waiting sources give up
+        self._line_empty: anyio.Event | None = None  # set when the last waiting source left
         self._carry: list[Event] = []  # the rest of a list a batch had no room for
         self._full_waits: set[anyio.CancelScope] = set()  # sources waiting on a full intake
         self._committing = anyio.Lock(fast_acquire=True)  # no yield when nobody else holds it
@@ -366,6 +367,9 @@ class Daemon:
                 self._full_waits.discard(waiting)
                 self._waiters.remove(turn)
                 self._wake()  # the next in line, if it fits now
+                if not self._waiters and self._line_empty is not None:
+                    self._line_empty.set()
+                    self._line_empty = None
         return handed
 
     def _wake(self) -> None:
@@ -620,11 +624,19 @@ class Daemon:
         for runner in self.sources.values():
             if runner.scope is not None:
                 runner.scope.cancel()
+        drain_until = anyio.current_time() + self.config.daemon.drain_timeout
+        with anyio.move_on_at(drain_until):
+            # A source stopped while it waited for room still holds events it received:
+            # they get in as the engine makes room, then intake closes.
+            while self._waiters:
+                if self._line_empty is None:
+                    self._line_empty = anyio.Event()
+                await self._line_empty.wait()
         if self._send is not None:
             await self._send.aclose()  # the engine loop drains what is buffered, then ends
         self._close_intake()
         self.dispatcher.stop()
-        with anyio.move_on_after(self.config.daemon.drain_timeout) as drain:
+        with anyio.move_on_at(drain_until) as drain:
             # Events already received are evaluated and their alerts committed (delivered
             # at the next start if not now), then in-flight deliveries finish.
             await self._engine_done.wait()

@@ -603,6 +603,52 @@ async def test_emit_many_is_bounded_by_events_and_keeps_their_order(tmp_path: Pa
         assert [r.json()["event"]["id"] for r in receiver.requests] == ids
 
 
+async def test_a_stop_evaluates_what_a_source_waiting_for_room_held(tmp_path: Path) -> None:
+    # Stopping cancels the sources; one that was waiting for room in the intake had
+    # received its events already: they are evaluated, as what waited in the intake is
+    # (they were dropped before, the one event waiting with each such source).
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", small_intake(server, receiver))
+        daemon = Daemon(str(path), make_registry())
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            await wait_for(lambda: server.clients, what="the source to connect")
+            gate = hold_the_engine(daemon)
+            process = daemon._process
+            evaluated: list[str] = []
+
+            async def recorded(batch: list[Any]) -> None:
+                evaluated.extend(e.id for e in batch if e.type == "transfer")
+                await process(batch)
+
+            daemon._process = recorded  # type: ignore[method-assign]
+            runner = daemon.sources["feed"]
+            data = {"args": {"to": "me", "from": "alice", "amount": 1}}
+            scope = anyio.CancelScope()
+
+            async def source() -> None:
+                with scope:  # as a source's task, which the daemon cancels to stop it
+                    for i in range(25):
+                        await runner.emit(runner.event("transfer", data, id=f"w{i}"))
+                    await runner.emit_many(
+                        [runner.event("transfer", data, id=f"w{i}") for i in range(25, 40)]
+                    )
+
+            assert daemon._tg is not None
+            daemon._tg.start_soon(source)
+            await wait_for(lambda: daemon._full_waits, what="the source waiting for room")
+            received = runner.events  # the engine's batch, the intake's 10, the one waiting
+            daemon.stop()
+            scope.cancel()
+            gate.set()
+            with anyio.fail_after(10):
+                await daemon.stopped.wait()
+        # Everything the source emitted was evaluated, the event it waited with included
+        # (a source that never yields may hand over more meanwhile, within drain_timeout).
+        assert len(evaluated) >= received
+        assert evaluated == [f"w{i}" for i in range(runner.events)]
+
+
 async def test_a_stop_past_the_drain_timeout_ends_a_source_mid_emit_many(tmp_path: Path) -> None:
     # Review of a91a1b5: the engine is stuck (a disk refusing commits), the drain times
     # out, and a source is in the middle of handing over a list in slices: the stop must
