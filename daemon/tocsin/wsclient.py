@@ -174,6 +174,12 @@ beyond, the connection fails."""
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
 
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    """Wake a waiting ``recv_batch`` (a message came, the connection closed, time is up)."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class BatchedConnection(ClientConnection):
     """websockets' asyncio client connection, whose messages are taken a read at a time.
 
@@ -209,24 +215,37 @@ class BatchedConnection(ClientConnection):
         """How many messages ``recv_batch`` would return without waiting (before ``limit``)."""
         return len(self._messages)
 
-    async def recv_batch(self, limit: int = BATCH) -> list[str | bytes]:
+    async def recv_batch(
+        self, limit: int = BATCH, *, within: float | None = None
+    ) -> list[str | bytes]:
         """The messages received so far (``limit`` at most), oldest first, waiting for one
         if there is none; ``ConnectionClosed`` once the connection is closed and every
         message was taken. Cancelling it loses nothing. One caller at a time
-        (``ConcurrencyError``, as websockets' ``recv()``)."""
+        (``ConcurrencyError``, as websockets' ``recv()``).
+
+        ``within`` (seconds) bounds the wait: ``[]`` when nothing came in time. Messages
+        already received come at once, with no timer set (a deadline set per read was a
+        tenth of the event loop's time in make bench), and a deadline never interrupts
+        the handling of a batch, as a cancel scope around the whole loop would."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         messages = self._messages
+        deadline = None if within is None else self.loop.time() + within
         while not messages:
             if self.connection_lost_waiter.done():
                 raise self.protocol.close_exc
+            if deadline is not None and self.loop.time() >= deadline:
+                return []
             if self._waiter is not None:
                 raise ConcurrencyError("recv_batch() is already waiting")
-            self._waiter = self.loop.create_future()
+            waiter = self._waiter = self.loop.create_future()
+            timer = None if deadline is None else self.loop.call_at(deadline, _wake, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         if len(messages) <= limit:
             batch = list(messages)
             messages.clear()
@@ -284,9 +303,7 @@ class BatchedConnection(ClientConnection):
         else:
             message = data
         self._messages.append(message)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _wake(self._waiter)
         high = self._high
         if high is not None and len(self._messages) > high and not self._reading_paused:
             self._reading_paused = True
@@ -298,9 +315,7 @@ class BatchedConnection(ClientConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)  # recv_batch raises ConnectionClosed once it is empty
+        _wake(self._waiter)  # recv_batch raises ConnectionClosed once it is empty
 
     def _fail(self, code: CloseCode, reason: str) -> None:
         """Fail the connection as websockets' ``recv()`` does (what came after is dropped)."""

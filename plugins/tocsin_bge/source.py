@@ -408,21 +408,16 @@ class _Session:
                 self.keepalive()
                 self.last_data = now
                 continue
-            batch: list[str | bytes] = []
-            if self.ws.ready:  # frames are waiting: no timer to set
-                batch = await self.ws.recv_batch()
-            else:
-                wake = [self.last_frame + stale_after, *self.acks.values()]
-                wake += [job.overdue for job in self.backfills.values()]
-                if self.next_send is not None:
-                    wake.append(self.next_send)
-                if self.login_deadline is not None:
-                    wake.append(self.login_deadline)
-                if self.login_deadline is None:
-                    wake.append(self.last_data + keepalive)
-                # Only the wait has a deadline: frames in hand are handled whole.
-                with anyio.move_on_after(max(0.0, min(wake) - now)):
-                    batch = await self.ws.recv_batch()
+            wake = [self.last_frame + stale_after, *self.acks.values()]
+            wake += [job.overdue for job in self.backfills.values()]
+            if self.next_send is not None:
+                wake.append(self.next_send)
+            if self.login_deadline is not None:
+                wake.append(self.login_deadline)
+            if self.login_deadline is None:
+                wake.append(self.last_data + keepalive)
+            # Only the wait has a deadline: frames in hand are handled whole.
+            batch = await self.ws.recv_batch(within=min(wake) - now)
             if not batch:
                 continue
             self.source.frame_arrived()

@@ -266,12 +266,9 @@ class CkexSource(Source):
                 await self._register(ws, config)
                 await ws.send(start_command())
                 next_register = now + config.resubscribe_every
-            batch: list[str | bytes] = []
-            if ws.ready:  # frames are waiting: no timer to set
-                batch = await ws.recv_batch()
-            else:  # only the wait has a deadline: frames in hand are handled whole
-                with anyio.move_on_after(min(last_frame + config.stale_after, next_register) - now):
-                    batch = await ws.recv_batch()
+            # Only the wait has a deadline: frames in hand are handled whole.
+            wake = min(last_frame + config.stale_after, next_register)
+            batch = await ws.recv_batch(within=wake - now)
             if not batch:
                 if anyio.current_time() >= last_frame + config.stale_after:
                     silence = format_duration(config.stale_after)

@@ -269,22 +269,18 @@ class EOSParkSource(Source):
         ack_deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
         heard = time.monotonic()
         while True:
-            if ws.ready:  # frames are waiting: no deadline to set (a timer per frame was
-                batch = await ws.recv_batch()  # a tenth of the event loop's time)
-            else:
-                # Only the wait has a deadline: a frame in hand is handled whole, however
-                # long that takes, and silence counts from when the last one was handled.
-                deadline = heard + stale_after
-                with anyio.CancelScope(
-                    deadline=min(deadline, ack_deadline) if pending else deadline
-                ) as waiting:
-                    batch = await ws.recv_batch()
-                if waiting.cancelled_caught:  # the deadline passed with nothing received
-                    if pending and time.monotonic() >= ack_deadline:
-                        raise unanswered()
-                    if time.monotonic() - heard >= stale_after:
-                        break
-                    continue
+            # Only the wait has a deadline: a frame in hand is handled whole, however long
+            # that takes, and silence counts from when the last one was handled.
+            deadline = heard + stale_after
+            if pending:
+                deadline = min(deadline, ack_deadline)
+            batch = await ws.recv_batch(within=deadline - time.monotonic())
+            if not batch:  # the deadline passed with nothing received
+                if pending and time.monotonic() >= ack_deadline:
+                    raise unanswered()
+                if time.monotonic() - heard >= stale_after:
+                    break
+                continue
             self._last_frame = time.time()
             backoff.healthy()
             events: list[Event] = []  # the batch's events, handed over together

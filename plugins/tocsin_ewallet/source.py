@@ -328,9 +328,7 @@ class _Session:
                 self.rejoin_at[topic] = retry_at
         while self.joining:
             deadline = min(d for _, d in self.joining.values())
-            batch: list[str | bytes] = []
-            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                batch = await self.ws.recv_batch()
+            batch = await self.ws.recv_batch(within=deadline - anyio.current_time())
             if not batch:
                 raise SourceError(f"no reply to phx_join within {format_duration(JOIN_TIMEOUT)}")
             for raw in batch:
@@ -372,18 +370,14 @@ class _Session:
             for topic, deadline in self.joining.values():
                 if deadline <= now and (not unread or now >= deadline + JOIN_TIMEOUT):
                     raise SourceError(f"no reply to joining {topic} within {JOIN_TIMEOUT:g}s")
-            batch: list[str | bytes] = []
-            if unread:  # frames are waiting: no timer to set
-                batch = await self.ws.recv_batch()
-            else:  # only the wait has a deadline: frames in hand are handled whole
-                wake = min(
-                    [next_beat, last_frame + stale_after, *self.rejoin_at.values()]
-                    + [d for _, d in self.joining.values()]
-                )
-                with anyio.move_on_after(max(0.0, wake - now)):
-                    batch = await self.ws.recv_batch()
-                if not batch:
-                    continue
+            # Only the wait has a deadline: frames in hand are handled whole.
+            wake = min(
+                [next_beat, last_frame + stale_after, *self.rejoin_at.values()]
+                + [d for _, d in self.joining.values()]
+            )
+            batch = await self.ws.recv_batch(within=wake - now)
+            if not batch:
+                continue
             self.source.heard = time.time()
             backoff.healthy()
             for topic in self.joined:

@@ -233,6 +233,23 @@ async def test_a_close_with_a_backlog_ends_the_handshake_at_once() -> None:
         assert await ws.recv_batch() == ["x" * 1000] * min(kept, BATCH)  # nothing after
 
 
+async def test_recv_batch_within_bounds_the_wait_only() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send("first")
+        await ws.send("second")
+        await ws.recv()  # until the client closes
+
+    async with _server(handler) as url, connect(url, create_connection=BatchedConnection) as ws:
+        assert isinstance(ws, BatchedConnection)
+        assert await ws.recv_batch(within=0.05) == []  # nothing sent yet: time is up
+        assert await ws.recv_batch(within=-1) == []
+        await ws.send("go")
+        await until(lambda: ws.ready == 2)
+        assert await ws.recv_batch(within=-1) == ["first", "second"]  # waiting: at once
+        assert ws._waiter is None
+
+
 async def test_a_cancelled_recv_batch_loses_nothing() -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.recv()
