@@ -236,7 +236,7 @@ class Dispatcher:
             since = self.wall()
             limit = lane.fetch_limit()
             try:
-                ready = await self.store.call(Store.fetch_ready, name, since, limit)
+                ready = await self.store.run(Store.fetch_ready, name, since, limit)
             except StateError as err:
                 log.error("action %r: cannot read the outbox: %s", name, err)
                 lane.on_disk = False  # try again at the next poll
@@ -331,7 +331,7 @@ class Dispatcher:
         delay = 0.1
         while True:
             try:
-                return await self.store.call(op, *args)
+                return await self.store.run(op, *args)
             except StateError as err:
                 log.error("cannot record a delivery outcome, retrying: %s", err)
                 await anyio.sleep(delay)

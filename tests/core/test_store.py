@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
+from support import until
 from tocsin.store import DEAD, DONE, PENDING, Delivery, NewAlert, Store
 
 
@@ -258,3 +263,130 @@ def test_deliveries_of_actions_no_longer_configured_are_dead_lettered(store: Sto
     # Every action removed: what waited for any of them is dead-lettered too.
     assert store.call_sync(Store.dead_letter_unconfigured, []) == {"phone": 1}
     assert store.call_sync(Store.depth)[:2] == (0, 3)
+
+
+# -- Store.run: the event path's operations on the event loop's thread -------------------
+
+
+def _where(log: list[str], name: str) -> Callable[[sqlite3.Connection], str]:
+    """An operation that records its name and the thread it ran in, and writes an alert."""
+
+    def op(conn: sqlite3.Connection) -> str:
+        log.append(name)
+        Store.commit_alerts(conn, [alert(name, group=name)])
+        return threading.current_thread().name
+
+    return op
+
+
+def _alert_ids(path: Path) -> list[str]:
+    """What another connection sees committed."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM alerts ORDER BY rowid")]
+
+
+@pytest.mark.anyio
+async def test_run_commits_on_the_event_loops_thread(store: Store) -> None:
+    log: list[str] = []
+    results = await asyncio.gather(*(store.run(_where(log, f"a{i}")) for i in range(3)))
+    assert results == [threading.current_thread().name] * 3
+    assert _alert_ids(store.path) == ["a0", "a1", "a2"]
+
+
+@pytest.mark.anyio
+async def test_a_failing_operation_of_a_turn_fails_alone(store: Store) -> None:
+    def half_done(conn: sqlite3.Connection) -> None:
+        Store.commit_alerts(conn, [alert("written, then undone", group="x")])
+        raise ValueError("broke halfway")
+
+    log: list[str] = []
+    first, failed, last = await asyncio.gather(
+        store.run(_where(log, "before")),
+        store.run(half_done),
+        store.run(_where(log, "after")),
+        return_exceptions=True,
+    )
+    assert isinstance(failed, ValueError)
+    assert first == last == threading.current_thread().name
+    assert _alert_ids(store.path) == ["before", "after"]
+    assert store.failures == 0
+
+
+@pytest.mark.anyio
+async def test_run_goes_to_the_writer_with_fsync(tmp_path: Path) -> None:
+    s = Store.open(tmp_path, fsync=True)  # a commit waits for the disk: not on the loop
+    try:
+        assert await s.run(_where([], "a")) == "tocsin-store"
+    finally:
+        s.close()
+
+
+@pytest.mark.anyio
+async def test_run_waits_its_turn_behind_the_writer(store: Store) -> None:
+    """An operation given to the writer before is committed before, also when the one
+    after it could have gone on the event loop's thread."""
+    log: list[str] = []
+    release = threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> str:
+        assert release.wait(10)
+        return _where(log, "slow")(conn)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.call, slow)
+        await anyio.wait_all_tasks_blocked()
+        quick = asyncio.ensure_future(store.run(_where(log, "quick")))
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+        assert await quick == "tocsin-store"
+    assert log == ["slow", "quick"]
+    assert _alert_ids(store.path) == ["slow", "quick"]
+
+
+@pytest.mark.anyio
+async def test_run_never_waits_for_another_writer_on_the_loop(store: Store) -> None:
+    """Another connection holds the write lock (tocsin outbox retry in a shell): the
+    operation waits in the writer thread, and the event loop goes on meanwhile."""
+    with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO meta VALUES ('held', 'by a shell')")
+        waiting = asyncio.ensure_future(store.run(_where([], "a")))
+        # The loop turns on: a loop blocked in SQLite's wait would get here only once
+        # SQLite gave up, with the lock still held, and the operation failed.
+        await until(lambda: store._handed > 0)
+        assert not waiting.done()
+        other.execute("COMMIT")
+        with anyio.fail_after(10):
+            assert await waiting == "tocsin-store"
+    assert _alert_ids(store.path) == ["a"]
+
+
+@pytest.mark.anyio
+async def test_what_run_commits_is_checkpointed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's connection never checkpoints: the writer copies its commits into the
+    database file, and the WAL does not keep growing."""
+    monkeypatch.setattr(store, "CHECKPOINT_EVERY", 0.0)
+    size = store.path.stat().st_size
+
+    def big(i: int) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta VALUES (?, ?)", (f"k{i}", "x" * 20_000))
+
+        return op
+
+    for i in range(100):  # 2 MB, a commit each
+        await store.run(big(i))
+    await until(lambda: store.path.stat().st_size > size + 1_000_000, within=10)
+    wal = store.path.with_name(store.path.name + "-wal")
+    assert wal.stat().st_size < 1_000_000
+
+
+@pytest.mark.anyio
+async def test_close_commits_a_turn_the_loop_did_not_run(store: Store) -> None:
+    pending = store.run(_where([], "late"))
+    pending.send(None)  # queued for this turn of the loop, which never comes
+    store.close()
+    pending.close()
+    assert _alert_ids(store.path) == ["late"]
