@@ -221,6 +221,10 @@ class Store:
 
     CHECKPOINT_EVERY = 1.0
     """Seconds between the writer's checkpoints of what ``run`` committed."""
+    SLOW_TURN = 0.02
+    SLOW_PAUSE = 10.0
+    """A turn of ``run`` that held the event loop longer than ``SLOW_TURN`` seconds (a disk
+    that makes even WAL writes wait) sends ``run`` to the writer for ``SLOW_PAUSE``."""
 
     def __init__(self, path: Path, *, fsync: bool = False, batch: int = 512) -> None:
         self.path = path
@@ -237,6 +241,7 @@ class Store:
         self._handed = 0  # operations given to the writer and not yet done
         self._handed_lock = threading.Lock()
         self._checkpoint_at = 0.0
+        self._here_again = 0.0  # after a slow turn, run() uses the writer until then
         self.failures = 0
         self.last_error = ""
         self._thread = threading.Thread(target=self._writer, name="tocsin-store", daemon=True)
@@ -290,8 +295,7 @@ class Store:
                 self._run_batch(conn, batch)
             if checkpoint:
                 self._checkpoint(conn)
-            with self._handed_lock:
-                self._handed -= len(batch) + checkpoint
+                self._done(1)
         conn.close()
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
@@ -316,7 +320,10 @@ class Store:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as err:
-                    if err.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    if err.sqlite_errorcode & 0xFF not in (
+                        sqlite3.SQLITE_BUSY,
+                        sqlite3.SQLITE_LOCKED,
+                    ):
                         raise
                     # Another connection (tocsin outbox in a shell) writes: the writer
                     # waits for it, not the event loop.
@@ -354,6 +361,7 @@ class Store:
         if here:
             _settle_all(results)
             return
+        self._done(len(batch))  # before its callers hear of it: their next run() may go here
         # The event loop's waiters are told in one callback per loop and batch: one wake-up
         # of the loop (a write to its self-pipe) instead of one per operation.
         settle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
@@ -365,6 +373,10 @@ class Store:
         for loop, items in settle.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle_all, items)
+
+    def _done(self, handed: int) -> None:
+        with self._handed_lock:
+            self._handed -= handed
 
     def _hand_over(self, ops: list[Any]) -> None:
         with self._handed_lock:
@@ -393,7 +405,9 @@ class Store:
         """Run a short ``fn(conn, *args)`` on the event loop's thread, committed with the
         others of this turn of the loop; in the writer thread, as ``call``, when the commit
         could wait for the disk or another writer (see the module's docstring)."""
-        if self._here is None or self._handed:
+        if self._here_again and time.monotonic() >= self._here_again:
+            self._here_again = 0.0  # the pause after a slow turn is over
+        if self._here is None or self._handed or self._here_again:
             return await self.call(fn, *args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -411,8 +425,17 @@ class Store:
         if self._handed or self._here is None:
             self._hand_over(batch)  # the writer got work meanwhile: after it, in order
             return
+        started = time.monotonic()
         self._run_batch(self._here, batch, here=True)
         now = time.monotonic()
+        if now - started > self.SLOW_TURN:
+            self._here_again = now + self.SLOW_PAUSE
+            log.info(
+                "state database: a commit held the event loop for %.0f ms; committing in"
+                " the writer thread for %.0f s",
+                (now - started) * 1000,
+                self.SLOW_PAUSE,
+            )
         if now >= self._checkpoint_at:
             self._checkpoint_at = now + self.CHECKPOINT_EVERY
             self._hand_over([_CHECKPOINT])

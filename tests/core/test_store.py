@@ -390,3 +390,21 @@ async def test_close_commits_a_turn_the_loop_did_not_run(store: Store) -> None:
     store.close()
     pending.close()
     assert _alert_ids(store.path) == ["late"]
+
+
+@pytest.mark.anyio
+async def test_a_slow_turn_sends_run_to_the_writer_for_a_while(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that makes even a WAL write wait would hold the event loop: after a turn
+    slower than SLOW_TURN, run() commits in the writer until SLOW_PAUSE has passed."""
+    monkeypatch.setattr(store, "SLOW_TURN", 0.0)  # every turn is slow
+    monkeypatch.setattr(store, "SLOW_PAUSE", 3600.0)
+    here = threading.current_thread().name
+    assert await store.run(_where([], "a")) == here
+    assert await store.run(_where([], "b")) == "tocsin-store"
+    monkeypatch.setattr(store, "_here_again", time.monotonic())  # the pause is over
+    monkeypatch.setattr(store, "SLOW_TURN", 60.0)
+    assert await store.run(_where([], "c")) == here
+    assert await store.run(_where([], "d")) == here
+    assert _alert_ids(store.path) == ["a", "b", "c", "d"]
