@@ -22,7 +22,7 @@ from pydantic import (
 
 from tocsin import Duration, RuleConfig, format_duration
 
-from .numbers import Move, parse_move
+from .numbers import Move, parse_move, to_decimal
 
 MIN_WINDOW = 1.0  # rules are ticked about once a second: a shorter window cannot be kept
 DEFAULT_MAX_GROUPS = 100_000
@@ -120,11 +120,21 @@ class ThresholdConfig(LifecycleConfig):
     @field_validator("sum", mode="before")
     @classmethod
     def _sum(cls, value: Any) -> Any:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError("must be a number (e.g. 10000)")
-        if value is not None and not value > 0:
+        if value is None:
+            return None
+        # A string too: a TOML integer stops at 2**63 - 1 and a float keeps about 16
+        # digits, while a bound in a token's smallest unit may need more. Not "10000 EOS":
+        # nothing would check its symbol.
+        spaced = isinstance(value, str) and " " in value.strip()
+        number = None if spaced else to_decimal(value)
+        if number is None:
+            raise ValueError(
+                "must be a number (e.g. 10000), or one written as a string for more digits"
+                ' than a TOML number holds (e.g. "18446744073709551616")'
+            )
+        if not number > 0:
             raise ValueError("must be more than 0 (only positive values are added up)")
-        return value
+        return number
 
     @model_validator(mode="after")
     def _count_or_sum(self) -> ThresholdConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ def problems(tmp_path: Path, keys: str) -> list[str]:
         ('kind = "threshold"\nwindow = "1m"\ncount = true', "count: must be a whole number"),
         ('kind = "threshold"\nwindow = "1m"\nfield = "args..q"\nsum = 1', 'field: "args..q" is not a dotted path'),
         ('kind = "threshold"\nwindow = "1m"\nfield = "q"\nsum = 0', "sum: must be more than 0"),
+        ('kind = "threshold"\nwindow = "1m"\nfield = "q"\nsum = "-1"', "sum: must be more than 0"),
+        ('kind = "threshold"\nwindow = "1m"\nfield = "q"\nsum = "lots"', 'sum: must be a number (e.g. 10000), or one written as a string'),
+        ('kind = "threshold"\nwindow = "1m"\nfield = "q"\nsum = "10000 EOS"', "sum: must be a number"),
+        ('kind = "threshold"\nwindow = "1m"\nfield = "q"\nsum = true', "sum: must be a number"),
         ('kind = "absence"\nwindow = "1m"\nrealert_backoff = true', "realert_backoff = true needs realert"),
         ('kind = "absence"\nwindow = "1m"\nrealert = "0s"', "realert: must be at least 1s"),
         ('kind = "absence"\nwindow = "1m"\ntime_field = "evnt"', "time_field: Input should be 'receipt' or 'event'"),
@@ -65,3 +70,24 @@ def test_valid_rules_pass_and_by_keeps_its_form(tmp_path: Path) -> None:
     )
     (rule,) = load_config(path, make_registry(tocsin_rules)).rules
     assert '"by":"3%"' in rule.config.model_dump_json()  # in the rule's fingerprint
+
+
+def test_a_sum_bound_may_be_a_string_for_more_digits_than_toml_holds(tmp_path: Path) -> None:
+    # A TOML integer stops at 2**63 - 1 and a float keeps about 16 digits; a bound in a
+    # token's smallest unit needs more (the rules audit).
+    def bound(value: str) -> object:
+        path = write_config(
+            tmp_path / "sum.toml",
+            f'[[rules]]\nname = "r"\nkind = "threshold"\nwindow = "1m"\nfield = "q"\nsum = {value}\n',
+        )
+        (rule,) = load_config(path, make_registry(tocsin_rules)).rules
+        return rule.config.sum  # type: ignore[attr-defined]
+
+    assert bound(f'"{2**64 + 1}"') == Decimal(2**64 + 1)
+    assert bound('"1234567890123456789.25"') == Decimal("1234567890123456789.25")
+    assert bound('" 1e30 "') == Decimal(10**30)
+    assert bound("10000") == Decimal(10000) and bound("2.5") == Decimal("2.5")
+    with pytest.raises(ConfigError) as err:
+        bound('"1e30 wei"')
+    (problem,) = err.value.problems
+    assert (problem.file, problem.path) == (str(tmp_path / "sum.toml"), 'rules[0] "r": sum')

@@ -412,6 +412,19 @@ def test_sums_and_moves_are_exact_beyond_28_digits(tmp_path: Path) -> None:
     assert not move.reached(Decimal(10**30), Decimal(10**30 + 3 * 10**28 - 1))
 
 
+def test_a_sum_bound_beyond_a_toml_integer_is_exact(tmp_path: Path) -> None:
+    # Written as a string: a TOML integer stops at 2**63 - 1 (the rules audit).
+    clock = Clock().at(0)
+    text = RULE.format(extra=f'field = "amount"\nsum = "{2**64 + 1}"')
+    engine = build(tmp_path, text.replace("count = 3\n", ""), clock)
+    assert engine.process(out(1, amount=str(2**63))) == []
+    assert engine.process(out(2, amount=str(2**63))) == []  # 2**64: one short
+    assert kind_of(engine).explain('["ann"]', clock.now) == (
+        f"sum {2**64} of {2**64 + 1} within 10s"
+    )
+    assert seen(engine.process(out(3, amount=1))) == [("firing", "e3")]
+
+
 def test_a_rule_that_ignores_removals_keeps_counting_what_was_taken_back(tmp_path: Path) -> None:
     # on_removed = "ignore": a removal is not the rule's business. discard resolved the
     # group early, carrying the retracted fact (review of d65e74e).
