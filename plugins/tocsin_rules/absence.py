@@ -110,7 +110,7 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
         """The event an alert carries when the rule has seen none since it was loaded, or
         the provider took back the last one: the rule, window and since, and the group's
         ``group_by`` values where the events had them (``market`` for a title's
-        ``{{ market }}``)."""
+        ``{{ market }}``; a list where a path indexes one)."""
         since = utc_iso(group.last)
         data: dict[str, Any] = {}
         try:
@@ -118,15 +118,7 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
         except orjson.JSONDecodeError:
             values = []
         for path, value in zip(self.group_by, values, strict=False):
-            *parents, last = split_path(path)
-            at = data
-            for part in parents:
-                nested = at.setdefault(part, {})
-                if not isinstance(nested, dict):
-                    break
-                at = nested
-            else:
-                at.setdefault(last, value)
+            put_path(data, split_path(path), value)
         data.update({"rule": self.rule, "window": self.span(), "since": since})
         return Event(
             id=stable_id(self.rule, "absence", key, since)
@@ -163,3 +155,29 @@ class AbsenceKind(LifecycleKind[AbsenceGroup]):
         if group.event is None:
             return f"no event since the rule started {silent} ago; fires after {self.span()}"
         return f"last event {silent} ago; fires after {self.span()}"
+
+
+def put_path(data: dict[str, Any], parts: tuple[str, ...], value: Any) -> None:
+    """Place ``value`` at ``parts`` in ``data`` as ``get_path`` reads it: a digit part is a
+    list index (``authorization.0.actor``), with None before it. What is there already
+    stays (another ``group_by`` path put it); a path it does not fit is left out."""
+    if value is None and any(_index(part) is not None for part in parts):
+        return  # missing in the events, whose lists may never reach that index
+    at: Any = data
+    for part, after in zip(parts, (*parts[1:], None), strict=True):
+        new = value if after is None else [] if _index(after) is not None else {}
+        index = _index(part)
+        if isinstance(at, dict):
+            at = at.setdefault(part, new)
+        elif isinstance(at, list) and index is not None:
+            at.extend([None] * (index + 1 - len(at)))
+            if at[index] is None:
+                at[index] = new
+            at = at[index]
+        else:
+            return
+
+
+def _index(part: str) -> int | None:
+    """A path part as a list index, if it is one (ASCII digits: ``int`` refuses ``"²"``)."""
+    return int(part) if part.isascii() and part.isdigit() else None

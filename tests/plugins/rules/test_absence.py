@@ -245,3 +245,33 @@ def test_an_absence_alert_carries_no_fact_the_provider_took_back(tmp_path: Path)
     assert fired.alert.event["id"] != "q1" and fired.alert.event["provider"] == "tocsin"
     assert fired.alert.event["data"]["window"] == "1m"
     assert fired.alert.title == "market 219 stopped quoting"  # the group's value is there
+
+
+def test_a_placeholder_has_a_list_where_a_group_by_path_indexes_one(tmp_path: Path) -> None:
+    # A digit part of a path indexes a list (get_path): the placeholder built a dict
+    # {"1": ...}, where the events have a list, and the title lost the actor (the rules
+    # audit).
+    rule = """
+[[rules]]
+name = "signer quiet"
+kind = "absence"
+group_by = ["authorization.1.actor", "args.to", "authorization.9.actor"]
+window = "1m"
+title = "{{ authorization[1].actor }} to {{ args.to }} quiet"
+"""
+    clock = Clock().at(0)
+    engine = build(tmp_path, rule, clock)
+    signers = [{"actor": "bob"}, {"actor": "ann"}]  # none at index 9: null in the key
+    engine.process(event("a1", authorization=signers, args={"to": "eve"}))
+    removal = event("a1", authorization=signers, args={"to": "eve"})
+    removal.removed = True
+    engine.discard(removal)
+    clock.at(60)
+    (fired,) = engine.tick()
+    assert fired.alert.event["provider"] == "tocsin"
+    data = fired.alert.event["data"]
+    # Nulls before the index; none padded for the missing index 9.
+    assert data["authorization"] == [None, {"actor": "ann"}]
+    assert data["args"] == {"to": "eve"}
+    assert fired.alert.title == "ann to eve quiet"
+    assert fired.group == 'signer quiet\x1f["ann","eve",null]'  # the events' own key
