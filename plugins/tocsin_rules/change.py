@@ -10,6 +10,10 @@ silently when all it held was a last value older than the window, the fate meant
 keys a feed stopped sending).
 Values that are not numbers are ignored; with ``time_field = "event"``, so is an event
 older than the newest value of its group.
+
+A value the provider takes back (``removed``: a Vite rollback) no longer counts
+(``discard``); a move taken back is undone, so pushed again it fires again, as a
+threshold counts a fact taken back and pushed again once.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class ChangeKind(StatefulKind[ChangeGroup]):
             return []
         group = self.table.get(group_key)
         if group is None:
-            self.admit(group_key, ChangeGroup(values=ValueWindow([(t, value)])), now)
+            first = (t, value, str(event.id), False)
+            self.admit(group_key, ChangeGroup(values=ValueWindow([first])), now)
             self.settle(group_key, self.table.groups[group_key])
             return []
         self.table.seen(group_key)
@@ -70,14 +75,23 @@ class ChangeKind(StatefulKind[ChangeGroup]):
         if newest is not None and t < newest[0]:
             self.late += 1  # an older value is not the current one
         elif newest is not None and (
-            self.by.reached(values.points[0][1], value) or self.by.reached(newest[1], value)
+            self.by.reached(values.reference(self.window, now), value)
+            or self.by.reached(newest[1], value)
         ):
-            values.restart(t, value)
+            values.restart(t, value, str(event.id))
             out.append(Firing("firing", event, (group_key, event.id)))
         else:
-            values.add(t, value)
+            values.add(t, value, str(event.id))
         self.settle(group_key, group)
         return out
+
+    def discard(self, event: Event, group_key: str, now: float) -> None:
+        """The provider took ``event`` back: its value no longer counts. If it moved, the
+        window is as it was before the move (whose alert is retracted), so the value
+        pushed again moves, and fires, again."""
+        group = self.table.get(group_key)
+        if group is not None and group.values.discard(str(event.id)):
+            self.settle(group_key, group)
 
     def expendable(self, group: ChangeGroup, now: float) -> bool:
         newest = group.values.newest()
@@ -100,7 +114,7 @@ class ChangeKind(StatefulKind[ChangeGroup]):
         raw = state["values"]
         if not isinstance(raw, list):
             raise ValueError("values: expected a list")
-        return ChangeGroup(values=ValueWindow((float(t), Decimal(str(v))) for t, v in raw))
+        return ChangeGroup(values=ValueWindow(_point(p) for p in raw))
 
     def explain(self, group_key: str, now: float) -> str:
         group = self.table.get(group_key)
@@ -122,3 +136,15 @@ class ChangeKind(StatefulKind[ChangeGroup]):
             return f"no percentage of a reference value of 0 {span}"
         moved = show_percent(size) if self.by.percent else show(size)
         return f"moved {moved} of {self.by} {span}"
+
+
+def _point(raw: Any) -> tuple[float, Decimal, str, bool]:
+    """A saved value: ``[time, value, event id, moved]``; ``[time, value]`` before ids were
+    kept."""
+    if not isinstance(raw, list) or len(raw) not in (2, 4):
+        raise ValueError("values: expected [time, value, event id, moved]")
+    if len(raw) == 2:
+        return float(raw[0]), Decimal(str(raw[1])), "", False
+    if not isinstance(raw[2], str) or not isinstance(raw[3], bool):
+        raise ValueError("values: an event id is a string, moved a boolean")
+    return float(raw[0]), Decimal(str(raw[1])), raw[2], raw[3]

@@ -195,69 +195,121 @@ MAX_VALUE_POINTS = 4096
 
 
 class ValueWindow:
-    """The values of a field over a window, oldest first, and the last value however old,
-    for ``change``.
+    """The values of a field over a window, oldest first, for ``change``: ``(time, value,
+    event id, moved)`` points, and the newest value before the window however old (the
+    last value, when none is within it).
 
     Equal consecutive values are kept as one point holding the newest time of the run:
     that point stays in the window exactly as long as some value of the run does, so
     the oldest value in the window is unchanged, and a feed that re-sends the same price
-    costs no memory.
+    costs no memory. Such a point keeps no event id: taking one of its events back
+    leaves the value, which the others gave too.
+
+    A value that moved (fired) starts the window again: the values before it are no
+    longer references (``start`` is its index), but they stay until they leave the
+    window, so that a move the provider takes back (``discard``) leaves the window as it
+    was before it. Of the values that have left the window the newest stays, however
+    old: it is the last value while none is within the window, and again once the
+    provider takes back those after it.
     """
 
-    __slots__ = ("points",)
+    __slots__ = ("points", "start")
 
-    def __init__(self, points: Iterable[tuple[float, Decimal]] = ()) -> None:
-        self.points: list[tuple[float, Decimal]] = list(points)
+    def __init__(self, points: Iterable[tuple[float, Decimal, str, bool]] = ()) -> None:
+        self.points: list[tuple[float, Decimal, str, bool]] = list(points)
+        self.start = self._last_move(len(self.points))
 
     def __len__(self) -> int:
         return len(self.points)
 
-    def add(self, t: float, value: Decimal) -> None:
+    def add(self, t: float, value: Decimal, event_id: str = "") -> None:
         """Append a value no older than the newest one."""
         points = self.points
-        if points and points[-1][1] == value:
-            points[-1] = (t, value)
+        if points and points[-1][1] == value and not points[-1][3]:
+            points[-1] = (t, value, "", False)
         else:
-            points.append((t, value))
+            points.append((t, value, event_id, False))
             if len(points) > MAX_VALUE_POINTS:
                 self._thin()
 
+    def restart(self, t: float, value: Decimal, event_id: str = "") -> None:
+        """Start the window again from a value that moved (fired)."""
+        self.points.append((t, value, event_id, True))
+        self.start = len(self.points) - 1
+        if len(self.points) > MAX_VALUE_POINTS:
+            self._thin()
+
+    def discard(self, event_id: str) -> bool:
+        """Take back the value of an event the provider took back; whether it was here. If
+        it moved, the window starts again from the move before it, if any."""
+        if not event_id:  # a run's, or none
+            return False
+        points = self.points
+        for i in range(len(points) - 1, -1, -1):
+            if points[i][2] == event_id:
+                break
+        else:
+            return False
+        del points[i]
+        if i < self.start:
+            self.start -= 1
+        elif i == self.start:
+            self.start = self._last_move(i)
+        return True
+
+    def _last_move(self, end: int) -> int:
+        """The index of the last value that moved before ``end``; 0 if none did."""
+        for i in range(end - 1, -1, -1):
+            if self.points[i][3]:
+                return i
+        return 0
+
     def _thin(self) -> None:
-        """Keep every other point, the oldest and the newest always.
+        """Keep every other point, the oldest, the newest and the one the window started
+        again from always.
 
         Memory stays within ``MAX_VALUE_POINTS`` per group whatever the feed does. The
         oldest value in the window and the last one, the two a move is measured from,
         are kept; once the oldest leaves, the next reference may be one point further.
         """
-        points = self.points
-        self.points = [*points[:-1:2], points[-1]]
-
-    def restart(self, t: float, value: Decimal) -> None:
-        """Start the window again from one value (the one that fired)."""
-        self.points.clear()
-        self.points.append((t, value))
+        points, start, last = self.points, self.start, len(self.points) - 1
+        self.points = [p for i, p in enumerate(points) if i % 2 == 0 or i in (start, last)]
+        self.start = (start + 1) // 2  # the even indices before it stayed
 
     def expire(self, window: float, now: float) -> None:
-        """Forget the values that have left the window, but the last value: a move is
-        measured from it however old it is (a feed that sends a price only when it
-        changes says nothing while the price holds)."""
-        gone = min(_gone((t for t, _ in self.points), window, now), len(self.points) - 1)
+        """Forget the values that have left the window, but the newest of them: a move is
+        measured from the last value however old it is (a feed that sends a price only
+        when it changes says nothing while the price holds), and it is the last value
+        again if the provider takes back the values after it."""
+        gone = _gone((p[0] for p in self.points), window, now) - 1
         if gone > 0:
             del self.points[:gone]
+            self.start = max(0, self.start - gone)
 
-    def inside(self, window: float, now: float) -> list[tuple[float, Decimal]]:
-        """The points in the window at ``now``, without forgetting any."""
-        return [p for p in self.points if not expired(p[0], window, now)]
+    def reference(self, window: float, now: float) -> Decimal:
+        """The oldest value a move is measured from: the first within the window since
+        the window started again, else the last one (there must be one)."""
+        points = self.points
+        for i in range(self.start, len(points)):
+            if not expired(points[i][0], window, now):
+                return points[i][1]
+        return points[-1][1]
+
+    def inside(self, window: float, now: float) -> list[tuple[float, Decimal, str, bool]]:
+        """The points a move is measured from within the window at ``now``, without
+        forgetting any."""
+        return [p for p in self.points[self.start :] if not expired(p[0], window, now)]
 
     def trimmed_at(self, window: float) -> float | None:
-        """When every value but the last will have left the window (None: one value)."""
-        return self.points[-2][0] + window if len(self.points) > 1 else None
+        """When every value will have left the window, so ``expire`` keeps only the last
+        (None: one value)."""
+        return self.points[-1][0] + window if len(self.points) > 1 else None
 
-    def newest(self) -> tuple[float, Decimal] | None:
+    def newest(self) -> tuple[float, Decimal, str, bool] | None:
         return self.points[-1] if self.points else None
 
-    def dump(self) -> list[list[float | str]]:
-        return [[t, str(v)] for t, v in self.points]
+    def dump(self) -> list[list[float | str | bool]]:
+        return [[t, str(v), i, moved] for t, v, i, moved in self.points]
 
 
 def _time(point: tuple[Any, ...]) -> float:

@@ -10,7 +10,7 @@ import pytest
 from tocsin_rules.change import ChangeKind
 
 from tocsin import Event
-from tocsin.rules import Engine
+from tocsin.rules import Engine, PendingAlert
 from tocsin.store import Store
 
 from .conftest import Clock, build, event, persist, restart, saved_groups, seen
@@ -91,7 +91,11 @@ def test_values_within_the_window_and_the_last_value_are_references(tmp_path: Pa
     assert engine.process(odds(5, 10.9)) == []
     clock.at(302 + 3600)  # odds that hold for an hour, then jump: a move from the last
     assert seen(engine.process(odds(6, 50))) == [("firing", "o6")]
-    assert len(kind.table) == 1 and len(kind.table.get('["1"]').values) == 1  # type: ignore[union-attr]
+    values = kind.table.get('["1"]').values  # type: ignore[union-attr]
+    assert len(kind.table) == 1 and len(values) == 2  # and the value it moved from, 10.9
+    clock.at(302 + 3600 + 300)
+    engine.tick()
+    assert len(values) == 1  # the move has left the window: only the last value stays
 
 
 def test_a_zero_reference_gives_no_percentage_and_odd_values_are_ignored(
@@ -120,7 +124,15 @@ def test_the_last_value_survives_the_window_and_a_restart(tmp_path: Path) -> Non
         first.process(odds(1, "2.00"))
         first.process(odds(2, "2.00", product="2"))
         persist(store, first)
-        assert saved_groups(store)['["1"]'] == '{"v":1,"values":[[1800000000.0,"2.00"]]}'
+        assert saved_groups(store)['["1"]'] == (
+            '{"v":1,"values":[[1800000000.0,"2.00","o1",false]]}'  # time, value, id, moved
+        )
+        # Saved before ids were kept: [time, value].
+        old = '{"v":1,"values":[[1800000000.0,"2.00"]]}'
+        fingerprint = first.rules["odds moved"].fingerprint
+        store.call_sync(
+            Store.commit_alerts, [], [], [("odds moved", f'kind\x1f{fingerprint}\x1f["1"]', old)]
+        )
 
         clock.at(60)
         second = restart(store, tmp_path, text, clock)
@@ -134,7 +146,9 @@ def test_the_last_value_survives_the_window_and_a_restart(tmp_path: Path) -> Non
         assert seen(third.process(odds(4, "2.20", product="2"))) == [("firing", "o4")]
         assert third.process(odds(5, "2.21")) == []  # 0.5% from 2.20, product 1's last
         persist(store, third)
-        assert saved_groups(store)['["2"]'] == '{"v":1,"values":[[1800003600.0,"2.20"]]}'
+        assert saved_groups(store)['["2"]'] == (  # the move, and the value it moved from
+            '{"v":1,"values":[[1800000000.0,"2.00","o2",false],[1800003600.0,"2.20","o4",true]]}'
+        )
     finally:
         store.close()
 
@@ -149,8 +163,10 @@ def test_a_change_window_keeps_a_bounded_number_of_values() -> None:
         window.add(n / 100, Decimal(n))
         assert len(window) <= MAX_VALUE_POINTS
     # The oldest value and the newest, which a move is measured from, are still there.
-    assert window.points[0] == (0.0, Decimal(0))
-    assert window.newest() == ((3 * MAX_VALUE_POINTS - 1) / 100, Decimal(3 * MAX_VALUE_POINTS - 1))
+    assert window.points[0][:2] == (0.0, Decimal(0))
+    newest = window.newest()
+    assert newest is not None
+    assert newest[:2] == ((3 * MAX_VALUE_POINTS - 1) / 100, Decimal(3 * MAX_VALUE_POINTS - 1))
 
 
 def test_max_groups_forgets_a_stale_last_value_without_a_warning(
@@ -172,3 +188,92 @@ def test_max_groups_forgets_a_stale_last_value_without_a_warning(
         engine.process(odds(5, "2.10", product="e"))  # c goes, with a value in the window
     (warning,) = [r for r in caplog.records if "max_groups" in r.getMessage()]
     assert "'odds moved'" in warning.getMessage()
+
+
+def removed(e: Event) -> Event:
+    return Event(e.id, e.source, e.provider, e.type, e.data, e.time, True)
+
+
+def test_a_value_taken_back_no_longer_counts(tmp_path: Path) -> None:
+    # change had no discard: a value the provider took back (a rollback) stayed in the
+    # window and as the last value, and a move from it fired (the rules audit).
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by="0.5"), clock)
+    kind = kind_of(engine)
+    engine.process(odds(1, 10))
+    clock.at(400)  # 10 has left the window: the last value
+    assert engine.process(odds(2, "10.4")) == []
+    engine.discard(removed(odds(2, "10.4")))
+    assert kind.explain('["1"]', clock.now) == (
+        "no value of price within 5m; fires on a move of 0.5 from the last, 10 (6m40s ago)"
+    )
+    assert engine.process(odds(3, "9.9")) == []  # 0.5 from 10.4, taken back; 0.1 from 10
+    for n in (4, 5):  # a value two events in a row gave stays when one is taken back
+        engine.process(odds(n, "10.2"))
+    engine.discard(removed(odds(5, "10.2")))
+    engine.discard(removed(odds(8, "10.2")))  # a fact the group never counted: nothing
+    assert kind.explain('["1"]', clock.now) == "moved 0.3 of 0.5 (from 9.9 to 10.2)"
+    engine.discard(removed(odds(6, "10.2", product="2")))  # no such group: nothing
+
+
+def take_back(engine: Engine, e: Event, fired: PendingAlert) -> None:
+    """What the daemon does when the provider takes ``e`` back: the rules stop counting
+    it, and the alert it fired is retracted."""
+    engine.discard(removed(e))
+    retraction = engine.retraction("odds moved", fired.alert.id, fired.group, removed(e))
+    assert retraction is not None and seen([retraction]) == [("retracted", e.id)]
+
+
+def test_a_move_taken_back_is_undone_and_fires_again_when_pushed_again(
+    tmp_path: Path,
+) -> None:
+    clock = Clock().at(0)
+    store = Store.open(tmp_path / "state")
+    text = RULE.format(by='"10%"')
+    try:
+        engine = build(tmp_path, text, clock)
+        engine.process(odds(1, "2.00"))
+        clock.at(10)
+        engine.process(odds(2, "2.10"))
+        clock.at(20)
+        (moved,) = engine.process(odds(3, "2.20"))  # 10% from 2.00
+        clock.at(30)
+        assert engine.process(odds(4, "2.25")) == []  # 2.3% from 2.20, where it starts again
+        persist(store, engine)
+        engine = restart(store, tmp_path, text, clock)  # saved with event ids and moves
+        kind = kind_of(engine)
+        # A rollback takes the move back: the window is as it was before the move (2.00
+        # its oldest value again), with 2.25 in it.
+        take_back(engine, odds(3, "2.20"), moved)
+        assert kind.explain('["1"]', clock.now) == "moved 12.5% of 10% (from 2.00 to 2.25)"
+        clock.at(40)
+        (again,) = engine.process(odds(3, "2.20"))  # pushed again: it moves again
+        assert seen([again]) == [("firing", "o3")] and again.alert.id != moved.alert.id
+        assert engine.process(odds(5, "2.30")) == []  # 4.5% from 2.20: started again
+    finally:
+        store.close()
+
+
+def test_a_move_long_after_the_last_value_is_undone_to_it(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by='"10%"'), clock)
+    kind = kind_of(engine)
+    engine.process(odds(1, "2.00"))
+    clock.at(3600)
+    (moved,) = engine.process(odds(2, "3.00"))  # 50% from the last value, 2.00
+    clock.at(3601)
+    engine.tick()
+    take_back(engine, odds(2, "3.00"), moved)
+    assert kind.explain('["1"]', clock.now) == (
+        "no value of price within 5m; fires on a move of 10% from the last, 2.00 (1h1s ago)"
+    )
+    assert seen(engine.process(odds(2, "3.00"))) == [("firing", "o2")]
+
+
+def test_a_rule_that_ignores_removals_keeps_a_value_taken_back(tmp_path: Path) -> None:
+    clock = Clock().at(0)
+    engine = build(tmp_path, RULE.format(by="0.5") + 'on_removed = "ignore"\n', clock)
+    engine.process(odds(1, 10))
+    engine.process(odds(2, "10.4"))
+    engine.discard(removed(odds(2, "10.4")))
+    assert seen(engine.process(odds(3, "9.9"))) == [("firing", "o3")]  # 0.5 from 10.4
