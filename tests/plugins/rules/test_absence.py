@@ -6,11 +6,11 @@ from pathlib import Path
 
 from tocsin_rules.absence import AbsenceKind
 
-from tocsin import Event
+from tocsin import Event, utc_iso
 from tocsin.rules import Engine
 from tocsin.store import Store
 
-from .conftest import Clock, build, event, persist, restart, saved_groups, seen
+from .conftest import START, Clock, build, event, persist, restart, saved_groups, seen
 
 PER_MARKET = """
 [[rules]]
@@ -275,3 +275,33 @@ title = "{{ authorization[1].actor }} to {{ args.to }} quiet"
     assert data["args"] == {"to": "eve"}
     assert fired.alert.title == "ann to eve quiet"
     assert fired.group == 'signer quiet\x1f["ann","eve",null]'  # the events' own key
+
+
+def test_the_event_that_ended_a_silence_taken_back_leaves_the_resolved_and_watches_on(
+    tmp_path: Path,
+) -> None:
+    # The resolved stands (only firings are retracted); the silence counts from the event
+    # taken back, so a key still silent fires again a window after it (the rules audit).
+    clock = Clock().at(0)
+    engine = build(tmp_path, PER_MARKET.format(extra=""), clock)
+    engine.process(quote(1))
+    clock.at(60)
+    (fired,) = engine.tick()
+    clock.at(70)
+    (resolved,) = engine.process(quote(2))
+    assert seen([resolved]) == [("resolved", "q2")]
+    clock.at(75)
+    removal = quote(2)
+    removal.removed = True
+    engine.discard(removal)
+    assert engine.explain(quote(3)) == [
+        ("market quiet", "", "last event 5s ago, taken back since; fires after 1m")
+    ]
+    clock.at(129)
+    assert engine.tick() == []
+    clock.at(130)  # a window after the event taken back
+    (again,) = engine.tick()
+    assert again.alert.status == "firing" and again.alert.event["provider"] == "tocsin"
+    assert again.alert.event["data"]["since"] == utc_iso(START + 70)
+    assert again.alert.title == "market 219 stopped quoting"
+    assert again.alert.id not in {fired.alert.id, resolved.alert.id}

@@ -140,3 +140,58 @@ async def test_a_threshold_counts_no_fact_the_provider_took_back(tmp_path: Path)
 
 def receiver_json(receiver: Receiver) -> list[dict[str, object]]:
     return [r.json() for r in receiver.ok()]
+
+
+QUIET = """
+[[rules]]
+name = "quiet"
+kind = "absence"
+source = "feed"
+type = "transfer"
+group_by = ["args.to"]
+window = "2s"
+actions = ["hook"]
+title = "nothing to {{ args.to }}"
+
+[[rules]]
+name = "each"
+source = "feed"
+type = "thing"
+actions = ["hook"]
+"""
+
+
+async def test_the_event_that_ended_an_absence_taken_back_is_no_retraction(
+    tmp_path: Path,
+) -> None:
+    # The resolved alert stands: only a firing is retracted. The key, still silent, fires
+    # again a window after the event taken back, carrying the placeholder.
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url()).split("[[rules]]")[0] + QUIET
+        path = write_config(tmp_path / "t.toml", text)
+
+        def sent() -> list[tuple[str, str, str]]:
+            return [
+                (b["status"], b["event"]["provider"], str(b["event"]["id"]))
+                for b in receiver_json(receiver)
+                if b["rule"] == "quiet"
+            ]
+
+        async with running(path, make_registry(tocsin_rules)):
+            await wait_for(lambda: server.clients, what="the source to connect")
+            await server.push(transfer("a1"))
+            await wait_for(lambda: sent(), within=10, what="the firing")
+            await server.push(transfer("a2"))
+            await wait_for(lambda: len(sent()) == 2, within=10, what="the resolved")
+            await server.push({**transfer("a2"), "removed": True})
+            await server.push({"id": "END", "type": "thing", "data": {}})  # after the removal
+            await wait_for(
+                lambda: any(b["rule"] == "each" for b in receiver_json(receiver)),
+                what="the control alert",
+            )
+            await wait_for(lambda: len(sent()) == 3, within=10, what="the firing again")
+        titles = [b["title"] for b in receiver_json(receiver) if b["rule"] == "quiet"]
+    (firing, resolved, again) = sent()
+    assert (firing, resolved) == (("firing", "testpush", "a1"), ("resolved", "testpush", "a2"))
+    assert again[:2] == ("firing", "tocsin")  # the placeholder: a2 is carried no more
+    assert titles[2] == "nothing to bob"
