@@ -64,7 +64,7 @@ class DaemonConfig(ConfigModel):
     def _http_address(cls, value: str | None) -> str | None:
         if value is not None:
             host, _, port = value.rpartition(":")
-            if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
                 raise ValueError(f'expected "HOST:PORT", e.g. "127.0.0.1:9187", not {value!r}')
         return value
 

@@ -174,7 +174,9 @@ def get_path(data: Any, parts: tuple[str, ...], default: Any = None) -> Any:
     for part in parts:
         if isinstance(value, dict):
             value = value.get(part, _MISSING)
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+        elif (
+            isinstance(value, list) and part.isascii() and part.isdigit() and int(part) < len(value)
+        ):
             value = value[int(part)]
         else:
             return default

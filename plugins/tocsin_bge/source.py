@@ -209,7 +209,7 @@ class BGESource(Source):
                 continue
             if key not in self.candle_cursors:
                 saved = await self.ctx.load_cursor(cursor_key(key))
-                if saved is not None and saved.isdigit():
+                if saved is not None and saved.isascii() and saved.isdigit():
                     self.candle_cursors[key] = int(saved)
             if key in self.candle_cursors:
                 points[key] = self.candle_cursors[key]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tocsin.events import stable_id, utc_iso, wire_number
+from tocsin.events import get_path, stable_id, utc_iso, wire_number
 
 
 def test_stable_ids_do_not_change_between_versions() -> None:
@@ -35,3 +35,12 @@ def test_utc_iso_is_milliseconds_truncated_with_a_z() -> None:
     assert utc_iso(1.9999) == "1970-01-01T00:00:01.999Z"  # truncated, as block times are
     assert utc_iso(1765100000.5) == "2025-12-07T09:33:20.500Z"
     assert utc_iso(-62135596800) == "0001-01-01T00:00:00.000Z"
+
+
+def test_get_path_indexes_lists_with_ascii_digits_only() -> None:
+    data = {"authorization": [{"actor": "ann"}, {"actor": "bob"}]}
+    assert get_path(data, ("authorization", "1", "actor")) == "bob"
+    assert get_path(data, ("authorization", "2", "actor"), "none") == "none"
+    # str.isdigit() says yes to these, int() says no: a rule's path is no index, no error
+    for part in ("\u00b2", "\u0661"):
+        assert get_path(data, ("authorization", part, "actor"), "none") == "none"

@@ -167,7 +167,11 @@ def test_record_usage_errors(tmp_path: Path) -> None:
     assert unknown.stderr.strip() == (
         f'tocsin: {config} has no source "eso": the configured sources are "eos"'
     )
-    for bad, message in ((["--count", "0"], "above 0"), (["--duration", "soon"], "duration")):
+    for bad, message in (
+        (["--count", "0"], "above 0"),
+        (["--count", "\u00b2"], "above 0"),  # a digit to str.isdigit, not to int()
+        (["--duration", "soon"], "duration"),
+    ):
         run = cli("record", "-c", str(config), "--source", "eos", "--out", out, *bad)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
     missing = cli("record", "-c", str(config), "--out", out)
