@@ -54,6 +54,11 @@ def event(id: str, time: str | float | None = None, **data: Any) -> Event:
     return Event(id=id, source="s", provider="p", type="t", data=data, time=time or "")
 
 
+def removed(e: Event) -> Event:
+    """``e`` taken back by the provider (a rollback): its removal, with its data."""
+    return Event(e.id, e.source, e.provider, e.type, e.data, e.time, True)
+
+
 def seen(alerts: list[PendingAlert]) -> list[tuple[str, str]]:
     """``(status, event id)`` of each alert."""
     return [(p.alert.status, p.alert.event["id"]) for p in alerts]

@@ -10,7 +10,17 @@ from tocsin import Event, utc_iso
 from tocsin.rules import Engine
 from tocsin.store import Store
 
-from .conftest import START, Clock, build, event, persist, restart, saved_groups, seen
+from .conftest import (
+    START,
+    Clock,
+    build,
+    event,
+    persist,
+    removed,
+    restart,
+    saved_groups,
+    seen,
+)
 
 PER_MARKET = """
 [[rules]]
@@ -206,13 +216,10 @@ def test_a_retracted_last_event_ends_the_firing_and_the_watch_starts_again(
     clock.at(61)
     (firing,) = engine.tick()
     assert seen([firing]) == [("firing", "q1")]
-    removed = event("q1", market="219", price="2.10")
-    removed = Event(
-        removed.id, removed.source, removed.provider, removed.type, removed.data, removed.time, True
-    )
+    removal = removed(event("q1", market="219", price="2.10"))
     (retracted,) = [
         p
-        for p in [engine.retraction("market quiet", firing.alert.id, firing.group, removed)]
+        for p in [engine.retraction("market quiet", firing.alert.id, firing.group, removal)]
         if p is not None
     ]
     assert seen([retracted]) == [("retracted", "q1")]

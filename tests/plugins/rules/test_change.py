@@ -13,7 +13,7 @@ from tocsin import Event
 from tocsin.rules import Engine, PendingAlert
 from tocsin.store import Store
 
-from .conftest import Clock, build, event, persist, restart, saved_groups, seen
+from .conftest import Clock, build, event, persist, removed, restart, saved_groups, seen
 
 RULE = """
 [[rules]]
@@ -188,10 +188,6 @@ def test_max_groups_forgets_a_stale_last_value_without_a_warning(
         engine.process(odds(5, "2.10", product="e"))  # c goes, with a value in the window
     (warning,) = [r for r in caplog.records if "max_groups" in r.getMessage()]
     assert "'odds moved'" in warning.getMessage()
-
-
-def removed(e: Event) -> Event:
-    return Event(e.id, e.source, e.provider, e.type, e.data, e.time, True)
 
 
 def test_a_value_taken_back_no_longer_counts(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from tocsin import Event
 from tocsin.rules import Engine
 from tocsin.store import Store
 
-from .conftest import Clock, build, event, persist, restart, saved_groups, seen
+from .conftest import Clock, build, event, persist, removed, restart, saved_groups, seen
 
 RULE = """
 [[rules]]
@@ -332,10 +332,6 @@ def test_a_throttled_repeat_of_a_sent_firing_keeps_its_resolved(tmp_path: Path) 
         assert engine.tick() == []
     clock.at(10)  # e1 leaves the 10 s window: the run ends
     assert seen([first, *engine.tick()]) == [("firing", "e1"), ("resolved", "e1")]
-
-
-def removed(e: Event) -> Event:
-    return Event(e.id, e.source, e.provider, e.type, e.data, e.time, True)
 
 
 def test_a_fact_taken_back_is_no_longer_counted_and_a_firing_resolves(tmp_path: Path) -> None:
