@@ -2,9 +2,9 @@
 
 The daemon runs in this event loop (``tests/support.running``); the full disk is injected
 as SQLite itself reports one: ``PRAGMA max_page_count`` set to the database's current
-size on the daemon's own writer connection makes every transaction that needs a new page
-fail with SQLITE_FULL ("database or disk is full"), exactly the error a full filesystem
-gives. No alert may be dropped: intake pauses (the bounded stream fills and the source
+size on both of the daemon's connections (the writer thread's, and the event loop's that
+``Store.run`` commits on) makes every transaction that needs a new page fail with
+SQLITE_FULL ("database or disk is full"), exactly the error a full filesystem gives. No alert may be dropped: intake pauses (the bounded stream fills and the source
 waits), the status line says why, and everything is committed and delivered once space
 returns.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from support import PushServer, Receiver, running, wait_for, write_config
+from tocsin.store import Store
 
 TOKEN = "disk-full-token"
 
@@ -53,6 +54,13 @@ def cap_pages(conn: sqlite3.Connection, pages: int | None) -> int:
     return int(conn.execute(f"PRAGMA max_page_count = {int(pages)}").fetchone()[0])
 
 
+async def full_disk(store: Store, pages: int | None) -> None:
+    """``cap_pages`` on each connection: the limit is a connection's own, a disk is not."""
+    pages = await store.call(cap_pages, pages)
+    assert store._here is not None  # used on the event loop's thread only: this one
+    cap_pages(store._here, pages)
+
+
 async def test_a_full_disk_pauses_intake_says_so_and_loses_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -61,7 +69,7 @@ async def test_a_full_disk_pauses_intake_says_so_and_loses_nothing(
         path = write_config(tmp_path / "t.toml", config(server, receiver.url()))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients, what="the source to connect")
-            await daemon.store.call(cap_pages, None)  # the disk is full from now on
+            await full_disk(daemon.store, None)  # the disk is full from now on
 
             body = "x" * 3000  # a few alerts fill a page: the next needs room
             for i in range(40):  # more than the intake stream holds (queue_size = 10)
@@ -77,9 +85,13 @@ async def test_a_full_disk_pauses_intake_says_so_and_loses_nothing(
             assert "intake paused: state database write failed: database or disk is full" in (
                 daemon.status_line()
             )
+            # Tried again (the daemon backs off and retries) and still full: every
+            # connection is, not only the one that failed first.
+            await wait_for(lambda: daemon.store.failures >= 3, what="the retries to fail too")
+            assert daemon.paused
             delivered_while_full = len(receiver.ok())
 
-            await daemon.store.call(cap_pages, 1_000_000_000)  # space returns
+            await full_disk(daemon.store, 1_000_000_000)  # space returns
             await wait_for(lambda: len(receiver.ok()) == 40, within=20, what="every alert")
             assert not daemon.paused
         amounts = sorted(r.json()["event"]["data"]["args"]["amount"] for r in receiver.ok())
