@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 BATCH = 512
 ALERTS_PER_COMMIT = 256
 """A batch's alerts are committed at most this many at a time."""
+INLINE_ALERTS = 16
+INLINE_STATE = 64 * 1024
+"""A commit of at most INLINE_ALERTS alerts and rule-state writes, the writes of at most
+INLINE_STATE characters, goes on the event loop's thread (``Store.run``)."""
 SOURCE_START_WAIT = 5.0
 PURGE_EVERY = 600.0
 STATUS_EVERY = 5.0
@@ -493,9 +497,13 @@ class Daemon:
             if not alerts and not cursors and not state:
                 return
             rows = [self._new_alert(p) for p in alerts]
-            # A few alerts are committed on the event loop's thread (Store.run); a burst
-            # of them (up to 256, 150-220 us each) in the writer, not to hold the loop up.
-            commit = self.store.run if len(rows) <= 16 and len(state) <= 16 else self.store.call
+            # A few alerts and a little rule state are committed on the event loop's thread
+            # (Store.run); a burst (up to 256 alerts, 150-220 us each; windows of
+            # thousands of points) in the writer, not to hold the loop up.
+            small = len(rows) <= INLINE_ALERTS and len(state) <= INLINE_ALERTS
+            if small and sum(len(value or "") for _, _, value in state) > INLINE_STATE:
+                small = False
+            commit = self.store.run if small else self.store.call
             delay = 0.1
             while True:
                 skipped: list[str] = []

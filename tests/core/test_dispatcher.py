@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from support import PushServer, Receiver, running, wait_for, write_config
 from tocsin import RetryPolicy, dispatcher
+from tocsin import daemon as daemon_module
 from tocsin.dispatcher import backoff_delay, next_step
 from tocsin.errors import StateError
 from tocsin.store import Delivery, Ready, Store
@@ -380,3 +383,39 @@ async def test_a_commit_that_must_retry_is_not_overtaken(
                 lambda conn: conn.execute("SELECT value FROM rule_state").fetchone()
             )
         assert value == "new"
+
+
+async def test_a_small_commit_goes_on_the_event_loop_and_a_large_one_to_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store.run for a few alerts and a little rule state; a large state (a window of
+    thousands of points) goes to the writer thread (Store.call), not to hold the event
+    loop up."""
+    async with PushServer(token="tok-abcdef") as server:
+        path = write_config(tmp_path / "t.toml", preamble(server))
+        async with running(path) as daemon:
+            big = "x" * (daemon_module.INLINE_STATE + 1)
+            many = [("r", f"k{i}", "v") for i in range(daemon_module.INLINE_ALERTS + 1)]
+            states = iter([[("r", "k", "small")], [("r", "k", big)], many, []])
+            monkeypatch.setattr(daemon.engine, "take_state", lambda: next(states))
+            store, used = daemon.store, []
+
+            def recorded(name: str, method: Any) -> Any:
+                async def op(fn: Any, *args: Any) -> Any:
+                    if fn is Store.commit_alerts:
+                        used.append(name)  # the daemon's choice (run may then call)
+                        fn = functools.partial(fn)  # recorded once
+                    return await method(fn, *args)
+
+                return op
+
+            monkeypatch.setattr(store, "run", recorded("run", store.run))
+            monkeypatch.setattr(store, "call", recorded("call", store.call))
+            for _ in range(3):
+                await daemon._commit([], [])
+            await daemon._commit([], [("s", "k", "1")])  # a cursor alone
+            (value,) = await store.call(
+                lambda conn: conn.execute("SELECT value FROM rule_state WHERE key = 'k'").fetchone()
+            )
+        assert used == ["run", "call", "call", "run"]
+        assert value == big
