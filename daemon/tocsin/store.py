@@ -13,8 +13,10 @@ the ones of a turn of the loop together, when that cannot wait for the disk: ``f
 they go to the writer, in order). A thread hand-off costs the event loop more than the SQL:
 every statement lets go of the GIL and takes it back, and the writer's Python then holds
 the loop up (about 700 us of the loop's time per alert, against 150-220 us of SQL). That
-connection never checkpoints: after a second of its commits, the writer checkpoints, with
-the loop's operations handed to it meanwhile (``fsync`` or not, SQLite then flushes).
+connection never checkpoints: after a second or 100 turns of its commits (and every 100
+batches of its own), the writer checkpoints, with the loop's operations handed to it
+meanwhile, and then writes first, so that starting the WAL over (which flushes its header,
+``fsync`` or not) is the writer's to wait for, not the loop's.
 
 Outbox ordering: deliveries of one action and one group (rule + ``group_by`` key) go
 out in order. Exactly one pending delivery per (action, group) is the ``head``; only
@@ -221,6 +223,9 @@ class Store:
 
     CHECKPOINT_EVERY = 1.0
     """Seconds between the writer's checkpoints of what ``run`` committed."""
+    CHECKPOINT_TURNS = 100
+    """...or after this many turns of ``run``, whichever comes first (about the writer's
+    own autocheckpoint of 1,000 pages: a turn writes ~10 pages)."""
     SLOW_TURN = 0.02
     SLOW_PAUSE = 10.0
     """A turn of ``run`` that held the event loop longer than ``SLOW_TURN`` seconds (a disk
@@ -237,10 +242,15 @@ class Store:
         if not fsync:
             self._here = self._connect(fsync, busy_timeout=0)
             self._here.execute("PRAGMA wal_autocheckpoint=0")
+            # Nor the writer on its own: the write after a checkpoint starts the WAL over
+            # and syncs its header, and the next write may be the loop's (see _checkpoint).
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._written = 0  # the writer's commits since its last checkpoint
         self._turn: list[Op] = []
         self._handed = 0  # operations given to the writer and not yet done
         self._handed_lock = threading.Lock()
         self._checkpoint_at = 0.0
+        self._turns = 0  # turns of run() since the last checkpoint
         self._here_again = 0.0  # after a slow turn, run() uses the writer until then
         self.failures = 0
         self.last_error = ""
@@ -304,8 +314,13 @@ class Store:
         # copies the whole WAL, and the next write starts the WAL over. (Checkpoints that
         # race the loop's writes could each leave a few frames behind, and the WAL would
         # then grow for as long as the writes go on.)
+        self._written = 0
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy and frames == copied:
+                # The next write starts the WAL over and syncs its header (also with
+                # synchronous=NORMAL): let it be this thread's, not the event loop's.
+                conn.execute("PRAGMA user_version = 0")
         except sqlite3.Error as err:
             log.warning("state database checkpoint failed: %s", err)
 
@@ -361,6 +376,9 @@ class Store:
         if here:
             _settle_all(results)
             return
+        self._written += 1
+        if self._here is not None and self._written >= self.CHECKPOINT_TURNS:
+            self._checkpoint(conn)  # still counted in _handed: the loop does not write
         self._done(len(batch))  # before its callers hear of it: their next run() may go here
         # The event loop's waiters are told in one callback per loop and batch: one wake-up
         # of the loop (a write to its self-pipe) instead of one per operation.
@@ -398,7 +416,9 @@ class Store:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if not self._thread.is_alive():
             raise StateError("the state database is closed")
-        self._hand_over([(fn, args, future)])
+        # run()'s operations of this turn came first: they go first, not after this one.
+        batch, self._turn = self._turn, []
+        self._hand_over([*batch, (fn, args, future)])
         return await future
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -436,8 +456,9 @@ class Store:
                 (now - started) * 1000,
                 self.SLOW_PAUSE,
             )
-        if now >= self._checkpoint_at:
-            self._checkpoint_at = now + self.CHECKPOINT_EVERY
+        self._turns += 1
+        if now >= self._checkpoint_at or self._turns >= self.CHECKPOINT_TURNS:
+            self._checkpoint_at, self._turns = now + self.CHECKPOINT_EVERY, 0
             self._hand_over([_CHECKPOINT])
 
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
