@@ -466,7 +466,8 @@ class Store:
         return self.submit(fn, *args).result()
 
     def close(self) -> None:
-        """Finish what is queued, then close the database."""
+        """Finish what is queued, then close the database. Call it on the event loop's
+        thread if ``run`` was used there (its turn and connection are that thread's)."""
         if self._thread.is_alive():
             batch, self._turn = self._turn, []
             self._hand_over(batch)  # a turn the loop did not run: the writer commits it
