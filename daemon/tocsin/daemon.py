@@ -392,13 +392,6 @@ class Daemon:
         self._closed = True
         self._wake()
 
-    def _taken(self, count: int) -> None:
-        """The engine took ``count`` events and cursors off the intake: room for more."""
-        self._waiting -= count
-        self.taken += count
-        if self._waiters:
-            self._wake()
-
     async def _engine_loop(self, receive: MemoryObjectReceiveStream[Intake]) -> None:
         try:
             await self._evaluate(receive)
@@ -441,7 +434,11 @@ class Daemon:
                 self.busy = False
 
     def _took(self, batch: list[Event | Checkpoint]) -> None:
-        self._taken(len(batch))
+        """The engine took ``batch`` off the intake: room for more."""
+        self._waiting -= len(batch)
+        self.taken += len(batch)
+        if self._waiters:
+            self._wake()
         first = next((item for item in batch if isinstance(item, Event)), None)
         self.batch_received = first.received if first is not None else time.time()
 

@@ -331,21 +331,16 @@ class Store:
         # time: two fewer per batch (half the batches in make bench are one operation).
         alone = len(batch) == 1
         try:
-            if here:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as err:
-                    if err.sqlite_errorcode & 0xFF not in (
-                        sqlite3.SQLITE_BUSY,
-                        sqlite3.SQLITE_LOCKED,
-                    ):
-                        raise
-                    # Another connection (tocsin outbox in a shell) writes: the writer
-                    # waits for it, not the event loop.
-                    self._hand_over(batch)
-                    return
-            else:
+            try:
                 conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as err:
+                busy = err.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not (here and busy):
+                    raise
+                # Another connection (tocsin outbox in a shell) writes: the writer waits
+                # for it (its busy timeout), not the event loop.
+                self._hand_over(batch)
+                return
             for fn, args, future in batch:
                 if not alone:
                     conn.execute("SAVEPOINT op")
