@@ -250,26 +250,27 @@ def test_http_on_loopback_is_accepted(tmp_path: Path, address: str) -> None:
     assert config.daemon.http_address() == (host.strip("[]"), int(port))
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:\u00b2", "9187"])
-def test_http_needs_a_port(tmp_path: Path, address: str) -> None:
+def http_problem(tmp_path: Path, address: str) -> str:
+    """The one problem of ``[daemon] http = address``, at ``daemon.http``: its message."""
     path = write_config(tmp_path / "t.toml", f'[daemon]\nhttp = "{address}"\n')
     with pytest.raises(ConfigError) as caught:
         load_config(path, make_registry())
     [problem] = caught.value.problems
     assert problem.path == "daemon.http"
-    assert 'expected "HOST:PORT"' in problem.message
+    return problem.message
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:\u00b2", "9187"])
+def test_http_needs_a_port(tmp_path: Path, address: str) -> None:
+    assert 'expected "HOST:PORT"' in http_problem(tmp_path, address)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "[::]", "example.com", "10.0.0.1"])
 def test_http_elsewhere_is_refused_unless_allowed(tmp_path: Path, host: str) -> None:
-    path = write_config(tmp_path / "t.toml", f'[daemon]\nhttp = "{host}:9187"\n')
-    with pytest.raises(ConfigError) as caught:
-        load_config(path, make_registry())
-    [problem] = caught.value.problems
-    assert problem.path == "daemon.http"
+    message = http_problem(tmp_path, f"{host}:9187")
     bare = host.strip("[]")
-    assert f'"{bare}" is not a loopback address' in problem.message
-    assert "http_allow_remote = true" in problem.message
+    assert f'"{bare}" is not a loopback address' in message
+    assert "http_allow_remote = true" in message
     allowed = write_config(
         tmp_path / "t.toml", f'[daemon]\nhttp = "{host}:9187"\nhttp_allow_remote = true\n'
     )

@@ -7,6 +7,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -515,6 +517,17 @@ def small_intake(server: PushServer, receiver: Receiver) -> str:
     )
 
 
+@asynccontextmanager
+async def full_intake(tmp_path: Path) -> AsyncIterator[tuple[Daemon, Receiver, anyio.Event]]:
+    """A daemon with an intake of 10 events (``small_intake``), its source connected, and
+    its engine held (``hold_the_engine``); the receiver stays readable after it stops."""
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", small_intake(server, receiver))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients, what="the source to connect")
+            yield daemon, receiver, hold_the_engine(daemon)
+
+
 def hold_the_engine(daemon: Daemon) -> anyio.Event:
     """Make the engine wait, holding the first batch it takes, until the event is set."""
     gate = anyio.Event()
@@ -531,76 +544,68 @@ def hold_the_engine(daemon: Daemon) -> anyio.Event:
 async def test_a_full_intake_keeps_what_a_timed_out_source_handed_over(tmp_path: Path) -> None:
     # A source's own deadline (stale, ack) may pass while it waits on a full intake: the
     # event it handed over must still be evaluated, not dropped with the cancelled wait.
-    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
-        path = write_config(tmp_path / "t.toml", small_intake(server, receiver))
-        async with running(path) as daemon:
-            await wait_for(lambda: server.clients, what="the source to connect")
-            gate = hold_the_engine(daemon)
-            runner = daemon.sources["feed"]
-            ids = [f"full{i}" for i in range(30)]
-            deadline = anyio.CancelScope()
+    async with full_intake(tmp_path) as (daemon, receiver, gate):
+        runner = daemon.sources["feed"]
+        ids = [f"full{i}" for i in range(30)]
+        deadline = anyio.CancelScope()
 
-            async def emit_all() -> None:
-                with deadline:
-                    for i in ids:
-                        data = {"args": {"to": "me", "from": "alice", "amount": 1}}
-                        await runner.emit(runner.event("transfer", data, id=i))
+        async def emit_all() -> None:
+            with deadline:
+                for i in ids:
+                    data = {"args": {"to": "me", "from": "alice", "amount": 1}}
+                    await runner.emit(runner.event("transfer", data, id=i))
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(emit_all)
-                await wait_for(lambda: daemon._full_waits, what="a wait on the full intake")
-                deadline.cancel()  # the source's deadline passes while it waits
-                gate.set()
-            sent = runner.events
-            assert sent >= 11  # the stream's 10, the batch in hand, and the one that waited
-            await wait_for(lambda: len(receiver.requests) >= sent, what="every handed-over event")
-        assert [r.json()["event"]["id"] for r in receiver.requests] == ids[:sent]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(emit_all)
+            await wait_for(lambda: daemon._full_waits, what="a wait on the full intake")
+            deadline.cancel()  # the source's deadline passes while it waits
+            gate.set()
+        sent = runner.events
+        assert sent >= 11  # the stream's 10, the batch in hand, and the one that waited
+        await wait_for(lambda: len(receiver.requests) >= sent, what="every handed-over event")
+    assert [r.json()["event"]["id"] for r in receiver.requests] == ids[:sent]
 
 
 async def test_emit_many_is_bounded_by_events_and_keeps_their_order(tmp_path: Path) -> None:
     # emit_many hands a list over as one item of the intake stream: the bound must still
     # be queue_size events (not lists), a list larger than that goes in slices, and the
     # events reach the rules in the order they were emitted, mixed with single emits.
-    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
-        path = write_config(tmp_path / "t.toml", small_intake(server, receiver))
-        async with running(path) as daemon:
-            await wait_for(lambda: server.clients, what="the source to connect")
-            gate = hold_the_engine(daemon)
-            hand_over = daemon._hand_over
-            waiting: list[int] = []
+    async with full_intake(tmp_path) as (daemon, receiver, gate):
+        hand_over = daemon._hand_over
+        waiting: list[int] = []
 
-            async def counted(item: Any, count: int) -> bool:
-                handed = await hand_over(item, count)
-                waiting.append(daemon.intake_waiting)
-                return handed
+        async def counted(item: Any, count: int) -> bool:
+            handed = await hand_over(item, count)
+            waiting.append(daemon.intake_waiting)
+            return handed
 
-            daemon._hand_over = counted  # type: ignore[method-assign]
-            runner = daemon.sources["feed"]
-            ids = [f"b{i}" for i in range(40)]
-            events = [
-                runner.event("transfer", transfer(i)["data"], id=i)  # type: ignore[arg-type]
-                for i in ids
-            ]
+        daemon._hand_over = counted  # type: ignore[method-assign]
+        runner = daemon.sources["feed"]
+        ids = [f"b{i}" for i in range(40)]
+        events = [
+            runner.event("transfer", transfer(i)["data"], id=i)  # type: ignore[arg-type]
+            for i in ids
+        ]
 
-            async def emit_all() -> None:
-                await runner.emit_many(events[:4])
-                await runner.emit(events[4])
-                await runner.emit_many(iter(events[5:12]))  # 12 > 10: waits for the engine
-                await runner.emit_many([])
-                await runner.emit_many(events[12:])  # 28 > queue_size: in slices
+        async def emit_all() -> None:
+            await runner.emit_many(events[:4])
+            await runner.emit(events[4])
+            await runner.emit_many(iter(events[5:12]))  # 12 > 10: waits for the engine
+            await runner.emit_many([])
+            await runner.emit_many(events[12:])  # 28 > queue_size: in slices
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(emit_all)
-                await wait_for(lambda: daemon._full_waits, what="a wait on the full intake")
-                # The engine holds the first 5; the 7 came in after them, the first slice
-                # of 10 waits: 17 would be over the bound.
-                assert daemon.intake_waiting == 7
-                gate.set()
-            await wait_for(lambda: len(receiver.requests) == 40, what="every event's alert")
-            assert runner.events == 40 and runner.types["transfer"] == 40
-            assert daemon.intake_waiting == 0
-        assert max(waiting) <= 10 and 10 in waiting
-        assert [r.json()["event"]["id"] for r in receiver.requests] == ids
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(emit_all)
+            await wait_for(lambda: daemon._full_waits, what="a wait on the full intake")
+            # The engine holds the first 5; the 7 came in after them, the first slice
+            # of 10 waits: 17 would be over the bound.
+            assert daemon.intake_waiting == 7
+            gate.set()
+        await wait_for(lambda: len(receiver.requests) == 40, what="every event's alert")
+        assert runner.events == 40 and runner.types["transfer"] == 40
+        assert daemon.intake_waiting == 0
+    assert max(waiting) <= 10 and 10 in waiting
+    assert [r.json()["event"]["id"] for r in receiver.requests] == ids
 
 
 async def test_a_stop_evaluates_what_a_source_waiting_for_room_held(tmp_path: Path) -> None:
