@@ -64,6 +64,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 
 # Probes, not targets: the ceiling of a daemon that receives in a second process, and the
-# floor's work received through websockets' Sans-I/O layer (README "What 70% would take").
+# floor's work received through websockets' Sans-I/O layer (docs/performance.md, "What 70%
+# would take").
 bench-split: $(BENCH_STAMP)
 	$(BIN)/python bench/split.py

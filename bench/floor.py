@@ -5,11 +5,10 @@
 Connects to the generator like the EOSPark source does (API key header, one subscribe,
 websockets' client with the daemon's ``BatchedConnection``: the frames of a read taken
 together, as the source takes them), then receives and decodes frames with
-``tocsin.parse_json`` (orjson: the daemon's generic
-decoder; its EOSPark plugin decodes data pushes into typed msgspec structs, and the README
-says why the floor keeps the generic one) until ``FRAMES`` data frames have arrived.
-Prints ``{"frames": n,
-"t1": monotonic time of the last one, "cpu": seconds of CPU}``.
+``tocsin.parse_json`` (orjson: the daemon's generic decoder; its EOSPark plugin decodes
+data pushes into typed msgspec structs, and docs/performance.md says why the floor keeps
+the generic one) until ``FRAMES`` data frames have arrived. Prints ``{"frames": n, "t1":
+monotonic time of the last one, "cpu": seconds of CPU}``.
 """
 
 from __future__ import annotations

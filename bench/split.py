@@ -17,7 +17,7 @@ Two clients take turns against the same generator (``bench/generator.py``) as in
   ``recv()``, with the same handshake, extensions and text decoding: what a receive loop
   of tocsin's own on the same library would cost.
 
-README "What 70% would take" quotes it.
+docs/performance.md ("What 70% would take") quotes it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ connections, a total deadline per request, and bounds on what a response may sen
 Why not aiohttp's client (which tocsin used before): a webhook POST cost 260-310 us of CPU
 there against 140-160 us here, measured sequentially against the same local server, and
 the POST was the largest part of what the event loop spends on an alert (``make bench``,
-README "Performance").
+docs/performance.md).
 
 A connection the server closed while idle is dropped before it is reused. A request
 that fails after it was written (the server closed at the same moment) is not sent again

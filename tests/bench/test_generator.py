@@ -63,9 +63,9 @@ async def test_a_client_gets_every_frame_whole_and_in_order(rate: int) -> None:
 
 
 async def test_the_sans_io_floor_of_bench_split_receives_every_data_frame() -> None:
-    # bench/split.py's Sans-I/O floor (README "What 70% would take") stops at its FRAMES-th
-    # data frame: it must do the real handshake and subscription to get any, and a count
-    # short of what the generator sent would leave it waiting.
+    # bench/split.py's Sans-I/O floor (docs/performance.md, "What 70% would take") stops at
+    # its FRAMES-th data frame: it must do the real handshake and subscription to get any,
+    # and a count short of what the generator sent would leave it waiting.
     command = [sys.executable, str(BENCH / "generator.py"), "--frames", str(FRAMES),
                "--rate", "0", "--match-every", "100", "--rules", "7"]  # fmt: skip
     async with await anyio.open_process(command) as proc:
