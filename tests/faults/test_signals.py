@@ -251,9 +251,10 @@ async def test_sighup_during_start_up_reloads_once_the_daemon_is_ready(
     tocsin.signal(signal.SIGHUP)
     await tocsin.wait_log("config reloaded")
     assert tocsin.alive()
+    await notify.wait("READY", n=2)  # the reload's READY=1 follows its log line
     kinds = [
         "RELOADING" if "RELOADING" in m else "READY"
-        for m in notify.messages
+        for m in notify.poll()
         if "READY" in m or "RELOADING" in m
     ]
     # READY=1 of the start-up first, then the reload's RELOADING=1 and READY=1.
