@@ -111,11 +111,18 @@ class SourceRunner(EventFactory):
 
     # -- SourceContext -------------------------------------------------------------------
 
+    # An event no rule can fire on (the engine's index finds no candidate) is counted and
+    # goes no further: the intake, the engine's batches and its loop cost about 2 us of CPU
+    # per event for nothing (paired runs with 1% matching: 24.6 -> 22.4 us). It is judged
+    # by the rules in force when it arrives; at a reload, the events already in the intake
+    # go to the new engine.
+
     async def emit(self, event: Event) -> None:
         self.events += 1
         self.types[event.type] += 1
         self.last_event = time.time()
-        await self.daemon.intake(event)
+        if self.daemon.engine.wants(event):
+            await self.daemon.intake(event)
 
     async def emit_many(self, events: Iterable[Event]) -> None:
         batch = list(events)  # the source may reuse its list
@@ -124,7 +131,10 @@ class SourceRunner(EventFactory):
         self.events += len(batch)
         self.types.update(event.type for event in batch)
         self.last_event = time.time()
-        await self.daemon.intake_many(batch)
+        wants = self.daemon.engine.wants
+        batch = [event for event in batch if wants(event)]
+        if batch:
+            await self.daemon.intake_many(batch)
 
     async def _status(self, state: str, type_: str, reason: str, **extra: str) -> None:
         since = self.since if state == self.state else utc_iso()

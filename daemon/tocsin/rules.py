@@ -425,6 +425,23 @@ class Engine:
                 writes.append((rule.name, prefix + group_key, value))
         return writes
 
+    def wants(self, event: Event) -> bool:
+        """Whether ``event`` must reach ``process``: a removal always (it may retract what
+        any rule fired), any other event when the index finds a rule it may fire.
+
+        An event no rule can fire on is counted as evaluated here, and the daemon drops it
+        before its intake: ``process`` would find no candidate for it either.
+        """
+        if event.removed:
+            return True
+        try:
+            if self.index.candidates(event):
+                return True
+        except Exception:  # an odd event: the engine's own path logs and counts it
+            return True
+        self.stats.events += 1
+        return False
+
     def process(self, event: Event) -> list[PendingAlert]:
         """Alerts fired by one (non-removed) event."""
         self.stats.events += 1

@@ -54,7 +54,11 @@ class SourceContext(Protocol):
         ...
 
     async def emit(self, event: Event) -> None:
-        """Hand an event to the rule engine; waits when the engine is behind (bounded)."""
+        """Hand an event to the rule engine; waits when the engine is behind (bounded).
+
+        Every event is counted; one that no rule can fire on (the engine's index finds no
+        rule for it, and it is not a removal) goes no further, and the call returns at once.
+        """
         ...
 
     async def emit_many(self, events: Iterable[Event]) -> None:

@@ -71,6 +71,20 @@ group_by = ["args.from"]
 """
 
 
+# A rule the index finds for every transfer to "nobody" and that fires on none of them:
+# those events then go through the intake and the engine (an event no rule can fire on
+# stops at its source), which the tests of the intake's bounds need.
+TO_NOBODY = """
+[[rules]]
+name = "large transfer to nobody"
+source = "feed"
+type = "transfer"
+match = { "args.to" = "nobody" }
+when = "args.amount > 1000"
+actions = ["hook"]
+"""
+
+
 def transfer(
     id: str, to: str = "me", frm: str = "alice", amount: int = 5, removed: bool = False
 ) -> dict[str, object]:
@@ -134,6 +148,37 @@ async def test_a_template_that_would_run_for_ever_costs_its_alert_a_title_only(
             await wait_for(lambda: len(receiver.ok()) == 2, what="both alerts")
     titles = sorted(r.json()["title"] for r in receiver.requests)
     assert titles == ["(title could not be rendered: Overrun)", "5 from alice"]
+
+
+async def test_an_event_no_rule_can_fire_on_is_counted_and_stops_at_its_source(
+    tmp_path: Path,
+) -> None:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        async with running(path) as daemon:
+            await wait_for(lambda: server.clients)
+            await wait_for(lambda: daemon.taken == 1, what="source.up taken by the engine")
+            runner, stats = daemon.sources["feed"], daemon.engine.stats
+            for i in range(5):  # emit(), one frame at a time
+                await server.push(transfer(f"n{i}", to="nobody"))
+            await server.push(transfer("m1"))
+            await wait_for(lambda: len(receiver.ok()) == 1, what="the alert")
+            await wait_for(lambda: stats.events == 7, what="every event evaluated")
+            assert runner.types["transfer"] == 6  # received, per source and type (/metrics)
+            assert daemon.taken == 2  # source.up and m1: the five went no further
+            # emit_many(): a read's events, those a rule may fire on kept in order.
+            batch = [
+                runner.event("transfer", transfer(i, to=to)["data"], id=i)  # type: ignore[arg-type]
+                for i, to in (("n5", "nobody"), ("m2", "me"), ("n6", "nobody"), ("m3", "me"))
+            ]
+            await runner.emit_many(batch)
+            await wait_for(lambda: len(receiver.ok()) == 3, what="two more alerts")
+            assert [r.json()["event"]["id"] for r in receiver.ok()] == ["m1", "m2", "m3"]
+            assert (daemon.taken, stats.events, runner.types["transfer"]) == (4, 11, 10)
+            # A removal goes to the engine whatever its data: it may retract an alert.
+            await server.push(transfer("n0", to="nobody", removed=True))
+            await wait_for(lambda: daemon.taken == 5, what="the removal taken")
+        assert len(receiver.requests) == 3  # it retracted nothing: nothing had fired on n0
 
 
 async def test_apprise_json_to_local_server(tmp_path: Path) -> None:
@@ -693,7 +738,7 @@ async def test_a_large_hand_over_is_not_overtaken_for_ever_by_a_busy_neighbour(
     # needs more room than one engine batch frees got in only if no other source
     # refilled the intake meanwhile: never, next to a source emitting without pause.
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
-        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url()))
+        path = write_config(tmp_path / "t.toml", config_text(server, receiver.url(), TO_NOBODY))
         async with running(path) as daemon:
             await wait_for(lambda: server.clients, what="the source to connect")
             process = daemon._process
@@ -728,7 +773,7 @@ async def test_events_in_memory_stay_within_queue_size_and_a_batch(tmp_path: Pat
     # Review of a91a1b5: the engine took a whole list into its batch, freeing its room
     # for more: queue_size events in the intake and up to queue_size more in hand.
     async with PushServer(token=TOKEN) as server, Receiver() as receiver:
-        text = config_text(server, receiver.url()).replace(
+        text = config_text(server, receiver.url(), TO_NOBODY).replace(
             'drain_timeout = "2s"', 'drain_timeout = "2s"\nqueue_size = 1000'
         )
         path = write_config(tmp_path / "t.toml", text)

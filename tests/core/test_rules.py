@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,46 @@ def test_ten_thousand_rules_examine_few_candidates(tmp_path: Path) -> None:
     # The index works: about one candidate per event, not 10,000.
     assert engine.stats.examined <= events
     assert engine.stats.examined >= events - 1
+
+
+def test_the_engine_wants_what_a_rule_may_fire_on_and_every_removal(tmp_path: Path) -> None:
+    engine = engine_for(
+        tmp_path,
+        """
+[[rules]]
+name = "to me"
+match = { "args.to" = "me" }
+when = "args.quantity | asset_amount >= 1000"
+
+[[rules]]
+name = "every ping"
+type = "ping"
+""",
+    )
+    # A candidate is wanted even when its when would fail: process judges it in full.
+    assert engine.wants(transfer("me"))
+    assert engine.stats.events == 0  # counted by process, not here
+    # No rule can fire on it: counted as evaluated, and not wanted.
+    assert not engine.wants(transfer("nobody"))
+    assert engine.stats.events == 1
+    assert engine.process(transfer("nobody")) == []  # what the daemon saves by asking
+    # A rule without match takes every event of its type.
+    assert engine.wants(Event(id="p", source="eos", provider="eospark", type="ping", data={}))
+    # A removal may retract what any rule fired: always wanted.
+    removal = transfer("nobody")
+    assert engine.wants(dataclasses.replace(removal, removed=True))
+    assert engine.stats.events == 2  # the one not wanted, and the one processed
+
+    # An event the index fails on goes on to process, which logs and counts it as a whole.
+    class Unhashable(str):
+        def __hash__(self) -> int:
+            raise RuntimeError("a plugin's odd value")
+
+    odd = transfer("nobody")
+    odd.data["args"]["to"] = Unhashable("me")
+    assert engine.wants(odd)
+    with pytest.raises(RuntimeError):
+        engine.process(odd)
 
 
 def test_match_lists_paths_and_when(tmp_path: Path) -> None:
