@@ -233,6 +233,28 @@ class RuleIndex:
             found.sort(key=lambda r: r.position)
         return found
 
+    def finds_any(self, event: Event) -> bool:
+        """Whether ``candidates(event)`` finds a rule, stopping at the first: every event
+        asks (before the intake), and only the few it finds are looked up in full."""
+        plain = self._plain
+        if plain and (
+            (event.source, event.type) in plain
+            or (event.source, None) in plain
+            or (None, event.type) in plain
+            or (None, None) in plain
+        ):
+            return True
+        data = event.data
+        for path, bucket in self._paths:
+            value = get_path(data, path)
+            if value is True or value is False:
+                value = _key(value)
+            elif not _hashable(value):
+                continue
+            if value in bucket:
+                return True
+        return False
+
 
 @dataclass
 class PendingAlert:
@@ -435,7 +457,7 @@ class Engine:
         if event.removed:
             return True
         try:
-            if self.index.candidates(event):
+            if self.index.finds_any(event):
                 return True
         except Exception:  # an odd event: the engine's own path logs and counts it
             return True

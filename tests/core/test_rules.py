@@ -327,7 +327,7 @@ def test_when_error_does_not_fire_and_is_counted(tmp_path: Path) -> None:
     assert engine.stats.when_errors == 1
 
 
-# -- property: the index finds exactly the rules a full scan finds ----------------------
+# -- property: the index finds exactly the rules a full scan finds, and finds_any agrees -
 
 values = st.sampled_from(["a", "b", "c", 1, 2, True])
 paths = st.sampled_from(["x", "y", "n.z"])
@@ -380,6 +380,7 @@ def test_index_equals_brute_force(
             found = [r.name for r in index.candidates(event) if r.selects(event)]
             brute = [r.name for r in rules if r.selects(event)]
             assert found == brute
+            assert index.finds_any(event) == bool(index.candidates(event))
 
 
 def test_match_tells_true_and_false_from_one_and_zero(tmp_path: Path) -> None:
