@@ -20,7 +20,10 @@ the ratio of the 10,000-rule run to the 10-rule run, which follow each other in 
   (``bench/handwritten.py``), the loop a user might write instead: a reference, no target;
 - throughput: the daemon with 10 / 1,000 / 10,000 rules with distinct ``match`` values,
   and 1,000 ``when``-only rules, 1% of the frames matching, alerts POSTed to the
-  receiver; events/s from the first frame sent to the last webhook received;
+  receiver; events/s from the first frame sent to the last webhook received. Every run
+  has ``[daemon] source_processes = true`` (the source in a process of its own, the
+  setting for a busy feed) except one 1,000-rule run per round with the default, the
+  source in the daemon's process; CPU and RSS are the daemon's and its sources' together;
 - the event path alone: 1,000 match rules with only the first and the last frame matching,
   so what the 1% of alerts cost (commit, delivery, the POST) is the gap to the 1% run;
 - latency at half the sustained rate (1,000 rules): frame sent -> webhook received, three
@@ -154,9 +157,12 @@ class Receiver:
         return True
 
 
-def config_text(gen_url: str, hook_port: int, rules: int, when_only: bool) -> str:
+def config_text(
+    gen_url: str, hook_port: int, rules: int, when_only: bool, processes: bool = True
+) -> str:
     lines = [
-        '[daemon]\nstate_dir = "state"\ndrain_timeout = "5s"\n',
+        '[daemon]\nstate_dir = "state"\ndrain_timeout = "5s"\n'
+        f"source_processes = {'true' if processes else 'false'}\n",
         f'[sources.eos]\nplugin = "eospark"\nurl = "{gen_url}"\napi_key = "bench-key"\n'
         'stale_after = "30s"\n'
         'subscriptions = [{ account = "benchsender1", contract = "eosio.token", action = "transfer" }]\n',
@@ -188,7 +194,7 @@ class Daemon:
         env.pop("TOCSIN_LOAD_PLUGINS", None)
         cmd = [PY, "-m", "tocsin.cli", "run", "-c", str(work / "tocsin.toml"),
                "--log-level", "warning"]  # fmt: skip
-        self.spy: subprocess.Popen[bytes] | None = None
+        self.spies: list[subprocess.Popen[bytes]] = []
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=env, stderr=open(work / "stderr.log", "w"))  # noqa: SIM115
         self.pid = self.proc.pid
@@ -204,35 +210,48 @@ class Daemon:
                 self.ready_after = time.monotonic() - self.spawned
                 return self.ready_after
 
-    def profile(self, raw: Path) -> None:
-        """Attach py-spy now (after READY: start-up imports stay out of the stages)."""
+    def profile(self, raw: Path) -> list[Path]:
+        """Attach py-spy now (after READY: start-up imports stay out of the stages), one
+        to the daemon (``raw``) and one to each source's process (``raw``-source1...)."""
         spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
-        self.spy = subprocess.Popen(
-            [spy, "record", "-r", "250", "--format", "raw", "--threads", "--nonblocking",
-             "-o", str(raw), "--pid", str(self.pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        paths = []
+        for i, member in enumerate(family(self.pid)):
+            path = raw if i == 0 else raw.with_name(f"{raw.stem}-source{i}{raw.suffix}")
+            path.unlink(missing_ok=True)
+            self.spies.append(subprocess.Popen(
+                [spy, "record", "-r", "250", "--format", "raw", "--threads", "--nonblocking",
+                 "-o", str(path), "--pid", str(member)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+            paths.append(path)
+        return paths
 
     async def sample_rss(self) -> None:
-        pid = self.pid
+        """RSS of the daemon and its sources' processes together; the peak as the sum of
+        each one's own peak (they need not peak at once: an upper bound)."""
         while True:
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()  # noqa: ASYNC240  # procfs: no disk
-            except OSError:
-                return
-            rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-            hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+            rss = hwm = 0
+            for member in family(self.pid):
+                try:
+                    status = Path(f"/proc/{member}/status").read_text()  # noqa: ASYNC240  # procfs: no disk
+                except OSError:
+                    if member == self.pid:
+                        return
+                    continue
+                rss += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+                hwm += int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
             self.rss.append((time.monotonic(), rss))
             self.peak = max(self.peak, hwm)
             await anyio.sleep(0.1)
 
     def stop(self) -> None:
-        if self.spy is not None:  # py-spy writes its file on SIGINT
-            self.spy.send_signal(signal.SIGINT)
+        for spy in self.spies:  # py-spy writes its file on SIGINT
+            spy.send_signal(signal.SIGINT)
+        for spy in self.spies:
             try:
-                self.spy.wait(30)
+                spy.wait(30)
             except subprocess.TimeoutExpired:
-                self.spy.kill()  # the daemon below is stopped all the same
+                spy.kill()  # the daemon below is stopped all the same
         os.kill(self.pid, signal.SIGTERM)
         try:
             self.proc.wait(30)
@@ -282,10 +301,34 @@ async def handwritten(receiver: Receiver, frames: int, rules: int = 1000) -> dic
     }
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the daemon and its sources' processes)."""
+    out = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            out += family(int(child))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (all its threads), from procfs."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU so far of a process and its live descendants (every thread),
+    from procfs: the daemon with its sources' processes."""
+    total = 0.0
+    for member in family(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it ended between the two reads
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def through_daemon(
@@ -299,20 +342,23 @@ async def through_daemon(
     outage: tuple[float, float] | None = None,
     profile: Path | None = None,
     match_every: int = MATCH_EVERY,
+    processes: bool = True,
 ) -> dict[str, Any]:
-    """One daemon run; ``outage`` = (seconds of steady state, seconds of 503s)."""
+    """One daemon run; ``outage`` = (seconds of steady state, seconds of 503s);
+    ``processes``: the source in a process of its own (``source_processes``)."""
     receiver.reset()
     expected = len(range(0, frames, match_every))
     gen = Generator(frames, rate, rules, match_every)
-    daemon = Daemon(work, config_text(gen.url, receiver.port, rules, when_only))
+    daemon = Daemon(work, config_text(gen.url, receiver.port, rules, when_only, processes))
     result: dict[str, Any] = {
-        "rules": rules, "when_only": when_only, "frames": frames, "alerts_expected": expected
+        "rules": rules, "when_only": when_only, "frames": frames, "alerts_expected": expected,
+        "source_processes": processes,
     }  # fmt: skip
     try:
         async with anyio.create_task_group() as tg:
             result["ready_s"] = await daemon.ready()
             if profile is not None:
-                daemon.profile(profile)
+                result["profiles"] = [str(p) for p in daemon.profile(profile)]
             cpu_at_ready = cpu_seconds(daemon.pid)
             tg.start_soon(daemon.sample_rss)
             marks: dict[str, float] = {}
@@ -370,16 +416,22 @@ STAGES = [  # (stage, pattern on "function (file:line)"), the innermost match wi
     ("decode", re.compile(r"parse_json \(.*tocsin/wsclient\.py|orjson|json/|_typed_push")),
     ("normalize", re.compile(r"tocsin_eospark/|tocsin/events\.py")),
     ("receive", re.compile(r"websockets/|tocsin/wsclient\.py")),  # BatchedConnection
+    (
+        "hand-over",
+        re.compile(r"tocsin/sourceproc\.py"),
+    ),  # between a source's process and the daemon
     ("daemon", re.compile(r"tocsin/daemon\.py")),
     ("event loop", re.compile(r"asyncio/|anyio/|selectors\.py")),
 ]
 
 
-def stages(raw: Path, cpu_us_per_event: float) -> dict[str, float]:
+def stages(raws: list[Path], cpu_us_per_event: float) -> dict[str, float]:
     """CPU microseconds per event by stage: each stage's share of py-spy's samples (its raw,
-    collapsed stacks, taken from READY on) times the run's measured CPU per event."""
+    collapsed stacks, taken from READY on, of the daemon and its sources' processes) times
+    the run's measured CPU per event."""
     totals: Counter[str] = Counter()
-    for line in raw.read_text().splitlines():
+    lines = [line for raw in raws if raw.exists() for line in raw.read_text().splitlines()]
+    for line in lines:
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         stage = "other"
@@ -472,6 +524,7 @@ async def main(args: argparse.Namespace) -> None:
         floors: list[dict[str, Any]] = []
         hands: list[dict[str, Any]] = []
         quiet: list[dict[str, Any]] = []
+        single: list[dict[str, Any]] = []
         runs: dict[tuple[int, bool], list[dict[str, Any]]] = {}
         # Besides the 1,000-rule run, which goes side by side with the floor below.
         plan = [(10, False, frames), (10_000, False, frames)]
@@ -503,6 +556,10 @@ async def main(args: argparse.Namespace) -> None:
             # alerts cost: commit, delivery, the POST.
             print("  daemon, 1000 match rules, 2 alerts ...", flush=True)
             quiet.append(await throughput(f"quiet{round_}", frames, 1000, match_every=frames - 1))
+            # The same 1,000-rule run with the source in the daemon's process (the
+            # default): what ``source_processes`` buys.
+            print("  daemon, 1000 match rules, one process ...", flush=True)
+            single.append(await throughput(f"single{round_}", frames, 1000, processes=False))
             print("  hand-written loop ...", flush=True)
             hands.append(await handwritten(receiver, frames))
             for rules, when_only, n in plan + ([(1000, True, max(2000, frames // 20))] if round_ == 0 else []):  # fmt: skip
@@ -510,6 +567,7 @@ async def main(args: argparse.Namespace) -> None:
         paired = {
             "throughput_1000": [r["events_per_s"] / f["events_per_s"] for r, f in zip(runs[(1000, False)], floors, strict=True)],
             "quiet_1000": [q["events_per_s"] / f["events_per_s"] for q, f in zip(quiet, floors, strict=True)],
+            "one_process_1000": [o["events_per_s"] / f["events_per_s"] for o, f in zip(single, floors, strict=True)],
             "throughput_1000_vs_handwritten": [r["events_per_s"] / h["events_per_s"] for r, h in zip(runs[(1000, False)], hands, strict=True)],
             # The 10- and 10,000-rule runs go one after the other in each round, too.
             "rules_10000_vs_10": [r["events_per_s"] / t["events_per_s"] for r, t in zip(runs[(10_000, False)], runs[(10, False)], strict=True)],
@@ -519,6 +577,8 @@ async def main(args: argparse.Namespace) -> None:
         results["floor"]["samples"] = [f["events_per_s"] for f in floors]
         results["handwritten"] = median_run(hands)
         results["handwritten"]["samples"] = [h["events_per_s"] for h in hands]
+        results["one_process"] = median_run(single)
+        results["one_process"]["samples"] = [o["events_per_s"] for o in single]
         results["quiet"] = median_run(quiet)
         results["quiet"]["samples"] = [q["events_per_s"] for q in quiet]
         results["throughput"] = []
@@ -557,8 +617,9 @@ async def main(args: argparse.Namespace) -> None:
             print("profile ...", flush=True)
             raw = HERE / "profile.raw"  # kept for a closer look (py-spy's collapsed stacks)
             prof = await through_daemon(work / "prof", receiver, 3 * frames, 1000, profile=raw)
+            raws = [Path(p) for p in prof.get("profiles", [])]
             results["stages_us_per_event"] = (
-                stages(raw, prof["cpu_us_per_event"]) if raw.exists() else {}
+                stages(raws, prof["cpu_us_per_event"]) if raw.exists() else {}
             )
             results["profile_events_per_s"] = prof["events_per_s"]
     finally:
@@ -572,6 +633,7 @@ async def main(args: argparse.Namespace) -> None:
         # Each ratio is the median of the rounds' own ratios (see the loop above).
         "throughput_1000_vs_floor": statistics.median(paired["throughput_1000"]),
         "quiet_1000_vs_floor": statistics.median(paired["quiet_1000"]),
+        "one_process_1000_vs_floor": statistics.median(paired["one_process_1000"]),
         "throughput_1000_vs_handwritten": statistics.median(
             paired["throughput_1000_vs_handwritten"]
         ),
@@ -629,6 +691,12 @@ def report(results: dict[str, Any]) -> None:
         "10,000 / 10 match rules, round by round: "
         + ", ".join(f"{x:.2f}" for x in pr["rules_10000_vs_10"])
         + f" (median {s['rules_10000_vs_10']:.2f})"
+    )
+    o = results["one_process"]
+    print(
+        f"1,000 match rules, the source in the daemon's process: {o['events_per_s']:,.0f} events/s"
+        f" = {s['one_process_1000_vs_floor']:.0%} of the floor, {o['cpu_us_per_event']:.1f} us CPU/event"
+        " (" + ", ".join(f"{x:,.0f}" for x in o.get("samples", [])) + ")"
     )
     q = results["quiet"]
     print(

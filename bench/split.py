@@ -89,6 +89,9 @@ class Matcher:
     def event(self, type: str, data: dict[str, Any], *, id: str, time: str = "") -> Event:
         return Event(id, "eos", "eospark", type, data, time, False)
 
+    def sift(self, type: str, data: dict[str, Any]) -> bool:
+        return True  # this probe measures every event through the engine, as it was
+
     def run(self, pipe: int, frames: int) -> tuple[float, float, int]:
         """Handle ``frames`` data frames: (monotonic end, CPU seconds, alerts)."""
         seen = alerts = 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,17 @@ def anyio_backend() -> str:
 def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     # Third-party plugins installed on the machine must never leak into the suite.
     monkeypatch.setenv("TOCSIN_LOAD_PLUGINS", "builtin")
+
+
+@pytest.fixture(params=[False, True], ids=["one-process", "source-process"])
+def source_processes(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Run the test twice: its sources in the daemon's process, then each in its own
+    (``[daemon] source_processes``); configs take the mode from ``support.daemon_table``."""
+    from support import SOURCE_MODE
+
+    SOURCE_MODE.processes = request.param
+    yield request.param
+    SOURCE_MODE.processes = False
 
 
 @pytest.fixture(scope="session")

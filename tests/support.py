@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import tomli_w
 import websockets
 from aiohttp import web
 from anyio.abc import TaskStatus
@@ -107,7 +108,8 @@ class PushConfig(SourceConfig):
 
 class PushSource(Source):
     """Test source: each frame is {"id", "type", "data", "removed"?}, or {"gap": {...}} for a
-    ``source.gap``; reconnects with Backoff."""
+    ``source.gap``, {"crash": "why"} to raise, {"print": "text"} to print; reconnects with
+    Backoff."""
 
     name = "testpush"
     Config = PushConfig
@@ -133,6 +135,11 @@ class PushSource(Source):
                             raise SourceAuthError("the server refused the token")
                         try:
                             frame = json.loads(raw)
+                            if "crash" in frame:  # {"crash": "why"}: a bug in the source
+                                raise RuntimeError(frame["crash"])
+                            if "print" in frame:  # {"print": "text"}: a stray print()
+                                print(frame["print"])
+                                continue
                             if "gap" in frame:  # {"gap": {"reason", "since", "detail"?}}
                                 gap = frame["gap"]
                                 await self.ctx.gap(
@@ -172,6 +179,28 @@ def make_registry(*extra: object) -> Registry:
     """A registry with the built-in plugin, the test source and ``extra`` plugins only."""
     pm = make_plugin_manager([tocsin_builtin, TestPushPlugin(), *extra], load_entry_points=False)
     return build_registry(pm)
+
+
+# -- where sources run -------------------------------------------------------------------
+
+
+class _SourceMode:
+    processes = False
+
+
+SOURCE_MODE = _SourceMode()
+"""Set by the ``source_processes`` fixture (tests/conftest.py)."""
+
+
+def daemon_table() -> dict[str, Any]:
+    """The ``[daemon]`` table of the end-to-end tests: sources in the daemon's process,
+    or each in a process of its own when the ``source_processes`` fixture says so."""
+    return {"state_dir": "state", "drain_timeout": "2s", "source_processes": SOURCE_MODE.processes}
+
+
+def daemon_toml() -> str:
+    """``daemon_table()`` as TOML."""
+    return tomli_w.dumps({"daemon": daemon_table()})
 
 
 # -- a real HTTP receiver --------------------------------------------------------------

@@ -58,6 +58,8 @@ class DaemonConfig(ConfigModel):
     fsync: bool = False
     queue_size: int = Field(default=10_000, ge=10, le=1_000_000)
     drain_timeout: Duration = Field(default=20.0, ge=0)
+    source_processes: bool = False
+    """Each source runs in a process of its own (``sourceproc``): for busy feeds."""
 
     @field_validator("http")
     @classmethod

@@ -28,13 +28,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .action import Action, ActionConfig, Target
 from .config import Config, load_config
 from .dispatcher import Dispatcher, Lane
-from .errors import ConfigError, PluginError, SourceAuthError, StateError
+from .errors import ConfigError, PluginError, StateError
 from .events import Event, stable_id, utc_iso
 from .fields import format_duration, secret_registry
 from .notify import Notifier, Progress, Watchdog
 from .plugins import Registry
 from .rules import Engine, PendingAlert, compile_rules
-from .source import Backoff, EventFactory, Source, SourceConfig
+from .source import Backoff, EventFactory, Source, SourceConfig, keep_running
+from .sourceproc import ChildProcess, importable
 from .store import NewAlert, Store
 
 if TYPE_CHECKING:
@@ -55,7 +56,14 @@ STATUS_EVERY = 5.0
 """Under systemd, ``STATUS=`` is refreshed this often (and at each watchdog ping)."""
 HEALTHY = 60.0
 """Seconds a connection stays up before its outage is over (as ``Backoff`` resets)."""
-RESTART_KEYS = ("state_dir", "fsync", "queue_size", "http", "http_allow_remote")
+RESTART_KEYS = (
+    "state_dir",
+    "fsync",
+    "queue_size",
+    "http",
+    "http_allow_remote",
+    "source_processes",
+)
 """``[daemon]`` keys a reload does not apply (it says so); the others apply at once."""
 
 
@@ -100,6 +108,7 @@ class SourceRunner(EventFactory):
         self.rejected: Counter[str] = Counter()
         self.reconnects = 0
         self.scope: anyio.CancelScope | None = None
+        self.child: ChildProcess | None = None  # the source's own process, if it has one
         self._down_reason = ""
         # The outage being logged (SPEC section 3: a warning when it starts or its reason
         # changes, then debug). It ends once a connection has stayed up for HEALTHY
@@ -135,6 +144,14 @@ class SourceRunner(EventFactory):
         batch = [event for event in batch if wants(event)]
         if batch:
             await self.daemon.intake_many(batch)
+
+    def sift(self, type: str, data: dict[str, Any]) -> bool:
+        if self.daemon.engine.may_fire(self.source, type, data):
+            return True
+        self.events += 1
+        self.types[type] += 1
+        self.last_event = time.time()
+        return False
 
     async def _status(self, state: str, type_: str, reason: str, **extra: str) -> None:
         since = self.since if state == self.state else utc_iso()
@@ -245,21 +262,11 @@ class SourceRunner(EventFactory):
                 task_status.started()
 
     async def _keep_running(self, backoff: Backoff, first: _Started) -> None:
-        while True:
-            delay = None
-            try:
-                await self.cls(self.config, self).run(task_status=first)
-                reason = "the source stopped"
-            except SourceAuthError as err:
-                # Only the user can fix this (a bad or banned key): wait max_backoff at once.
-                reason = f"refused: {err}"
-                delay = backoff.give_up_delay()
-            except Exception as err:
-                self.logger.exception("source %r crashed", self.source)
-                reason = f"crashed: {type(err).__name__}"
-            first.started()
-            await self.down(reason)
-            await anyio.sleep(delay if delay is not None else backoff.delay())
+        if self.daemon.config.daemon.source_processes and importable(self.cls):
+            self.child = ChildProcess(self)
+            await self.child.run(first)
+        else:
+            await keep_running(self.cls, self.config, self, backoff, first)
 
 
 class Daemon:
@@ -859,6 +866,10 @@ class Daemon:
         await self._start_sources([n for n in config.sources if n not in self.sources])
         engine.adopt(self.engine)
         self.engine = engine
+        wanted = engine.index.filter()
+        for runner in self.sources.values():
+            if runner.child is not None:
+                await runner.child.rules_changed(wanted)
         # As at start-up; the old rules' cycles are collected first, not frozen forever.
         gc.unfreeze()
         gc.collect()

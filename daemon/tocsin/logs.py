@@ -44,6 +44,8 @@ class JSONFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # a source's process formatted it (sourceproc)
+            entry["exception"] = record.exc_text
         return secret_registry.scrub(orjson.dumps(entry).decode())
 
 
@@ -68,6 +70,10 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: Any = None) ->
         getattr(args.thread, "name", "?"),
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
     )
-    # Quiet chatty libraries unless the user asked for debug.
+    quiet_libraries(level == "debug")
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Quiet chatty libraries unless the user asked for debug."""
     for name in ("websockets", "aiohttp", "apprise", "asyncio"):
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,15 +187,64 @@ def _compile(entry: RuleEntry, position: int, kind: RuleKind, all_actions: tuple
     )
 
 
-class RuleIndex:
+class EventFilter:
+    """Whether an event may fire any rule: the index's keys without its rules.
+
+    ``RuleIndex`` is one; ``RuleIndex.filter()`` gives a small picklable copy that a
+    source running in a process of its own applies before it hands events over.
+    """
+
+    def __init__(
+        self,
+        plain: Container[tuple[str | None, str | None]],
+        paths: Sequence[tuple[Path, Container[Any]]],
+    ) -> None:
+        self._plain = plain
+        self._paths = paths
+
+    def may_fire(self, source: str, type: str, data: Mapping[str, Any]) -> bool:
+        """Whether the index finds a rule for an event of ``source`` and ``type`` with
+        ``data`` (``RuleIndex.candidates`` is not empty), stopping at the first: every
+        event asks (before the intake, or a source before it builds the event), and only
+        the few it finds are looked up in full."""
+        plain = self._plain
+        if plain and (
+            (source, type) in plain
+            or (source, None) in plain
+            or (None, type) in plain
+            or (None, None) in plain
+        ):
+            return True
+        for path, bucket in self._paths:
+            # get_path's answer, subscripting dicts directly first: half its cost, on the
+            # path of every event (timeit: 0.18 against 0.32 us for "args.to").
+            value: Any = data
+            try:
+                for part in path:
+                    value = value[part]
+            except (KeyError, TypeError, IndexError):
+                value = get_path(data, path)
+            if value is True or value is False:
+                value = _key(value)
+            elif not _hashable(value):
+                continue
+            if value in bucket:
+                return True
+        return False
+
+
+class RuleIndex(EventFilter):
     """Finds the rules an event may fire, by hash lookups only."""
+
+    _plain: dict[tuple[str | None, str | None], list[Rule]]
+    _paths: list[tuple[Path, dict[Any, list[Rule]]]]
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         rules = list(rules)
         self.rules = rules
         popularity = Counter((path, v) for r in rules for path, values in r.match for v in values)
         self._by_path: dict[Path, dict[Any, list[Rule]]] = {}
-        self._plain: dict[tuple[str | None, str | None], list[Rule]] = {}
+        self._plain = {}
         for rule in rules:
             if rule.match:
                 path, values = min(
@@ -209,6 +258,10 @@ class RuleIndex:
                     for type_ in rule.types or (None,):
                         self._plain.setdefault((source, type_), []).append(rule)
         self._paths = list(self._by_path.items())
+
+    def filter(self) -> EventFilter:
+        """``may_fire`` without the rules, for a source's own process (``sourceproc``)."""
+        return EventFilter(set(self._plain), [(path, set(b)) for path, b in self._paths])
 
     def candidates(self, event: Event) -> list[Rule]:
         """Rules that may fire for ``event``, in config order (not yet checked in full)."""
@@ -232,28 +285,6 @@ class RuleIndex:
         if len(found) > 1:
             found.sort(key=lambda r: r.position)
         return found
-
-    def finds_any(self, event: Event) -> bool:
-        """Whether ``candidates(event)`` finds a rule, stopping at the first: every event
-        asks (before the intake), and only the few it finds are looked up in full."""
-        plain = self._plain
-        if plain and (
-            (event.source, event.type) in plain
-            or (event.source, None) in plain
-            or (None, event.type) in plain
-            or (None, None) in plain
-        ):
-            return True
-        data = event.data
-        for path, bucket in self._paths:
-            value = get_path(data, path)
-            if value is True or value is False:
-                value = _key(value)
-            elif not _hashable(value):
-                continue
-            if value in bucket:
-                return True
-        return False
 
 
 @dataclass
@@ -454,10 +485,13 @@ class Engine:
         An event no rule can fire on is counted as evaluated here, and the daemon drops it
         before its intake: ``process`` would find no candidate for it either.
         """
-        if event.removed:
-            return True
+        return event.removed or self.may_fire(event.source, event.type, event.data)
+
+    def may_fire(self, source: str, type: str, data: Mapping[str, Any]) -> bool:
+        """Whether a rule may fire on an event of ``source`` and ``type`` with ``data``
+        (not a removal); one no rule can fire on is counted as evaluated."""
         try:
-            if self.index.finds_any(event):
+            if self.index.may_fire(source, type, data):
                 return True
         except Exception:  # an odd event: the engine's own path logs and counts it
             return True

@@ -12,6 +12,7 @@ import anyio
 from anyio.abc import TaskStatus
 from pydantic import Field
 
+from .errors import SourceAuthError
 from .events import Event
 from .fields import ConfigModel, Duration
 
@@ -95,6 +96,17 @@ class SourceContext(Protocol):
         """
         ...
 
+    def sift(self, type: str, data: dict[str, Any]) -> bool:
+        """Whether to build and emit an event of ``type`` with ``data``: False when no rule
+        can fire on it (the rule index finds none), and it is then counted as received.
+
+        Optional: ``emit`` drops such events too. A busy source calls it before the costly
+        part of building an event (its id, its duplicate check), for every event but a
+        removal (which always goes on: it may retract what any rule fired). Outside the
+        daemon (``tocsin test --frames``, ``tocsin record``) it is always True.
+        """
+        ...
+
     def reject(self, reason: str) -> None:
         """Count a frame that could not be parsed (malformed, oversized...) and go on."""
         ...
@@ -139,6 +151,10 @@ class EventFactory:
         # against 0.24 us), and every event of every source is built here.
         return Event(id, self.source, self.provider, type, data, time, removed)
 
+    def sift(self, type: str, data: dict[str, Any]) -> bool:
+        """``SourceContext.sift``: every event, where no rules apply."""
+        return True
+
 
 FrameParser = Callable[[str | bytes], list[Event]]
 """Turns one recorded raw frame into the events the source would emit for it (``[]`` for
@@ -178,6 +194,32 @@ class Source:
         The default, None, means this source cannot replay recorded frames.
         """
         return None
+
+
+async def keep_running(
+    cls: type[Source],
+    config: SourceConfig,
+    ctx: SourceContext,
+    backoff: Backoff,
+    task_status: TaskStatus[None],
+) -> None:
+    """Run a source until cancelled; a crash is logged, reported ``down`` and restarted
+    with backoff (in the daemon, and in a source's own process alike)."""
+    while True:
+        delay = None
+        try:
+            await cls(config, ctx).run(task_status=task_status)
+            reason = "the source stopped"
+        except SourceAuthError as err:
+            # Only the user can fix this (a bad or banned key): wait max_backoff at once.
+            reason = f"refused: {err}"
+            delay = backoff.give_up_delay()
+        except Exception as err:
+            ctx.logger.exception("source %r crashed", ctx.source)
+            reason = f"crashed: {type(err).__name__}"
+        task_status.started()
+        await ctx.down(reason)
+        await anyio.sleep(delay if delay is not None else backoff.delay())
 
 
 class Backoff:

@@ -53,6 +53,7 @@ from .protocol import (
     Message,
     Refusal,
     Transaction,
+    action_id,
     action_parts,
     is_eos_name,
     parse_frame,
@@ -183,11 +184,14 @@ def refusal_error(msg: Refusal) -> SourceError:
 def transaction_events(
     trx: Transaction, recent: RecentIds, factory: SourceContext | EventFactory
 ) -> list[Event]:
-    """The events of a pushed transaction, less the actions already seen (a re-push)."""
+    """The events of a pushed transaction, less those no rule can fire on (``sift``: their
+    id and duplicate check are the costly part, on the path of every action) and the
+    actions already seen (a re-push)."""
+    sift, trx_id = factory.sift, trx.trx_id
     return [
         factory.event(EVENT_TYPE, data, id=event_id, time=time)
-        for event_id, time, data in action_parts(trx)
-        if not recent.seen(event_id)
+        for index, time, data in action_parts(trx)
+        if sift(EVENT_TYPE, data) and not recent.seen(event_id := action_id(trx_id, index))
     ]
 
 

@@ -175,6 +175,10 @@ async def test_an_event_no_rule_can_fire_on_is_counted_and_stops_at_its_source(
             await wait_for(lambda: len(receiver.ok()) == 3, what="two more alerts")
             assert [r.json()["event"]["id"] for r in receiver.ok()] == ["m1", "m2", "m3"]
             assert (daemon.taken, stats.events, runner.types["transfer"]) == (4, 11, 10)
+            # sift(): a source asks before it builds the event; what it drops is counted.
+            assert not runner.sift("transfer", {"args": {"to": "nobody"}})
+            assert runner.sift("transfer", {"args": {"to": "me"}})
+            assert (stats.events, runner.types["transfer"], runner.events) == (12, 11, 11)
             # A removal goes to the engine whatever its data: it may retract an alert.
             await server.push(transfer("n0", to="nobody", removed=True))
             await wait_for(lambda: daemon.taken == 5, what="the removal taken")

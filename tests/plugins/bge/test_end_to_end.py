@@ -7,17 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 import tocsin_bge
 import tomli_w
 from tocsin_bge import BGEEmulator
 from tocsin_bge.emulator import DEMO_PRODUCT, DEMO_THRESHOLD
 
 import tocsin_builtin
-from support import Receiver, running, wait_for
+from support import Receiver, daemon_table, running, wait_for
 from tocsin.daemon import Daemon
 from tocsin.testing import build_registry, make_plugin_manager
 
 from .conftest import PAIR
+
+pytestmark = pytest.mark.usefixtures("source_processes")
 
 # "BTC_USDT last price above X" (the demo rule, without its throttle, which would hide a
 # duplicate alert).
@@ -45,7 +48,7 @@ def registry() -> Any:
 
 def write(tmp_path: Path, source: dict[str, Any], hook: str, *rules: dict[str, Any]) -> Path:
     config = {
-        "daemon": {"state_dir": "state", "drain_timeout": "2s"},
+        "daemon": daemon_table(),
         "sources": {"market": source},
         "actions": {
             "hook": {

@@ -12,8 +12,10 @@ from tocsin_ckex.emulator import CkexEmulator
 from tocsin_ckex.protocol import start_command
 
 import tocsin_builtin
-from support import Receiver, running, wait_for, write_config
+from support import Receiver, daemon_toml, running, wait_for, write_config
 from tocsin.testing import Registry, build_registry, make_plugin_manager
+
+pytestmark = pytest.mark.usefixtures("source_processes")
 
 EVENT, MARKET = "40789105-e", "219_33753655"
 
@@ -52,10 +54,7 @@ def registry() -> Registry:
 
 def config(emu: CkexEmulator, receiver: Receiver) -> str:
     return f"""
-[daemon]
-state_dir = "state"
-drain_timeout = "2s"
-
+{daemon_toml()}
 [sources.odds]
 plugin = "ckex"
 url = "{emu.url}"
@@ -150,7 +149,7 @@ async def test_demo_alerts_within_seconds_of_subscribing(
     tmp_path: Path, registry: Registry
 ) -> None:
     async with CkexEmulator() as emu, Receiver() as receiver:
-        text = tomli_w.dumps({"daemon": {"state_dir": "state", "drain_timeout": "2s"}})
+        text = daemon_toml()
         text += tomli_w.dumps({"sources": {"odds": emu.demo_source()}})
         path = write_config(tmp_path / "demo.toml", text + RULES.format(hook=receiver.url()))
         async with anyio.create_task_group() as tg:

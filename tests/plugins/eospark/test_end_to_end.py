@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 import tocsin_eospark
 import tomli_w
 from tocsin_eospark import EOSParkEmulator
@@ -14,11 +15,13 @@ from tocsin_eospark.emulator import transaction, transfer
 from tocsin_eospark.protocol import action_id
 
 import tocsin_builtin
-from support import Receiver, running, wait_for
+from support import Receiver, daemon_table, running, wait_for
 from tocsin.daemon import Daemon
 from tocsin.testing import build_registry, make_plugin_manager
 
 from .conftest import KEY, ME
+
+pytestmark = pytest.mark.usefixtures("source_processes")
 
 # The rule of rules.example.toml (less its throttle, which would hide a duplicate alert).
 RULE = {
@@ -46,7 +49,7 @@ def registry() -> Any:
 
 def write(tmp_path: Path, source: dict[str, Any], hook: str, *rules: dict[str, Any]) -> Path:
     config = {
-        "daemon": {"state_dir": "state", "drain_timeout": "2s"},
+        "daemon": daemon_table(),
         "sources": {"eos": source},
         "actions": {
             "hook": {

@@ -373,3 +373,48 @@ def test_hostile_numbers_and_nesting_are_refused_or_read_never_raised_otherwise(
     # Args nested a thousand deep (msgspec gives up with RecursionError): read, not raised.
     deep = frame(7, {"deep": "HERE"}).replace('"HERE"', "[" * 1000 + "1" + "]" * 1000)
     assert isinstance(parse_frame(deep), Transaction)
+
+
+class Sifting(RecordingContext):
+    """A context whose rules watch transfers to ``wanted`` only (the daemon's ``sift``)."""
+
+    def __init__(self, wanted: str) -> None:
+        super().__init__("eos", "eospark")
+        self.wanted = wanted
+        self.sifted: list[str] = []
+
+    def sift(self, type: str, data: dict[str, Any]) -> bool:
+        if data["args"]["to"] == self.wanted:
+            return True
+        self.sifted.append(data["args"]["to"])
+        return False
+
+
+def test_actions_no_rule_can_fire_on_are_sifted_before_their_id_and_duplicate_check() -> None:
+    from tocsin_eospark.emulator import transaction, transfer
+
+    trx = parse_frame(
+        json.dumps(
+            {
+                "errno": 0,
+                "msg_type": "data",
+                "data": transaction(
+                    [
+                        transfer("alice", "bob", "1.0000 EOS"),
+                        transfer("alice", "me", "2.0000 EOS"),
+                        transfer("alice", "carol", "3.0000 EOS"),
+                        transfer("alice", "me", "4.0000 EOS"),
+                    ]
+                ),
+            }
+        )
+    )
+    assert isinstance(trx, Transaction)
+    recent, ctx = RecentIds(), Sifting("me")
+    events = transaction_events(trx, recent, ctx)
+    # The two to "me", with the ids and order they have unsifted.
+    assert [e.id for e in events] == [action_id(trx.trx_id, 1), action_id(trx.trx_id, 3)]
+    assert [e.data["action_index"] for e in events] == [1, 3]
+    assert ctx.sifted == ["bob", "carol"]
+    assert len(recent) == 2  # the duplicate check remembers only what went on
+    assert transaction_events(trx, recent, ctx) == []  # a re-push: dropped as before

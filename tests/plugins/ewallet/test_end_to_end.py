@@ -9,10 +9,12 @@ import tocsin_ewallet
 from tocsin_ewallet.emulator import DEMO_API_KEY, DEMO_AUTH_TOKEN, DEMO_USER, EWalletEmulator
 
 import tocsin_builtin
-from support import Receiver, running, wait_for, write_config
+from support import Receiver, daemon_toml, running, wait_for, write_config
 from tocsin.testing import Registry, build_registry, make_plugin_manager
 
 from .ewallet_helpers import REQUEST_TOPIC
+
+pytestmark = pytest.mark.usefixtures("source_processes")
 
 USER_TOPIC = f"user:{DEMO_USER}"
 
@@ -30,10 +32,7 @@ def registry() -> Registry:
 
 def config_text(emulator: EWalletEmulator, hook_url: str) -> str:
     return f"""
-[daemon]
-state_dir = "state"
-drain_timeout = "2s"
-
+{daemon_toml()}
 [sources.wallet]
 plugin = "ewallet"
 url = "{emulator.url}"
@@ -124,10 +123,7 @@ async def test_demo_source_and_traffic_fire_the_demo_rule(tmp_path: Path) -> Non
         table = emulator.demo_source()
         lines = [f"{k} = {value_toml(v)}" for k, v in table.items()]
         text = f"""
-[daemon]
-state_dir = "state"
-drain_timeout = "2s"
-
+{daemon_toml()}
 [sources.wallet]
 {chr(10).join(lines)}
 

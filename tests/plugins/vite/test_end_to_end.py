@@ -8,18 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 import tocsin_vite
 import tomli_w
 from tocsin_vite import ViteEmulator
 from tocsin_vite.protocol import vmlog_id
 
 import tocsin_builtin
-from support import Receiver, running, wait_for
+from support import Receiver, daemon_table, running, wait_for
 from tocsin.daemon import Daemon
 from tocsin.store import Store
 from tocsin.testing import build_registry, make_plugin_manager
 
 from .conftest import CONTRACT, TRANSFER
+
+pytestmark = pytest.mark.usefixtures("source_processes")
 
 KEY = f"vmlog:{CONTRACT}"
 RULE = {
@@ -45,7 +48,7 @@ def registry() -> Any:
 
 def write(tmp_path: Path, emulator: ViteEmulator, hook: str, **source: Any) -> Path:
     config = {
-        "daemon": {"state_dir": "state", "drain_timeout": "2s"},
+        "daemon": daemon_table(),
         "sources": {
             "chain": {
                 "plugin": "vite",
