@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import subprocess
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
@@ -35,7 +36,7 @@ from .notify import Notifier, Progress, Watchdog
 from .plugins import Registry
 from .rules import Engine, PendingAlert, compile_rules
 from .source import Backoff, EventFactory, Source, SourceConfig, keep_running
-from .sourceproc import ChildProcess, importable
+from .sourceproc import ChildProcess, end, importable, spawn
 from .store import NewAlert, Store
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class SourceRunner(EventFactory):
         self.reconnects = 0
         self.scope: anyio.CancelScope | None = None
         self.child: ChildProcess | None = None  # the source's own process, if it has one
+        self.spare: subprocess.Popen[bytes] | None = None  # that process, spawned early
         self._down_reason = ""
         # The outage being logged (SPEC section 3: a warning when it starts or its reason
         # changes, then debug). It ends once a connection has stayed up for HEALTHY
@@ -263,7 +265,8 @@ class SourceRunner(EventFactory):
 
     async def _keep_running(self, backoff: Backoff, first: _Started) -> None:
         if self.daemon.config.daemon.source_processes and importable(self.cls):
-            self.child = ChildProcess(self)
+            self.child = ChildProcess(self, self.spare)
+            self.spare = None
             await self.child.run(first)
         else:
             await keep_running(self.cls, self.config, self, backoff, first)
@@ -285,7 +288,13 @@ class Daemon:
         self.environ = environ
         self.notifier = notifier or Notifier("")
         self.config: Config = load_config(config_path, registry, environ)
-        self.engine = Engine(compile_rules(self.config, registry))
+        # Sources in processes of their own start now: their start-up overlaps compiling.
+        self._spares = self._spawn_sources()
+        try:
+            self.engine = Engine(compile_rules(self.config, registry))
+        except BaseException:
+            self._end_spares()
+            raise
         self.store: Store = None  # type: ignore[assignment]  # opened by run()
         self.dispatcher: Dispatcher = None  # type: ignore[assignment]
         self.sources: dict[str, SourceRunner] = {}
@@ -584,6 +593,7 @@ class Daemon:
                     for waiting in list(self._full_waits):
                         waiting.cancel()  # shielded from the task group: end them here
         finally:
+            self._end_spares()  # of sources that never started (start-up cut short)
             if self._send is not None:
                 self._send.close()  # also when cancelled rather than stopped
             await self._close_all(self.actions)
@@ -687,11 +697,28 @@ class Daemon:
         if not config.enabled:
             return
         runner = SourceRunner(self, name, config, self.registry.source(config.plugin))
+        runner.spare = self._spares.pop(name, None)  # spawned with this config (start-up)
         replaced = self._replaced.pop(name, None)
         if replaced is not None:
             runner.carry_counts(replaced)
         self.sources[name] = runner
         await self._tg.start(runner.run)
+
+    def _spawn_sources(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The processes of the sources that will run in one (``source_processes``)."""
+        if not self.config.daemon.source_processes:
+            return {}
+        spares = {}
+        for name, config in self.config.sources.items():
+            cls = self.registry.source(config.plugin)
+            if config.enabled and importable(cls):
+                spares[name] = spawn(cls)
+        return spares
+
+    def _end_spares(self) -> None:
+        for process in self._spares.values():
+            end(process)
+        self._spares.clear()
 
     async def _dead_letter_unconfigured(self) -> None:
         """What waits in the outbox for an action no longer configured is dead-lettered

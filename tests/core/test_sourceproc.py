@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_daemon import TOKEN, config_text, transfer
 
-from support import PushServer, Receiver, running, wait_for, write_config
+from support import PushServer, Receiver, make_registry, running, wait_for, write_config
 from tocsin.daemon import SourceRunner
 from tocsin.logs import ScrubbingFormatter
 from tocsin.sourceproc import HEADER, MAX_MESSAGE, Unpacker, importable, pack
@@ -35,9 +35,7 @@ def own_process(server: PushServer, hook: str, extra_rules: str = "") -> str:
 
 
 def child_pid(runner: SourceRunner) -> int | None:
-    child = runner.child
-    process = None if child is None else child._process
-    return None if process is None else process.pid
+    return None if runner.child is None else runner.child.pid
 
 
 def gone(pid: int) -> bool:
@@ -198,3 +196,26 @@ actions = ["hook"]
             await wait_for(lambda: len(receiver.ok()) == 1, what="the alert under the new rule")
             assert daemon.sources["feed"] is runner  # the source itself did not change
     assert receiver.ok()[0].json()["rule"] == "to you"
+
+
+def own_children() -> set[int]:
+    children: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        children.update(map(int, Path(f"/proc/self/task/{task}/children").read_text().split()))
+    return children
+
+
+def test_a_config_refused_after_its_sources_spawned_leaves_no_process(tmp_path: Path) -> None:
+    from test_plugins import FragilePlugin
+
+    from tocsin.daemon import Daemon
+    from tocsin.errors import ConfigError
+
+    server = PushServer(token=TOKEN)  # not started: nothing connects before the refusal
+    refused = '[[rules]]\nname = "refused one"\nkind = "fragile"\n'
+    text = own_process(server, "http://127.0.0.1:1/hook", refused)
+    path = write_config(tmp_path / "t.toml", text)
+    before = own_children()
+    with pytest.raises(ConfigError, match="could not take this rule"):
+        Daemon(str(path), make_registry(FragilePlugin()))
+    assert own_children() == before
