@@ -51,12 +51,14 @@ from .protocol import (
     MAX_FRAME,
     Ack,
     Message,
+    PushData,
     Refusal,
     Transaction,
     action_id,
     action_parts,
     is_eos_name,
     parse_frame,
+    read_frame,
     split_names,
     subscribe_message,
 )
@@ -182,7 +184,7 @@ def refusal_error(msg: Refusal) -> SourceError:
 
 
 def transaction_events(
-    trx: Transaction, recent: RecentIds, factory: SourceContext | EventFactory
+    trx: Transaction | Any, recent: RecentIds, factory: SourceContext | EventFactory
 ) -> list[Event]:
     """The events of a pushed transaction, less those no rule can fire on (``sift``: their
     id and duplicate check are the costly part, on the path of every action) and the
@@ -291,11 +293,11 @@ class EOSParkSource(Source):
             for raw in batch:
                 self.ctx.received(raw)
                 try:
-                    msg = parse_frame(raw)
+                    msg = read_frame(raw)
                 except ValueError as err:
                     self.ctx.reject(f"malformed frame: {err}")
                     continue
-                if isinstance(msg, Transaction):
+                if type(msg) is PushData or isinstance(msg, Transaction):
                     events += transaction_events(msg, self.recent, self.ctx)
                     continue
                 if events:  # what came before a control message goes first

@@ -13,6 +13,7 @@ from tocsin_eospark.protocol import (
     Ack,
     Heartbeat,
     Message,
+    PushData,
     Refusal,
     Transaction,
     _typed_push,
@@ -21,6 +22,7 @@ from tocsin_eospark.protocol import (
     event_time,
     is_eos_name,
     parse_frame,
+    read_frame,
     split_names,
     subscribe_message,
     unsubscribe_message,
@@ -281,6 +283,29 @@ def test_any_envelope_gives_a_message_or_value_error(msg_type: str, errno: Any, 
     frame = {"errno": errno, "msg_type": msg_type, "errmsg": "", "data": data}
     _parses_or_value_error(json.dumps(frame))
     _typed_path_agrees(json.dumps(frame))
+    _live_path_agrees(json.dumps(frame))
+
+
+def _live_path_agrees(raw: str) -> None:
+    """The live loop's ``read_frame`` gives the events ``parse_frame`` gives (the same
+    message, or its decoded ``PushData`` read the same by ``action_parts``)."""
+    try:
+        expected = parse_frame(raw)
+    except ValueError:
+        with pytest.raises(ValueError):
+            read_frame(raw)
+        return
+    live = read_frame(raw)
+    if type(live) is not PushData:
+        assert live == expected
+        return
+    assert isinstance(expected, Transaction)
+    ctx = RecordingContext("eos", "eospark")
+    made = [transaction_events(trx, RecentIds(), ctx) for trx in (live, expected)]
+    live_events, expected_events = (
+        [(e.id, e.type, e.data, e.time, e.removed) for e in events] for events in made
+    )
+    assert live_events == expected_events
 
 
 def _typed_path_agrees(raw: str) -> Transaction | None:
@@ -294,6 +319,7 @@ def _typed_path_agrees(raw: str) -> Transaction | None:
 def test_the_typed_path_reads_pushes_and_leaves_the_rest_to_the_checked_path() -> None:
     for name in ("data_seed.json", "data_multi_action.json"):
         assert _typed_path_agrees(fixture_text(name)) is not None
+        _live_path_agrees(fixture_text(name))
     for name in ("heartbeat.json", "subscribe_ok.json", "auth_forbidden.json"):
         assert _typed_push(fixture_text(name)) is None
     frame = fixture_json("data_multi_action.json")
