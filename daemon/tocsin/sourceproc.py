@@ -436,13 +436,23 @@ class ChildContext(EventFactory):
 
     def sift(self, type: str, data: dict[str, Any]) -> bool:
         try:
-            if self.rules.may_fire(self.source, type, data):
+            if self._may_fire(self.source, type, data):
                 return True
         except Exception:  # an odd event: the daemon's engine logs and counts it
             return True
         self._counts[type] += 1
         self._dropped += 1
         return False
+
+    @property
+    def rules(self) -> EventFilter:
+        """What a rule may fire on, as the daemon last sent it."""
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: EventFilter) -> None:
+        self._rules = rules
+        self._may_fire = rules.may_fire  # bound once: sift runs for every event
 
     def reject(self, reason: str) -> None:
         self.write(("reject", reason))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import blake2b
@@ -380,10 +380,13 @@ def event_time(trx_timestamp: str) -> str:
     )
 
 
-def action_parts(trx: Transaction | Any) -> list[tuple[int, str, dict[str, Any]]]:
+def action_parts(
+    trx: Transaction | Any, sift: Callable[[str, dict[str, Any]], bool] | None = None
+) -> list[tuple[int, str, dict[str, Any]]]:
     """``(index, time, data)`` of the ``action`` event of each action of ``trx`` (SPEC
     section 4; its id is ``action_id(trx.trx_id, index)``); ``source.transaction_events``
-    builds the events. ``trx`` is a ``Transaction`` or ``read_frame``'s ``PushData``."""
+    builds the events. ``trx`` is a ``Transaction`` or ``read_frame``'s ``PushData``;
+    with ``sift`` (``SourceContext.sift``), only the actions it keeps."""
     trx_id, block_num = trx.trx_id, trx.block_num
     trx_timestamp = trx.trx_timestamp[:64]  # as a Transaction has it
     time = event_time(trx_timestamp)
@@ -407,7 +410,8 @@ def action_parts(trx: Transaction | Any) -> list[tuple[int, str, dict[str, Any]]
             seq = trx.global_action_seq
         if seq is not None:
             data["global_action_seq"] = seq
-        out.append((index, time, data))
+        if sift is None or sift(EVENT_TYPE, data):
+            out.append((index, time, data))
     return out
 
 

@@ -189,11 +189,11 @@ def transaction_events(
     """The events of a pushed transaction, less those no rule can fire on (``sift``: their
     id and duplicate check are the costly part, on the path of every action) and the
     actions already seen (a re-push)."""
-    sift, trx_id = factory.sift, trx.trx_id
+    trx_id = trx.trx_id
     return [
         factory.event(EVENT_TYPE, data, id=event_id, time=time)
-        for index, time, data in action_parts(trx)
-        if sift(EVENT_TYPE, data) and not recent.seen(event_id := action_id(trx_id, index))
+        for index, time, data in action_parts(trx, factory.sift)
+        if not recent.seen(event_id := action_id(trx_id, index))
     ]
 
 
