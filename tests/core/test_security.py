@@ -252,11 +252,17 @@ async def test_no_secret_in_any_output_at_debug_level(
             assert all(auth.startswith("Basic ") for _, auth in apprise.requests)
             # A crash report: faulthandler's dump on SIGABRT.
             tocsin.signal(signal.SIGABRT)
-            assert await tocsin.wait_exit(15) == -signal.SIGABRT
+            code = await tocsin.wait_exit(15)
         finally:
             tocsin.stop_now()
     output = tocsin.output()
-    assert "Fatal Python error: Aborted" in output
+    assert "Fatal Python error: Aborted" in output, output[-3000:]
+    # Three loaded full runs of the suite (of about ten) saw the daemon end with SIGSEGV
+    # here instead, its output not kept. faulthandler walks every thread's stack from the
+    # signal handler, which is not async-signal-safe; if the walk is what crashes, the
+    # line above is written first (else that assertion shows the output). Either way the
+    # dump is checked for secrets below.
+    assert code in (-signal.SIGABRT, -signal.SIGSEGV), (code, output[-3000:])
     assert "DEBUG websockets.client" in output  # the debug lines were there to leak
     assert leaks(output, secrets) == []
 
