@@ -264,7 +264,7 @@ class SourceRunner(EventFactory):
                 task_status.started()
 
     async def _keep_running(self, backoff: Backoff, first: _Started) -> None:
-        if self.daemon.config.daemon.source_processes and importable(self.cls):
+        if self.daemon.source_processes and importable(self.cls):
             self.child = ChildProcess(self, self.spare)
             self.spare = None
             await self.child.run(first)
@@ -288,6 +288,8 @@ class Daemon:
         self.environ = environ
         self.notifier = notifier or Notifier("")
         self.config: Config = load_config(config_path, registry, environ)
+        # As started (a restart key): a reload that changes it leaves every source as is.
+        self.source_processes = self.config.daemon.source_processes
         # Sources in processes of their own start now: their start-up overlaps compiling.
         self._spares = self._spawn_sources()
         try:
@@ -706,7 +708,7 @@ class Daemon:
 
     def _spawn_sources(self) -> dict[str, subprocess.Popen[bytes]]:
         """The processes of the sources that will run in one (``source_processes``)."""
-        if not self.config.daemon.source_processes:
+        if not self.source_processes:
             return {}
         spares = {}
         for name, config in self.config.sources.items():

@@ -219,3 +219,24 @@ def test_a_config_refused_after_its_sources_spawned_leaves_no_process(tmp_path: 
     with pytest.raises(ConfigError, match="could not take this rule"):
         Daemon(str(path), make_registry(FragilePlugin()))
     assert own_children() == before
+
+
+async def test_source_processes_changed_by_a_reload_waits_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with PushServer(token=TOKEN) as server, Receiver() as receiver:
+        text = config_text(server, receiver.url())
+        path = write_config(tmp_path / "t.toml", text)
+        async with running(path) as daemon:
+            await wait_for(lambda: server.connections == 1)
+            # Turned on, and the source changed: it restarts, still in the daemon's process.
+            changed = own_process(server, receiver.url()).replace(
+                'url = "ws', 'stale_after = "9s"\nurl = "ws'
+            )
+            write_config(path, changed)
+            assert await daemon.reload()
+            await wait_for(lambda: server.connections == 2, what="the source restarted")
+            assert daemon.sources["feed"].child is None
+    assert "[daemon] source_processes changed: the new value applies after a restart" in (
+        caplog.text
+    )
