@@ -898,7 +898,7 @@ class Daemon:
         wanted = engine.index.filter()
         for runner in self.sources.values():
             if runner.child is not None:
-                await runner.child.rules_changed(wanted)
+                runner.child.rules_changed(wanted)
         # As at start-up; the old rules' cycles are collected first, not frozen forever.
         gc.unfreeze()
         gc.collect()

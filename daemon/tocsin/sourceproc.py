@@ -169,13 +169,18 @@ class ChildProcess:
                 writer.write(pack(message))
                 await writer.drain()
 
-    async def rules_changed(self, wanted: EventFilter) -> None:
+    def rules_changed(self, wanted: EventFilter) -> None:
         """The daemon's rules changed: the child filters with ``wanted`` from now on (once
-        ``rules_applied`` has caught up with ``rules_sent``)."""
-        if self._writer is None:
+        ``rules_applied`` has caught up with ``rules_sent``).
+
+        Queued, not waited for: a reload must not hang on a child that reads slowly (the
+        filter of 10,000 rules is larger than a pipe's buffer)."""
+        writer = self._writer
+        if writer is None:
             return  # the next child starts with the rules then in force
         self.rules_sent += 1
-        await self.send(("filter", self.rules_sent, wanted))
+        with contextlib.suppress(OSError):
+            writer.write(pack(("filter", self.rules_sent, wanted)))
 
     async def run(self, first: Any) -> None:
         """Start the child again and again (with backoff) until cancelled."""
