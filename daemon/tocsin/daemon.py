@@ -264,7 +264,7 @@ class SourceRunner(EventFactory):
                 task_status.started()
 
     async def _keep_running(self, backoff: Backoff, first: _Started) -> None:
-        if self.daemon.source_processes and importable(self.cls):
+        if self.daemon.runs_apart(self.cls):
             self.child = ChildProcess(self, self.spare)
             self.spare = None
             await self.child.run(first)
@@ -708,14 +708,16 @@ class Daemon:
 
     def _spawn_sources(self) -> dict[str, subprocess.Popen[bytes]]:
         """The processes of the sources that will run in one (``source_processes``)."""
-        if not self.source_processes:
-            return {}
         spares = {}
         for name, config in self.config.sources.items():
             cls = self.registry.source(config.plugin)
-            if config.enabled and importable(cls):
+            if config.enabled and self.runs_apart(cls):
                 spares[name] = spawn(cls)
         return spares
+
+    def runs_apart(self, cls: type[Source]) -> bool:
+        """Whether a source of class ``cls`` runs in a process of its own."""
+        return self.source_processes and importable(cls)
 
     def _end_spares(self) -> None:
         for process in self._spares.values():
