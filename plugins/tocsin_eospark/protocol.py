@@ -246,9 +246,8 @@ def parse_frame(raw: str | bytes) -> Message:
 
     The reason never quotes the frame: it is used as a reject label.
     """
-    if len(raw) > MAX_FRAME:
-        raise ValueError("oversized frame")
-    return _typed_push(raw) or checked_frame(raw)
+    msg = read_frame(raw)
+    return _typed_transaction(msg, False) if type(msg) is PushData else msg
 
 
 def read_frame(raw: str | bytes) -> Message | Any:
